@@ -1,0 +1,54 @@
+"""The ``extproc`` command. Each subcommand lives in its own module that exposes
+``add_arguments(parser)`` and ``run(args) -> int``; heavy imports stay inside ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand → (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("extproc.server.cli", "run the ext_proc scheduler beside Envoy"),
+    "sim": ("extproc.sim.cli", "run a simulated vLLM fleet (or calibrate a profile)"),
+    "demo": ("extproc.demo", "real Envoy + simulated fleet + scheduler + a workload, with a summary"),
+    "bench": ("extproc.bench.cli", "routing-quality and overhead benchmarks, side by side with peers"),
+    "envoy-config": ("extproc.envoy_config", "render a validated Envoy bootstrap for extproc"),
+    "predictor": ("extproc.predictor.cli", "train / evaluate the TTFT/TPOT latency predictor"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description="Envoy ext_proc scheduler for LLM inference")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue  # subcommand not built in this tree
+            raise
+        p = sub.add_parser(name, help=help_, description=help_)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from extproc import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    rc = args._module.run(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

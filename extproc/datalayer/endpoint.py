@@ -1,0 +1,146 @@
+"""Endpoints (model-server pods) and their live state.
+
+Hot-path records: plain slotted classes. The scraper replaces ``Endpoint.metrics`` with a fresh immutable
+``PodMetrics`` snapshot on every scrape (one attribute store, so readers never see a half-written state);
+in-flight counters are owned by the event loop thread and changed only there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class PodMetrics:
+    """One scrape of a vLLM pod's ``/metrics`` (vLLM 0.32 names)."""
+
+    waiting: int = 0  # vllm:num_requests_waiting
+    running: int = 0  # vllm:num_requests_running
+    kv_usage: float = 0.0  # vllm:kv_cache_usage_perc (0..1)
+    running_loras: frozenset[str] = frozenset()  # vllm:lora_requests_info{running_lora_adapters}
+    waiting_loras: frozenset[str] = frozenset()  # vllm:lora_requests_info{waiting_lora_adapters}
+    max_loras: int = 0  # vllm:lora_requests_info{max_lora}
+    block_size: int = 0  # vllm:cache_config_info{block_size}
+    num_gpu_blocks: int = 0  # vllm:cache_config_info{num_gpu_blocks}
+    prefix_cache_queries: float = 0.0  # vllm:prefix_cache_queries_total
+    prefix_cache_hits: float = 0.0  # vllm:prefix_cache_hits_total
+    updated_at: float = 0.0  # time.monotonic() when scraped; 0 = never
+
+
+class Endpoint:
+    """A model-server pod as the scheduler sees it."""
+
+    __slots__ = (
+        "address",
+        "host",
+        "port",
+        "labels",
+        "pod_class",
+        "metrics",
+        "models",
+        "healthy",
+        "scrape_failures",
+        "last_error",
+        "inflight",
+        "inflight_prefill_tokens",
+        "inflight_decode_tokens",
+        "removed",
+    )
+
+    def __init__(self, address: str, labels: dict[str, str] | None = None, models: Iterable[str] = ()) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"endpoint must be host:port, got {address!r}")
+        self.address = address
+        self.host = host
+        self.port = int(port)
+        self.labels: dict[str, str] = dict(labels or {})
+        self.pod_class: str = self.labels.get("pod-class", "default")
+        self.metrics = PodMetrics()
+        # Models (base and LoRA adapters) served, from /v1/models; empty until first discovered.
+        self.models: frozenset[str] = frozenset(models)
+        self.healthy = True  # flips to False after repeated scrape failures; recovers on success
+        self.scrape_failures = 0
+        self.last_error = ""
+        self.inflight = 0  # requests we dispatched and have not seen finish
+        self.inflight_prefill_tokens = 0  # prompt tokens of in-flight requests not yet past first token
+        self.inflight_decode_tokens = 0  # max_tokens of in-flight requests in decode
+        self.removed = False
+
+    def metrics_age(self, now: float | None = None) -> float:
+        if self.metrics.updated_at == 0.0:
+            return float("inf")
+        return (now if now is not None else time.monotonic()) - self.metrics.updated_at
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.address!r}, healthy={self.healthy}, inflight={self.inflight})"
+
+
+EndpointListener = Callable[[list["Endpoint"], list["Endpoint"]], None]  # (added, removed)
+
+
+@dataclass(slots=True)
+class EndpointPool:
+    """The registry of known endpoints. Discovery sources (static list, Kubernetes) call ``set_endpoints``.
+
+    ``snapshot()`` returns a tuple rebuilt only when membership changes, so the hot path pays nothing.
+    Removal keeps the Endpoint object alive for requests still in flight (they hold a reference) but marks it
+    ``removed`` so it is never picked again.
+    """
+
+    _by_address: dict[str, Endpoint] = field(default_factory=dict)
+    _snapshot: tuple[Endpoint, ...] = ()
+    _listeners: list[EndpointListener] = field(default_factory=list)
+    default_models: frozenset[str] = frozenset()
+
+    def set_endpoints(self, addresses: Iterable[str], labels: dict[str, dict[str, str]] | None = None) -> None:
+        labels = labels or {}
+        wanted = list(dict.fromkeys(addresses))
+        added: list[Endpoint] = []
+        removed: list[Endpoint] = []
+        for addr in wanted:
+            ep = self._by_address.get(addr)
+            if ep is None:
+                ep = Endpoint(addr, labels.get(addr), self.default_models)
+                self._by_address[addr] = ep
+                added.append(ep)
+            elif addr in labels:
+                ep.labels = dict(labels[addr])
+                ep.pod_class = ep.labels.get("pod-class", "default")
+        keep = set(wanted)
+        for addr in list(self._by_address):
+            if addr not in keep:
+                ep = self._by_address.pop(addr)
+                ep.removed = True
+                removed.append(ep)
+        if added or removed:
+            self._snapshot = tuple(self._by_address.values())
+            for listener in list(self._listeners):
+                listener(added, removed)
+
+    def add_listener(self, listener: EndpointListener) -> None:
+        self._listeners.append(listener)
+
+    def snapshot(self) -> tuple[Endpoint, ...]:
+        return self._snapshot
+
+    def get(self, address: str) -> Endpoint | None:
+        return self._by_address.get(address)
+
+    def __len__(self) -> int:
+        return len(self._by_address)
+
+    def healthy(self) -> list[Endpoint]:
+        return [e for e in self._snapshot if e.healthy]
+
+    def served_models(self) -> set[str]:
+        out: set[str] = set()
+        for e in self._snapshot:
+            if e.healthy:
+                out |= e.models
+        return out

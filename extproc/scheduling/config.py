@@ -1,0 +1,230 @@
+"""YAML configuration with the top-level shape of GIE's EndpointPickerConfig.
+
+```yaml
+plugins:
+  - type: queue-scorer            # registry type
+    name: queue                   # optional instance name (defaults to the type)
+    parameters: {}
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: queue
+        weight: 2
+```
+
+Every profile gets the ``healthy-filter`` and ``model-filter`` in front unless it lists them itself (a profile
+can never route to a dead pod or one that does not serve the model), and the ``max-score-picker`` if it names
+no picker. Errors are ``ConfigError`` with the file, the plugin and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from extproc.datalayer.endpoint import EndpointPool
+from extproc.scheduling import registry
+from extproc.scheduling.framework import (
+    Filter,
+    Picker,
+    PreRequest,
+    ProfileHandler,
+    ResponseObserver,
+    Scheduler,
+    SchedulingProfile,
+    Scorer,
+    SingleProfileHandler,
+    WeightedScorer,
+)
+
+IMPLICIT_FILTERS = ("healthy-filter", "model-filter")
+DEFAULT_PICKER = "max-score-picker"
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, plugin: str | None, reason: str):
+        self.path = path
+        self.plugin = plugin
+        self.reason = reason
+        where = f"{path}" + (f": plugin '{plugin}'" if plugin else "")
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """The parsed config: the built scheduler plus the raw sections other subsystems read."""
+
+    scheduler: Scheduler
+    plugins: dict[str, Any]
+    raw: dict[str, Any]
+    path: str
+    saturation: dict[str, Any] = field(default_factory=dict)
+    flow_control: dict[str, Any] = field(default_factory=dict)
+    objectives: dict[str, int] = field(default_factory=dict)  # x-gateway-inference-objective → priority
+
+
+def builtin_config_path(name: str) -> str:
+    """Path of a shipped profile: ``default``, ``prefix-load``, ``random``, ``predicted-latency``, ..."""
+    p = resources.files("extproc") / "configs" / f"{name}.yaml"
+    return str(p)
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    if os.path.exists(name_or_path):
+        return name_or_path
+    p = builtin_config_path(name_or_path)
+    if os.path.exists(p):
+        return p
+    raise ConfigError(name_or_path, None, "no such file and no built-in profile of that name")
+
+
+def load_config(name_or_path: str, pool: EndpointPool, services: dict[str, Any] | None = None) -> SchedulerConfig:
+    path = resolve_config_path(name_or_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, None, f"invalid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e}") from None
+    return build_config(raw, pool, services, path)
+
+
+def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None = None, path: str = "<inline>") -> SchedulerConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, None, "top level must be a mapping with 'plugins' and 'schedulingProfiles'")
+    registry.load_builtin_plugins()
+    registry.load_entry_points()
+    ctx = registry.PluginContext(pool=pool, services=dict(services or {}), config_path=path)
+
+    plugin_specs = raw.get("plugins") or []
+    if not isinstance(plugin_specs, list):
+        raise ConfigError(path, None, "'plugins' must be a list")
+    plugins: dict[str, Any] = {}
+    for i, spec in enumerate(plugin_specs):
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ConfigError(path, f"plugins[{i}]", "each plugin needs a 'type'")
+        ptype = spec["type"]
+        name = spec.get("name") or ptype
+        if name in plugins:
+            raise ConfigError(path, name, "duplicate plugin name")
+        params = spec.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(path, name, "'parameters' must be a mapping")
+        plugins[name] = _instantiate(ptype, name, params, ctx)
+
+    def implicit(ptype: str) -> Any:
+        for p in plugins.values():
+            if getattr(p, "type_name", None) == ptype:
+                return p
+        inst = _instantiate(ptype, ptype, {}, ctx)
+        plugins[ptype] = inst
+        return inst
+
+    profile_specs = raw.get("schedulingProfiles")
+    if not profile_specs:
+        raise ConfigError(path, None, "'schedulingProfiles' must list at least one profile")
+    if not isinstance(profile_specs, list):
+        raise ConfigError(path, None, "'schedulingProfiles' must be a list")
+    profiles: dict[str, SchedulingProfile] = {}
+    handler: ProfileHandler | None = None
+    for p in plugins.values():
+        if isinstance(p, ProfileHandler) and hasattr(p, "process_results"):
+            handler = p
+    for spec in profile_specs:
+        if not isinstance(spec, dict) or not spec.get("name"):
+            raise ConfigError(path, None, "each scheduling profile needs a 'name'")
+        pname = spec["name"]
+        filters: list[Filter] = []
+        scorers: list[WeightedScorer] = []
+        picker: Picker | None = None
+        for ref in spec.get("plugins") or []:
+            if not isinstance(ref, dict) or "pluginRef" not in ref:
+                raise ConfigError(path, None, f"profile '{pname}': each entry needs a 'pluginRef'")
+            pr = ref["pluginRef"]
+            if pr not in plugins:
+                raise ConfigError(path, pr, f"profile '{pname}' refers to an undefined plugin")
+            plugin = plugins[pr]
+            used = False
+            if hasattr(plugin, "filter") and callable(plugin.filter):
+                filters.append(plugin)
+                used = True
+            if hasattr(plugin, "score") and callable(plugin.score):
+                w = ref.get("weight", 1)
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                    raise ConfigError(path, pr, f"weight must be a number >= 0, got {w!r}")
+                scorers.append(WeightedScorer(plugin, float(w)))
+                used = True
+            if hasattr(plugin, "pick") and callable(plugin.pick):
+                if picker is not None:
+                    raise ConfigError(path, pr, f"profile '{pname}' has two pickers ('{picker.name}' and '{pr}')")
+                picker = plugin
+                used = True
+            if not used:
+                raise ConfigError(path, pr, "is not a filter, scorer or picker and cannot be placed in a profile")
+        present = {getattr(f, "type_name", "") for f in filters}
+        front = [implicit(t) for t in IMPLICIT_FILTERS if t not in present]
+        filters = front + filters
+        if picker is None:
+            picker = implicit(DEFAULT_PICKER)
+        profiles[pname] = SchedulingProfile(pname, filters, scorers, picker)
+
+    if handler is None:
+        handler = SingleProfileHandler(profile=next(iter(profiles)))
+    pre = [p for p in plugins.values() if hasattr(p, "pre_request") and callable(p.pre_request)]
+    obs = [p for p in plugins.values() if hasattr(p, "on_complete") and callable(p.on_complete)]
+    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs)  # type: ignore[arg-type]
+
+    objectives: dict[str, int] = {}
+    for o in raw.get("objectives") or []:
+        if not isinstance(o, dict) or "name" not in o:
+            raise ConfigError(path, None, "each entry of 'objectives' needs 'name' and 'priority'")
+        pr_ = o.get("priority", 0)
+        if isinstance(pr_, bool) or not isinstance(pr_, int):
+            raise ConfigError(path, None, f"objective '{o['name']}': priority must be an integer")
+        objectives[str(o["name"])] = pr_
+    return SchedulerConfig(
+        scheduler=sched,
+        plugins=plugins,
+        raw=raw,
+        path=path,
+        saturation=dict(raw.get("saturationDetector") or {}),
+        flow_control=dict(raw.get("flowControl") or {}),
+        objectives=objectives,
+    )
+
+
+def _instantiate(ptype: str, name: str, params: dict[str, Any], ctx: registry.PluginContext) -> Any:
+    factory = registry.PLUGIN_TYPES.get(ptype)
+    if factory is None:
+        known = ", ".join(sorted(registry.PLUGIN_TYPES))
+        raise ConfigError(ctx.config_path, name, f"unknown plugin type '{ptype}' (known: {known})")
+    try:
+        plugin = factory(name, dict(params), ctx)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(ctx.config_path, name, f"bad parameters for '{ptype}': {e}") from None
+    if not getattr(plugin, "name", None):
+        try:
+            plugin.name = name
+        except AttributeError:
+            pass
+    return plugin
+
+
+__all__ = [
+    "ConfigError",
+    "SchedulerConfig",
+    "build_config",
+    "load_config",
+    "builtin_config_path",
+    "resolve_config_path",
+    "PreRequest",
+    "ResponseObserver",
+    "Scorer",
+]
