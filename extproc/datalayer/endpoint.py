@@ -139,8 +139,16 @@ class EndpointPool:
         return [e for e in self._snapshot if e.healthy]
 
     def served_models(self) -> set[str]:
+        """Models served by the healthy fleet (what GET /v1/models answers)."""
         out: set[str] = set()
         for e in self._snapshot:
             if e.healthy:
                 out |= e.models
+        return out
+
+    def known_models(self) -> set[str]:
+        """Models served by any known endpoint, healthy or not (a model outside this set is a 404)."""
+        out: set[str] = set(self.default_models)
+        for e in self._snapshot:
+            out |= e.models
         return out

@@ -1,0 +1,59 @@
+"""Saturation detection from fresh metrics plus our own in-flight accounting.
+
+A pod is saturated when its *fresh* metrics say waiting ≥ ``queue_depth_threshold`` or KV use ≥
+``kv_cache_util_threshold``, or when our own in-flight count for it is ≥ ``max_inflight_per_pod`` (if set).
+Stale metrics (older than ``metrics_staleness_s``) are *unknown*, not saturated: the pod is judged only by our
+in-flight accounting. This avoids the reference's false "all saturated" when the staleness bound is shorter
+than a scrape period. The fleet is saturated when every healthy candidate is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.datalayer.endpoint import Endpoint
+
+
+@dataclass(slots=True)
+class SaturationDetector:
+    queue_depth_threshold: int = 5
+    kv_cache_util_threshold: float = 0.8
+    metrics_staleness_s: float = 2.0
+    max_inflight_per_pod: int = 0  # 0 = no own-accounting limit
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any]) -> "SaturationDetector":
+        def num(key: str, default: float) -> float:
+            v = raw.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"saturationDetector.{key} must be a number >= 0, got {v!r}")
+            return float(v)
+
+        return cls(
+            queue_depth_threshold=int(num("queueDepthThreshold", 5)),
+            kv_cache_util_threshold=num("kvCacheUtilThreshold", 0.8),
+            metrics_staleness_s=num("metricsStalenessThresholdSeconds", 2.0),
+            max_inflight_per_pod=int(num("maxInflightPerPod", 0)),
+        )
+
+    def pod_saturated(self, ep: Endpoint, now: float) -> bool:
+        if self.max_inflight_per_pod and ep.inflight >= self.max_inflight_per_pod:
+            return True
+        m = ep.metrics
+        if m.updated_at == 0.0 or now - m.updated_at > self.metrics_staleness_s:
+            return False  # stale ≠ saturated
+        return m.waiting >= self.queue_depth_threshold or m.kv_usage >= self.kv_cache_util_threshold
+
+    def saturated(self, candidates: Sequence[Endpoint], now: float | None = None) -> bool:
+        now = now if now is not None else time.monotonic()
+        any_healthy = False
+        for ep in candidates:
+            if not ep.healthy or ep.removed:
+                continue
+            any_healthy = True
+            if not self.pod_saturated(ep, now):
+                return False
+        return any_healthy

@@ -1,0 +1,234 @@
+"""Assembles one scheduler process: endpoint pool + scraper + plugin config + ext_proc gRPC server + gRPC health
++ Prometheus endpoint. ``SchedulerServer`` is what ``extproc serve``, the harness and the tests run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.admission.saturation import SaturationDetector
+from extproc.datalayer.endpoint import EndpointPool
+from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
+from extproc.observe.metrics import SchedulerMetrics
+from extproc.scheduling.config import SchedulerConfig, load_config
+from extproc.server.handler import ExtProcHandler, HandlerSettings, observation_outcome_counter, record_observation
+from extproc.server.tracker import FlightTracker
+
+log = logging.getLogger(__name__)
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    endpoints: list[str] = field(default_factory=list)
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    config: str = "default"
+    models: list[str] = field(default_factory=list)  # served models assumed before /v1/models answers
+    host: str = "0.0.0.0"
+    grpc_port: int = 9002
+    health_port: int = 9003
+    metrics_port: int = 9090
+    scrape_interval_s: float = 0.05
+    scrape_timeout_s: float = 1.0
+    unhealthy_after: int = 5
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_messages_per_stream: int = 100_000
+    response_observe: str = "observability"
+    kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
+    tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
+    predictor_state_dir: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    grpc_max_concurrent_streams: int = 0
+    seed: int | None = None
+
+
+class SchedulerServer:
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.pool = EndpointPool(default_models=frozenset(opts.models))
+        self.services: dict[str, Any] = {
+            "kv_events_config": dict(opts.kv_events),
+            "tokenizer_config": dict(opts.tokenizers),
+        }
+        if opts.predictor_state_dir:
+            self.services["predictor_state_dir"] = opts.predictor_state_dir
+        self.metrics = SchedulerMetrics(self.pool, self.services)
+        self.config: SchedulerConfig | None = None
+        self.scraper = MetricsScraper(
+            self.pool,
+            ScrapeSettings(interval_s=opts.scrape_interval_s, timeout_s=opts.scrape_timeout_s, unhealthy_after=opts.unhealthy_after),
+            on_scrape=self.metrics.on_scrape,
+        )
+        self.tracker: FlightTracker | None = None
+        self.handler: ExtProcHandler | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._started_services: list[Any] = []
+        self.grpc_port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+
+    def load(self) -> SchedulerConfig:
+        """Build the plugin chain (raises ConfigError with file, plugin and reason)."""
+        self.config = load_config(self.opts.config, self.pool, self.services)
+        if self.opts.seed is not None:
+            self.config.scheduler.rng.seed(self.opts.seed)
+        for prof in self.config.scheduler.profiles.values():
+            prof.plugin_timer = self.metrics.plugin_timer
+        return self.config
+
+    async def start(self) -> None:
+        cfg = self.config or self.load()
+        self.pool.set_endpoints(self.opts.endpoints, self.opts.labels)
+        self.tracker = FlightTracker(record_observation(self.metrics, cfg.scheduler), observation_outcome_counter(self.metrics))
+        self.tracker.start()
+        saturation = SaturationDetector.from_config(cfg.saturation)
+        self.services["admission"] = saturation
+        self.handler = ExtProcHandler(
+            self.pool,
+            cfg.scheduler,
+            self.metrics,
+            self.tracker,
+            HandlerSettings(
+                max_body_bytes=self.opts.max_body_bytes,
+                max_messages_per_stream=self.opts.max_messages_per_stream,
+                response_observe=self.opts.response_observe,
+                objectives=cfg.objectives,
+            ),
+            saturation,
+            self.services,
+        )
+        # shared services created by plugins (KV-event manager, predictor, ...) start here
+        for name, svc in list(self.services.items()):
+            start = getattr(svc, "start", None)
+            if callable(start) and asyncio.iscoroutinefunction(start):
+                await start()
+                self._started_services.append(svc)
+                log.info("service started", extra={"service": name})
+        await self.scraper.start()
+
+        options = [
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", self.opts.max_body_bytes + 1024 * 1024),
+            ("grpc.max_send_message_length", self.opts.max_body_bytes + 1024 * 1024),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.opts.grpc_max_concurrent_streams:
+            options.append(("grpc.max_concurrent_streams", self.opts.grpc_max_concurrent_streams))
+        self._grpc = grpc.aio.server(options=options)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.handler, self._grpc)
+        addr = f"{self.opts.host}:{self.opts.grpc_port}"
+        creds = self._server_credentials()
+        self.grpc_port = self._grpc.add_secure_port(addr, creds) if creds else self._grpc.add_insecure_port(addr)
+        if not self.grpc_port:
+            raise OSError(f"cannot bind the ext_proc gRPC port {addr}")
+        await self._grpc.start()
+
+        # gRPC health on its own port (liveness / readiness / ext_proc), as the reference does on 9003
+        self._health_grpc = grpc.aio.server()
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
+        self.health_port = self._health_grpc.add_insecure_port(f"{self.opts.host}:{self.opts.health_port}")
+        await self._health_grpc.start()
+        for svc in ("", "liveness", "readiness", EXT_PROC_SERVICE):
+            await self._health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/debug/endpoints", self._debug_endpoints)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, self.opts.host, self.opts.metrics_port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        socks = getattr(server, "sockets", None) or []
+        self.metrics_port = socks[0].getsockname()[1] if socks else self.opts.metrics_port
+        log.info(
+            "scheduler serving",
+            extra={"grpc_port": self.grpc_port, "health_port": self.health_port, "metrics_port": self.metrics_port, "endpoints": len(self.pool), "config": cfg.path},
+        )
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        o = self.opts
+        if not o.tls_cert:
+            return None
+        if not o.tls_key:
+            raise ValueError("--tls-cert needs --tls-key")
+        from extproc.server.tls import reloading_credentials
+
+        return reloading_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+            self._grpc = None
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
+            self._health_grpc = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+        await self.scraper.stop()
+        for svc in reversed(self._started_services):
+            stop = getattr(svc, "stop", None)
+            if callable(stop):
+                with contextlib.suppress(Exception):
+                    res = stop()
+                    if asyncio.iscoroutine(res):
+                        await res
+        self._started_services.clear()
+        if self.tracker is not None:
+            await self.tracker.stop()
+
+    def ready_info(self) -> dict[str, Any]:
+        return {"grpc_port": self.grpc_port, "health_port": self.health_port, "metrics_port": self.metrics_port, "pid": os.getpid()}
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        healthy = len(self.pool.healthy())
+        return web.json_response({"status": "ok", "endpoints": len(self.pool), "healthy": healthy}, status=200)
+
+    async def _debug_endpoints(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        out = []
+        for ep in self.pool.snapshot():
+            m = ep.metrics
+            age = ep.metrics_age(now)
+            out.append(
+                {
+                    "address": ep.address,
+                    "healthy": ep.healthy,
+                    "models": sorted(ep.models),
+                    "inflight": ep.inflight,
+                    "waiting": m.waiting,
+                    "running": m.running,
+                    "kv_usage": m.kv_usage,
+                    "metrics_age_s": None if age == float("inf") else round(age, 3),
+                    "scrape_failures": ep.scrape_failures,
+                    "last_error": ep.last_error,
+                    "pod_class": ep.pod_class,
+                }
+            )
+        return web.Response(text=json.dumps(out, indent=1), content_type="application/json")

@@ -1,0 +1,156 @@
+"""``extproc serve``: run the ext_proc scheduler beside Envoy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+log = logging.getLogger("extproc.serve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoints", default="", help="comma list of model-server pods host:port (static discovery)")
+    p.add_argument("--endpoints-file", default=None, help="JSON file: a list of host:port, or the simulator's ready line")
+    p.add_argument("--config", default="default", help="plugin config: a YAML path or a built-in profile (default, prefix-load, random, load-only, precise-prefix, predicted-latency)")
+    p.add_argument("--model", action="append", default=[], help="model name served by the pods until /v1/models answers (repeatable)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (0 = free port)")
+    p.add_argument("--health-port", type=int, default=9003, help="gRPC health port (0 = free port)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (0 = free port)")
+    p.add_argument("--scrape-interval", type=float, default=0.05, help="seconds between /metrics scrapes per pod (default 0.05)")
+    p.add_argument("--scrape-timeout", type=float, default=1.0)
+    p.add_argument("--unhealthy-after", type=int, default=5, help="consecutive scrape failures before a pod is filtered out")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request bodies above this get 413")
+    p.add_argument("--max-messages-per-stream", type=int, default=100_000)
+    p.add_argument("--response-observe", choices=["observability", "streamed", "none"], default="observability", help="how the Envoy config sends response data (must match envoy-config)")
+    p.add_argument("--kv-events", default=None, help="JSON file or inline JSON: {address: {endpoint, replay, topic}} (the simulator's ready line works too)")
+    p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")
+    p.add_argument("--predictor-state", default=None, help="directory where the latency predictor saves/loads its live model")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--ready-file", default=None, help="write {grpc_port, health_port, metrics_port, pid} as JSON here when serving")
+    p.add_argument("--seed", type=int, default=None, help="seed the pickers' random tie-breaks (tests, benchmarks)")
+    p.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
+    p.add_argument("--log-format", choices=["json", "text"], default="json")
+    try:
+        from extproc.datalayer import kubernetes as k8s
+    except ImportError:
+        return
+    k8s.add_discovery_arguments(p)
+
+
+def _load_json_arg(v: str | None) -> Any:
+    if not v:
+        return None
+    if os.path.exists(v):
+        with open(v, encoding="utf-8") as f:
+            return json.load(f)
+    return json.loads(v)
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    from extproc.server.app import ServeOptions
+
+    endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    labels: dict[str, dict[str, str]] = {}
+    kv: dict[str, Any] = {}
+    ef = _load_json_arg(args.endpoints_file)
+    if isinstance(ef, list):
+        endpoints += [str(e) for e in ef]
+    elif isinstance(ef, dict):
+        endpoints += [str(e) for e in ef.get("endpoints", [])]
+        labels.update(ef.get("labels") or {})
+        kv.update(ef.get("kv_events") or {})
+    kvarg = _load_json_arg(args.kv_events)
+    if isinstance(kvarg, dict):
+        kv.update(kvarg.get("kv_events", kvarg) if "kv_events" in kvarg else kvarg)
+    tokenizers: dict[str, Any] = {}
+    for t in args.tokenizer:
+        model, _, spec = t.partition("=")
+        kind, _, path = spec.partition(":")
+        if not model or kind not in ("hf", "sim"):
+            raise SystemExit(f"--tokenizer {t!r}: expected MODEL=hf:DIR or MODEL=sim")
+        tokenizers[model] = {"kind": kind, "path": path or None}
+    return ServeOptions(
+        endpoints=endpoints,
+        labels=labels,
+        config=args.config,
+        models=list(args.model),
+        host=args.host,
+        grpc_port=args.grpc_port,
+        health_port=args.health_port,
+        metrics_port=args.metrics_port,
+        scrape_interval_s=args.scrape_interval,
+        scrape_timeout_s=args.scrape_timeout,
+        unhealthy_after=args.unhealthy_after,
+        max_body_bytes=args.max_body_bytes,
+        max_messages_per_stream=args.max_messages_per_stream,
+        response_observe=args.response_observe,
+        kv_events=kv,
+        tokenizers=tokenizers,
+        predictor_state_dir=args.predictor_state,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        seed=args.seed,
+    )
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from extproc.scheduling.config import ConfigError
+    from extproc.server.app import SchedulerServer
+
+    opts = options_from_args(args)
+    server = SchedulerServer(opts)
+    try:
+        server.load()
+    except ConfigError as e:
+        print(f"extproc: config error: {e}", file=sys.stderr)
+        return 2
+    discovery = None
+    try:
+        from extproc.datalayer import kubernetes as k8s
+
+        discovery = k8s.discovery_from_args(args, server.pool)
+    except ImportError:
+        discovery = None
+    if not opts.endpoints and discovery is None:
+        print("extproc: no endpoints: give --endpoints, --endpoints-file, or Kubernetes discovery flags", file=sys.stderr)
+        return 2
+    await server.start()
+    if discovery is not None:
+        await discovery.start()
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(server.ready_info(), f)
+        os.replace(tmp, args.ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    if discovery is not None:
+        await discovery.stop()
+    await server.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from extproc.observe.logging import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        import uvloop
+
+        return uvloop.run(_serve(args))
+    except ImportError:
+        return asyncio.run(_serve(args))

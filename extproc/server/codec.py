@@ -1,0 +1,133 @@
+"""upb-backed protobuf helpers for the ext_proc hot path (xds-protos' generated ``_pb2`` classes).
+
+Measured ~40–200× cheaper than betterproto/pydantic messages (see shared reference), so every per-request
+message is built here with the C-backed classes.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import struct_pb2
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+
+HDR_DESTINATION = "x-gateway-destination-endpoint"
+HDR_SERVED = "x-gateway-destination-endpoint-served"
+HDR_SUBSET = "x-gateway-destination-endpoint-subset"
+HDR_REQUEST_ID = "x-extproc-request-id"
+ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET)
+LB_NAMESPACE = "envoy.lb"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def headers_to_dict(hm: object) -> dict[str, str]:
+    """HeaderMap → {lower-case name: value}. Envoy sends ``raw_value`` (bytes) in recent versions."""
+    out: dict[str, str] = {}
+    for h in hm.headers:  # type: ignore[attr-defined]
+        v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        k = h.key.lower()
+        if k in out:
+            out[k] = out[k] + "," + v
+        else:
+            out[k] = v
+    return out
+
+
+def _set(mutation: pb.HeaderMutation, key: str, value: str) -> None:  # type: ignore[name-defined]
+    o = mutation.set_headers.add()
+    o.header.key = key
+    o.header.raw_value = value.encode()
+    o.append_action = _OVERWRITE
+
+
+def request_headers_continue(remove: tuple[str, ...] = ROUTING_HEADERS) -> pb.ProcessingResponse:
+    r = pb.ProcessingResponse()
+    cr = r.request_headers.response
+    cr.header_mutation.remove_headers.extend(remove)
+    return r
+
+
+def route_response(
+    targets: list[str],
+    request_id: str,
+    *,
+    from_body: bool,
+    body: bytes | None = None,
+    remove: tuple[str, ...] = (),
+) -> pb.ProcessingResponse:
+    """The routing answer: header + ``envoy.lb`` metadata (comma list = ordered fallbacks), optionally a new body."""
+    r = pb.ProcessingResponse()
+    cr = r.request_body.response if from_body else r.request_headers.response
+    hm = cr.header_mutation
+    _set(hm, HDR_DESTINATION, targets[0])
+    _set(hm, HDR_REQUEST_ID, request_id)
+    if remove:
+        hm.remove_headers.extend(remove)
+    if body is not None:
+        cr.body_mutation.body = body
+        _set(hm, "content-length", str(len(body)))
+    cr.clear_route_cache = True
+    md = r.dynamic_metadata
+    ns = md.fields[LB_NAMESPACE].struct_value
+    ns.fields[HDR_DESTINATION].string_value = ",".join(targets)
+    return r
+
+
+def immediate(status: int, body: bytes, extra_headers: dict[str, str] | None = None) -> pb.ProcessingResponse:
+    r = pb.ProcessingResponse()
+    ir = r.immediate_response
+    ir.status.code = status  # type: ignore[assignment]
+    ir.body = body
+    _set(ir.headers, "content-type", "application/json")
+    for k, v in (extra_headers or {}).items():
+        _set(ir.headers, k, v)
+    ir.details = f"extproc_{status}"
+    return r
+
+
+def response_headers_continue(served: str | None) -> pb.ProcessingResponse:
+    r = pb.ProcessingResponse()
+    cr = r.response_headers.response
+    if served:
+        _set(cr.header_mutation, HDR_SERVED, served)
+    return r
+
+
+def request_body_continue() -> pb.ProcessingResponse:
+    r = pb.ProcessingResponse()
+    r.request_body.response.SetInParent()
+    return r
+
+
+def response_body_continue() -> pb.ProcessingResponse:
+    r = pb.ProcessingResponse()
+    r.response_body.response.SetInParent()
+    return r
+
+
+def request_trailers_continue() -> pb.ProcessingResponse:
+    r = pb.ProcessingResponse()
+    r.request_trailers.SetInParent()
+    return r
+
+
+def response_trailers_continue() -> pb.ProcessingResponse:
+    r = pb.ProcessingResponse()
+    r.response_trailers.SetInParent()
+    return r
+
+
+__all__ = [
+    "ProcessingRequest",
+    "ProcessingResponse",
+    "headers_to_dict",
+    "route_response",
+    "immediate",
+    "struct_pb2",
+    "http_status_pb2",
+]

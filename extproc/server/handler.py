@@ -1,0 +1,331 @@
+"""The ext_proc stream state machine: ``envoy.service.ext_proc.v3.ExternalProcessor/Process``.
+
+One gRPC stream per HTTP request. Two kinds of stream reach us:
+
+* the **routing** stream (filter ``extproc``): request headers → strip routing headers, read control headers;
+  request body (BUFFERED) → parse, admit, schedule, answer with the routing header + ``envoy.lb`` metadata, or an
+  ImmediateResponse with a JSON error; response headers → add ``x-gateway-destination-endpoint-served``.
+* the **observation** stream (filter ``extproc-observe``, ``observability_mode: true``): Envoy sends copies of the
+  request headers (with our ``x-extproc-request-id``), response headers and response body chunks and does not
+  wait for answers. We use it for TTFT, output tokens and end of stream without adding a round trip per chunk.
+
+Nothing here blocks: parsing and scheduling are CPU-only and bounded; every exception inside a stream becomes
+a 500 ImmediateResponse (or is logged, on an observation stream) — the stream never crashes the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.admission.saturation import SaturationDetector
+from extproc.api import RequestError, api_for_path, error_body, parse_request
+from extproc.datalayer.endpoint import EndpointPool
+from extproc.observe.metrics import SchedulerMetrics
+from extproc.scheduling.framework import Observation, Scheduler, SchedulingError
+from extproc.server import codec
+from extproc.server.tracker import Flight, FlightTracker
+
+log = logging.getLogger(__name__)
+
+MODELS_PATHS = ("/v1/models", "/models")
+
+
+@dataclass(slots=True)
+class HandlerSettings:
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_messages_per_stream: int = 100_000
+    max_header_bytes: int = 64 * 1024
+    response_observe: str = "observability"  # observability | streamed | none
+    objectives: dict[str, int] = field(default_factory=dict)
+
+
+class _Stream:
+    __slots__ = ("headers", "path", "method", "body", "body_len", "flight", "messages", "observe", "served", "request_id")
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.path = ""
+        self.method = ""
+        self.body: list[bytes] = []
+        self.body_len = 0
+        self.flight: Flight | None = None
+        self.messages = 0
+        self.observe = False
+        self.served: str | None = None
+        self.request_id = ""
+
+
+class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
+    def __init__(
+        self,
+        pool: EndpointPool,
+        scheduler: Scheduler,
+        metrics: SchedulerMetrics,
+        tracker: FlightTracker,
+        settings: HandlerSettings | None = None,
+        saturation: SaturationDetector | None = None,
+        services: dict[str, Any] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.tracker = tracker
+        self.settings = settings or HandlerSettings()
+        self.saturation = saturation or SaturationDetector()
+        self.services = services if services is not None else {}
+        self._req_counters: dict[tuple[str, int], Any] = {}
+        self.tokenizers = self.services.get("tokenizers")
+
+    # ------------------------------------------------------------------ gRPC entry point
+    async def Process(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[override]
+        st = _Stream()
+        try:
+            async for req in request_iterator:
+                st.messages += 1
+                if req.observability_mode:
+                    st.observe = True
+                    self._observe(st, req)
+                    continue
+                if st.messages > self.settings.max_messages_per_stream:
+                    yield codec.immediate(400, error_body("too many messages on one request stream", "invalid_request_error", "too_many_messages"))
+                    return
+                try:
+                    resp = self._route_message(st, req)
+                except Exception as e:  # never crash the stream
+                    log.exception("ext_proc handler error", extra={"request_id": st.request_id})
+                    resp = self._reject(st, 500, f"internal scheduler error: {type(e).__name__}", "internal_error", "internal_error")
+                if resp is not None:
+                    yield resp
+        finally:
+            self._stream_closed(st)
+
+    # ------------------------------------------------------------------ routing stream
+    def _route_message(self, st: _Stream, req: Any) -> Any:
+        kind = req.WhichOneof("request")
+        if kind == "request_headers":
+            return self._on_request_headers(st, req.request_headers)
+        if kind == "request_body":
+            return self._on_request_body(st, req.request_body)
+        if kind == "response_headers":
+            return self._on_response_headers(st, req.response_headers)
+        if kind == "response_body":
+            f = st.flight
+            if f is not None:
+                f.on_body_chunk(req.response_body.body, time.monotonic())
+                if req.response_body.end_of_stream:
+                    self.tracker.finish(f, "ok" if f.obs.status < 400 else f"status_{f.obs.status}")
+            return codec.response_body_continue()
+        if kind == "request_trailers":
+            return codec.request_trailers_continue()
+        if kind == "response_trailers":
+            f = st.flight
+            if f is not None:
+                self.tracker.finish(f, "ok" if f.obs.status < 400 else f"status_{f.obs.status}")
+            return codec.response_trailers_continue()
+        return None
+
+    def _on_request_headers(self, st: _Stream, rh: Any) -> Any:
+        size = rh.ByteSize()
+        st.headers = codec.headers_to_dict(rh.headers)
+        st.path = st.headers.get(":path", "")
+        st.method = st.headers.get(":method", "").upper()
+        st.request_id = st.headers.get("x-request-id", "")
+        if size > self.settings.max_header_bytes:
+            return self._reject(st, 431, f"request headers of {size} bytes exceed the limit of {self.settings.max_header_bytes}", "invalid_request_error", "headers_too_large")
+        if rh.end_of_stream:
+            return self._on_bodyless(st)
+        return codec.request_headers_continue()
+
+    def _on_bodyless(self, st: _Stream) -> Any:
+        path = st.path.split("?", 1)[0].rstrip("/")
+        if st.method in ("GET", "HEAD") and path in MODELS_PATHS:
+            return self._models_response(st)
+        if api_for_path(st.path) is not None:
+            return self._reject(st, 400, "request body is empty; an inference request needs a JSON body", "invalid_request_error", "empty_body")
+        return self._reject(st, 404, f"no route for {st.method or '?'} {path or '/'}: the gateway serves OpenAI inference paths and GET /v1/models", "invalid_request_error", "unknown_path")
+
+    def _models_response(self, st: _Stream) -> Any:
+        models = sorted(self.pool.served_models())
+        now = int(time.time())
+        body = json.dumps({"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "extproc"} for m in models]}).encode()
+        self._count("", 200)
+        return codec.immediate(200, body)
+
+    def _on_request_body(self, st: _Stream, rb: Any) -> Any:
+        chunk = rb.body
+        if chunk:
+            st.body_len += len(chunk)
+            if st.body_len > self.settings.max_body_bytes:
+                return self._reject(st, 413, f"request body exceeds the limit of {self.settings.max_body_bytes} bytes", "invalid_request_error", "request_too_large")
+            st.body.append(chunk)
+        if not rb.end_of_stream:
+            return codec.request_body_continue()  # streamed/partial body: keep buffering
+        raw = st.body[0] if len(st.body) == 1 else b"".join(st.body)
+        st.body = []
+        return self._schedule(st, raw)
+
+    def _schedule(self, st: _Stream, raw: bytes) -> Any:
+        t0 = time.perf_counter()
+        try:
+            request = parse_request(
+                st.path,
+                raw,
+                st.headers,
+                request_id=st.request_id or None,
+                max_body_bytes=self.settings.max_body_bytes,
+                priority_of_objective=self.settings.objectives,
+            )
+        except RequestError as e:
+            return self._reject(st, e.status, e.message, e.type, e.code)
+        st.request_id = request.request_id
+        model = request.target_model
+        if model not in self.pool.known_models():
+            return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found", model=model)
+        if self.tokenizers is not None:
+            request.prompt_token_ids = self.tokenizers.tokenize(request)
+        snapshot = self.pool.snapshot()
+        if request.sheddable and self.saturation.saturated([e for e in snapshot if model in e.models]):
+            return self._reject(st, 429, "the fleet is saturated and this request is sheddable (priority < 0)", "rate_limit_error", "saturated", model=model)
+        try:
+            result, cycle = self.scheduler.schedule(request)
+        except SchedulingError as e:
+            etype = "rate_limit_error" if e.status == 429 else ("NotFoundError" if e.status == 404 else "service_unavailable")
+            return self._reject(st, e.status, e.message, etype, e.code, model=model)
+        targets = [ep.address for ep in result.targets]
+        primary = result.primary
+        feats = cycle.data.get("predictor_features")
+        st.flight = self.tracker.dispatch(request, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
+        st.served = primary.address
+        self.scheduler.dispatched(cycle, request, result)
+        new_body = None
+        if request.target_model != request.model:
+            request.body["model"] = request.target_model
+            new_body = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
+        resp = codec.route_response(targets, request.request_id, from_body=True, body=new_body)
+        self.metrics.decisions.observe(time.perf_counter() - t0)
+        return resp
+
+    def _on_response_headers(self, st: _Stream, rh: Any) -> Any:
+        f = st.flight
+        status = 0
+        for h in rh.headers.headers:
+            if h.key == ":status":
+                v = h.raw_value.decode() if h.raw_value else h.value
+                status = int(v) if v.isdigit() else 0
+                break
+        if f is not None:
+            f.on_response_headers(status)
+            self._count(f.request.target_model, status)
+            if status >= 500 or status == 0:
+                f.endpoint.scrape_failures += 1  # upstream trouble: hint the health logic
+            if rh.end_of_stream or self.settings.response_observe == "none":
+                self.tracker.finish(f, "ok" if 0 < status < 400 else f"status_{status}")
+        return codec.response_headers_continue(st.served)
+
+    # ------------------------------------------------------------------ observation stream
+    def _observe(self, st: _Stream, req: Any) -> None:
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                for h in req.request_headers.headers.headers:
+                    if h.key == codec.HDR_REQUEST_ID:
+                        rid = h.raw_value.decode() if h.raw_value else h.value
+                        st.flight = self.tracker.get(rid)
+                        if st.flight is not None:
+                            st.flight.observed = True
+                        break
+            elif st.flight is None:
+                return
+            elif kind == "response_headers":
+                rh = req.response_headers
+                if not st.flight.response_started:
+                    for h in rh.headers.headers:
+                        if h.key == ":status":
+                            v = h.raw_value.decode() if h.raw_value else h.value
+                            st.flight.on_response_headers(int(v) if v.isdigit() else 0)
+                            break
+                if rh.end_of_stream:
+                    self._finish_observed(st.flight)
+            elif kind == "response_body":
+                rb = req.response_body
+                st.flight.on_body_chunk(rb.body, time.monotonic())
+                if rb.end_of_stream:
+                    self._finish_observed(st.flight)
+            elif kind == "response_trailers":
+                self._finish_observed(st.flight)
+        except Exception:
+            log.exception("observation stream error", extra={"request_id": st.request_id})
+
+    def _finish_observed(self, f: Flight) -> None:
+        status = f.obs.status
+        if 0 < status < 400:
+            if f.request.stream and b"[DONE]" not in f.tail:
+                self.tracker.finish(f, "stream_without_done")
+                return
+            self.tracker.finish(f, "ok")
+        else:
+            self.tracker.finish(f, f"status_{status}")
+
+    # ------------------------------------------------------------------ end of a stream
+    def _stream_closed(self, st: _Stream) -> None:
+        f = st.flight
+        if f is None or f.finished:
+            return
+        if st.observe:
+            # the observation stream ended before the end of the response: client gone or upstream reset
+            self.tracker.finish(f, "disconnected" if f.response_started else "reset_before_response")
+        elif not f.response_started:
+            # routing stream ended before any response headers: the request never reached a pod or was reset
+            self.tracker.finish(f, "reset_before_response")
+        elif self.settings.response_observe != "observability" or not f.observed:
+            # no observation stream carries this request: the routing stream's end is the request's end
+            self.tracker.finish(f, "ok" if 0 < f.obs.status < 400 else f"status_{f.obs.status}")
+
+    # ------------------------------------------------------------------ helpers
+    def _reject(self, st: _Stream, status: int, message: str, type_: str, code: str, model: str = "") -> Any:
+        self._count(model, status)
+        if status >= 500 or status == 429:
+            log.warning("request rejected", extra={"status": status, "code": code, "request_id": st.request_id, "model": model})
+        else:
+            log.info("request rejected", extra={"status": status, "code": code, "request_id": st.request_id})
+        return codec.immediate(status, error_body(message, type_, code))
+
+    def _count(self, model: str, status: int) -> None:
+        key = (model, status)
+        c = self._req_counters.get(key)
+        if c is None:
+            c = self._req_counters[key] = self.metrics.requests.labels(model, str(status))
+        c.inc()
+
+
+def observation_outcome_counter(metrics: SchedulerMetrics) -> Any:
+    children: dict[str, Any] = {}
+
+    def on_outcome(outcome: str) -> None:
+        c = children.get(outcome)
+        if c is None:
+            c = children[outcome] = metrics.completions.labels(outcome)
+        c.inc()
+
+    return on_outcome
+
+
+def record_observation(metrics: SchedulerMetrics, scheduler: Scheduler) -> Any:
+    def on_complete(request: Any, obs: Observation) -> None:
+        if obs.first_token_ts:
+            metrics.ttft.labels(obs.model).observe(obs.ttft_ms / 1000.0)
+        if obs.complete_ts:
+            metrics.e2e.labels(obs.model).observe(obs.e2e_ms / 1000.0)
+        if obs.output_tokens:
+            metrics.output_tokens.labels(obs.model).inc(obs.output_tokens)
+        scheduler.completed(request, obs)
+
+    return on_complete

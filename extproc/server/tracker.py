@@ -1,0 +1,184 @@
+"""In-flight accounting and per-request observations.
+
+Every dispatched request gets one ``Flight``. It is finished exactly once, whichever way the request ends:
+end of the response stream, an error status, the client disconnecting, a stream that ends without ``[DONE]``,
+or — as a last resort against leaks — a TTL sweep. Finishing decrements the pod's in-flight counters and hands
+the ``Observation`` to the scheduler's response observers (prefix index, latency predictor, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable
+
+from extproc.api import InferenceRequest
+from extproc.datalayer.endpoint import Endpoint
+from extproc.scheduling.framework import Observation
+
+log = logging.getLogger(__name__)
+
+_USAGE_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_TAIL_BYTES = 4096
+
+
+class Flight:
+    __slots__ = (
+        "request",
+        "endpoint",
+        "obs",
+        "prefill_tokens",
+        "decode_tokens",
+        "in_prefill",
+        "finished",
+        "chunks",
+        "tail",
+        "observed",
+        "response_started",
+    )
+
+    def __init__(self, request: InferenceRequest, endpoint: Endpoint, obs: Observation, decode_tokens: int) -> None:
+        self.request = request
+        self.endpoint = endpoint
+        self.obs = obs
+        self.prefill_tokens = obs.prompt_tokens
+        self.decode_tokens = decode_tokens
+        self.in_prefill = True
+        self.finished = False
+        self.chunks = 0  # SSE data events seen
+        self.tail = b""  # last bytes of the body, for the usage block
+        self.observed = False  # an observability stream attached
+        self.response_started = False
+
+    # -- response side -------------------------------------------------------------------------------
+    def on_response_headers(self, status: int) -> None:
+        self.obs.status = status
+        self.response_started = True
+
+    def on_body_chunk(self, data: bytes, now: float) -> None:
+        if data:
+            if self.in_prefill and self.request.stream:
+                self.obs.first_token_ts = now
+                self._leave_prefill()
+            self.chunks += data.count(b"data: ")
+            t = self.tail + data
+            self.tail = t[-_TAIL_BYTES:] if len(t) > _TAIL_BYTES else t
+
+    def _leave_prefill(self) -> None:
+        if self.in_prefill:
+            self.in_prefill = False
+            ep = self.endpoint
+            ep.inflight_prefill_tokens -= self.prefill_tokens
+            ep.inflight_decode_tokens += self.decode_tokens
+
+    def output_tokens(self) -> int:
+        m = None
+        for m in _USAGE_RE.finditer(self.tail):
+            pass
+        if m is not None:
+            return int(m.group(1))
+        if self.request.stream and self.chunks:
+            # one token per data event, minus [DONE] and the usage-only chunk
+            n = self.chunks - (1 if b"[DONE]" in self.tail else 0)
+            return max(n, 0)
+        return 0
+
+
+class FlightTracker:
+    """Owns every Flight; all methods run on the event loop thread."""
+
+    def __init__(
+        self,
+        on_complete: Callable[[InferenceRequest, Observation], None],
+        on_outcome: Callable[[str], None] | None = None,
+        max_age_s: float = 1800.0,
+    ) -> None:
+        self._flights: dict[str, Flight] = {}
+        self._on_complete = on_complete
+        self._on_outcome = on_outcome
+        self.max_age_s = max_age_s
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def dispatch(self, request: InferenceRequest, endpoint: Endpoint, features: object = None) -> Flight:
+        prompt_tokens = request.prompt_tokens_estimate
+        decode = request.max_tokens if request.max_tokens is not None else 16
+        obs = Observation(
+            request_id=request.request_id,
+            endpoint=endpoint.address,
+            model=request.target_model,
+            prompt_tokens=prompt_tokens,
+            dispatch_ts=time.monotonic(),
+            features=features,
+        )
+        f = Flight(request, endpoint, obs, decode)
+        old = self._flights.pop(request.request_id, None)
+        if old is not None:  # same id reused by a client: finish the old one cleanly
+            self._finish(old, "superseded")
+        self._flights[request.request_id] = f
+        endpoint.inflight += 1
+        endpoint.inflight_prefill_tokens += prompt_tokens
+        return f
+
+    def get(self, request_id: str) -> Flight | None:
+        return self._flights.get(request_id)
+
+    def finish(self, flight: Flight, outcome: str) -> None:
+        if flight.finished:
+            return
+        self._flights.pop(flight.request.request_id, None)
+        self._finish(flight, outcome)
+
+    def _finish(self, f: Flight, outcome: str) -> None:
+        f.finished = True
+        ep = f.endpoint
+        if f.in_prefill:
+            ep.inflight_prefill_tokens -= f.prefill_tokens
+        else:
+            ep.inflight_decode_tokens -= f.decode_tokens
+        ep.inflight -= 1
+        f.obs.complete_ts = time.monotonic()
+        f.obs.output_tokens = f.output_tokens()
+        if outcome != "ok":
+            f.obs.error = outcome
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+        try:
+            self._on_complete(f.request, f.obs)
+        except Exception:  # an observer must never break accounting
+            log.exception("response observer failed")
+
+    def finish_all(self, outcome: str = "shutdown") -> None:
+        for f in list(self._flights.values()):
+            self.finish(f, outcome)
+
+    def sweep(self, now: float | None = None) -> int:
+        now = now if now is not None else time.monotonic()
+        stale = [f for f in self._flights.values() if now - f.obs.dispatch_ts > self.max_age_s]
+        for f in stale:
+            self.finish(f, "expired")
+        return len(stale)
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop(), name="flight-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        self.finish_all()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.max_age_s / 4))
+            n = self.sweep()
+            if n:
+                log.warning("expired in-flight requests", extra={"count": n})
