@@ -1,0 +1,208 @@
+"""The ext_proc state machine over real gRPC (no Envoy): routing answers, errors, accounting."""
+
+import json
+
+import grpc
+import pytest
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.datalayer.endpoint import PodMetrics
+from extproc.server.app import SchedulerServer, ServeOptions
+
+PODS = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+
+
+def headers_msg(path, method="POST", end=False, extra=None, observe=False):
+    req = pb.ProcessingRequest(observability_mode=observe)
+    hs = req.request_headers.headers.headers
+    for k, v in [(":path", path), (":method", method), (":authority", "gw"), *(extra or {}).items()]:
+        h = hs.add()
+        h.key = k
+        h.raw_value = v.encode()
+    req.request_headers.end_of_stream = end
+    return req
+
+
+def body_msg(data: bytes, end=True):
+    req = pb.ProcessingRequest()
+    req.request_body.body = data
+    req.request_body.end_of_stream = end
+    return req
+
+
+def resp_headers_msg(status=200, observe=False, end=False):
+    req = pb.ProcessingRequest(observability_mode=observe)
+    h = req.response_headers.headers.headers.add()
+    h.key = ":status"
+    h.raw_value = str(status).encode()
+    req.response_headers.end_of_stream = end
+    return req
+
+
+def resp_body_msg(data: bytes, end=False, observe=False):
+    req = pb.ProcessingRequest(observability_mode=observe)
+    req.response_body.body = data
+    req.response_body.end_of_stream = end
+    return req
+
+
+@pytest.fixture
+async def server():
+    s = SchedulerServer(
+        ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, max_body_bytes=10_000, scrape_interval_s=3600)
+    )
+    await s.start()
+    # pretend the pods were scraped: pod 2 is idle, others loaded
+    for ep in s.pool.snapshot():
+        ep.metrics = PodMetrics(waiting=0 if ep.port == 2 else 10, running=1, kv_usage=0.1 if ep.port == 2 else 0.9, updated_at=1e12)
+    yield s
+    await s.stop()
+
+
+async def exchange(server, msgs):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        stub = pb_grpc.ExternalProcessorStub(ch)
+        call = stub.Process()
+        out = []
+        for m in msgs:
+            await call.write(m)
+            if not m.observability_mode:
+                out.append(await call.read())
+        await call.done_writing()
+        await call.code()  # wait until the server has seen the end of the stream
+        return out
+
+
+def header_map(mutation):
+    return {o.header.key: (o.header.raw_value or o.header.value.encode()).decode() for o in mutation.set_headers}
+
+
+async def test_routes_to_best_pod_and_strips_spoofed_header(server):
+    b = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 3}).encode()
+    out = await exchange(server, [headers_msg("/v1/completions", extra={"x-gateway-destination-endpoint": "6.6.6.6:1"}), body_msg(b)])
+    assert "x-gateway-destination-endpoint" in out[0].request_headers.response.header_mutation.remove_headers
+    hm = header_map(out[1].request_body.response.header_mutation)
+    assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:2"
+    assert out[1].request_body.response.clear_route_cache
+    md = out[1].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"].string_value
+    assert md.split(",")[0] == "127.0.0.1:2"
+    # the routing stream ended before any response: the flight is released, nothing leaks
+    assert server.pool.get("127.0.0.1:2").inflight == 0
+
+
+@pytest.mark.parametrize(
+    "path,method,payload,status,code",
+    [
+        ("/v1/completions", "POST", b"{bad", 400, "invalid_json"),
+        ("/v1/completions", "POST", json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model_not_found"),
+        ("/v1/completions", "POST", json.dumps({"prompt": "x"}).encode(), 400, "missing_field"),
+        ("/v1/chat/completions", "POST", json.dumps({"model": "m"}).encode(), 400, "missing_field"),
+        ("/v1/completions", "POST", json.dumps({"model": "m", "prompt": "x" * 20_000}).encode(), 413, "request_too_large"),
+    ],
+)
+async def test_errors_are_immediate_json(server, path, method, payload, status, code):
+    out = await exchange(server, [headers_msg(path, method), body_msg(payload)])
+    ir = out[-1].immediate_response
+    assert ir.status.code == status
+    err = json.loads(ir.body)["error"]
+    assert err["code"] == code and err["message"] and err["type"]
+    assert all(ep.inflight == 0 for ep in server.pool.snapshot())
+
+
+async def test_bodyless_post_and_unknown_path(server):
+    out = await exchange(server, [headers_msg("/v1/completions", end=True)])
+    assert out[0].immediate_response.status.code == 400
+    out = await exchange(server, [headers_msg("/admin", "GET", end=True)])
+    assert out[0].immediate_response.status.code == 404
+
+
+async def test_models_union(server):
+    out = await exchange(server, [headers_msg("/v1/models", "GET", end=True)])
+    ir = out[0].immediate_response
+    assert ir.status.code == 200
+    assert [m["id"] for m in json.loads(ir.body)["data"]] == ["m"]
+
+
+async def test_no_healthy_pod_is_503(server):
+    for ep in server.pool.snapshot():
+        ep.healthy = False
+    b = json.dumps({"model": "m", "prompt": "x"}).encode()
+    out = await exchange(server, [headers_msg("/v1/completions"), body_msg(b)])
+    assert out[-1].immediate_response.status.code == 503
+
+
+async def test_sheddable_saturated_is_429(server):
+    for ep in server.pool.snapshot():
+        ep.metrics = PodMetrics(waiting=50, running=8, kv_usage=0.95, updated_at=__import__("time").monotonic())
+    b = json.dumps({"model": "m", "prompt": "x"}).encode()
+    out = await exchange(server, [headers_msg("/v1/completions", extra={"x-gateway-inference-priority": "-1"}), body_msg(b)])
+    assert out[-1].immediate_response.status.code == 429
+    # non-sheddable traffic is still routed
+    out = await exchange(server, [headers_msg("/v1/completions"), body_msg(b)])
+    assert out[-1].WhichOneof("response") == "request_body"
+
+
+async def open_routing(server, b):
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    call = pb_grpc.ExternalProcessorStub(ch).Process()
+    await call.write(headers_msg("/v1/completions"))
+    await call.read()
+    await call.write(body_msg(b))
+    out = await call.read()
+    return ch, call, header_map(out.request_body.response.header_mutation)["x-extproc-request-id"]
+
+
+async def test_observation_stream_finishes_flight(server):
+    b = json.dumps({"model": "m", "prompt": "hello", "stream": True, "max_tokens": 2}).encode()
+    ch, call, rid = await open_routing(server, b)
+    ep = server.pool.get("127.0.0.1:2")
+    assert ep.inflight == 1 and ep.inflight_prefill_tokens > 0
+    await call.write(resp_headers_msg(200))
+    served = await call.read()
+    assert header_map(served.response_headers.response.header_mutation)["x-gateway-destination-endpoint-served"] == "127.0.0.1:2"
+    sse = b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[{"text":"b"}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+    await exchange(
+        server,
+        [
+            headers_msg("/v1/completions", extra={"x-extproc-request-id": rid}, observe=True),
+            resp_headers_msg(200, observe=True),
+            resp_body_msg(sse[:40], observe=True),
+            resp_body_msg(sse[40:], end=True, observe=True),
+        ],
+    )
+    assert ep.inflight == 0 and ep.inflight_prefill_tokens == 0 and ep.inflight_decode_tokens == 0
+    assert len(server.tracker) == 0
+    await call.done_writing()
+    await ch.close()
+    text = server.metrics.exposition().decode()
+    assert 'extproc_request_completions_total{outcome="ok"} 1.0' in text
+    assert 'extproc_output_tokens_total{model="m"} 2.0' in text
+
+
+async def test_observation_stream_cut_counts_disconnect(server):
+    b = json.dumps({"model": "m", "prompt": "hello", "stream": True}).encode()
+    ch, call, rid = await open_routing(server, b)
+    await call.write(resp_headers_msg(200))
+    await call.read()
+    await exchange(server, [headers_msg("/v1/completions", extra={"x-extproc-request-id": rid}, observe=True), resp_headers_msg(200, observe=True), resp_body_msg(b"data: {}\n\n", observe=True)])
+    assert all(ep.inflight == 0 for ep in server.pool.snapshot())
+    text = server.metrics.exposition().decode()
+    assert 'extproc_request_completions_total{outcome="disconnected"} 1.0' in text
+    await call.done_writing()
+    await ch.close()
+
+
+async def test_routing_stream_reset_before_response_frees_pod(server):
+    b = json.dumps({"model": "m", "prompt": "hello"}).encode()
+    ch, call, rid = await open_routing(server, b)
+    assert server.pool.get("127.0.0.1:2").inflight == 1
+    call.cancel()
+    await ch.close()
+    import asyncio
+
+    for _ in range(100):
+        if server.pool.get("127.0.0.1:2").inflight == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.pool.get("127.0.0.1:2").inflight == 0
