@@ -1,0 +1,317 @@
+"""``extproc demo``: real Envoy + a simulated vLLM fleet + the scheduler + a mixed workload, with a summary.
+
+Everything runs on free loopback ports and is torn down at the end. The workload mixes completions and chat,
+streaming and not, with shared prefixes (a few system prompts reused across many requests), so prefix-aware
+routing has something to do. ``served_as_picked`` counts responses whose serving pod (the simulator's
+``x-inference-pod`` header) equals the scheduler's pick (``x-gateway-destination-endpoint-served``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+DEMO_MODEL = "sim-llama"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pods", type=int, default=4, help="simulated vLLM pods (default 4)")
+    p.add_argument("--requests", type=int, default=200, help="requests to send (default 200)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--config", default="default", help="scheduler profile: built-in name or YAML path")
+    p.add_argument("--profile", default="llama3-8b-h100", help="simulator profile of every pod")
+    p.add_argument("--fleet", default=None, help="heterogeneous fleet, e.g. llama3-8b-h100:2,llama3-8b-l40s:2")
+    p.add_argument("--time-scale", type=float, default=0.2, help="simulated time × this (smaller = faster demo)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--kv-events", action="store_true", help="simulator publishes KV events; scheduler subscribes (use with --config precise-prefix)")
+
+
+@dataclass(slots=True)
+class Result:
+    kind: str
+    status: int
+    picked: str
+    served: str
+    ttft_ms: float
+    e2e_ms: float
+    output_tokens: int
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Workload:
+    items: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (path, body, kind)
+
+
+def build_workload(n: int, seed: int) -> Workload:
+    rng = random.Random(seed)
+    topics = ["astronomy", "cooking", "databases", "gardening", "music theory", "networking"]
+    systems = [
+        f"You are a meticulous assistant specialised in {t}. " + " ".join(f"Rule {i}: answer about {t} precisely and cite step {i}." for i in range(40))
+        for t in topics
+    ]
+    wl = Workload()
+    for i in range(n):
+        g = rng.randrange(len(systems))
+        question = f"Question {i}: explain idea {rng.randrange(10_000)} in {topics[g]} to a newcomer."
+        max_tokens = rng.choice([8, 16, 32, 64])
+        stream = rng.random() < 0.5
+        if rng.random() < 0.5:
+            body: dict[str, Any] = {"model": DEMO_MODEL, "prompt": systems[g] + "\n" + question, "max_tokens": max_tokens, "stream": stream}
+            path, kind = "/v1/completions", "completions"
+        else:
+            body = {"model": DEMO_MODEL, "messages": [{"role": "system", "content": systems[g]}, {"role": "user", "content": question}], "max_tokens": max_tokens, "stream": stream}
+            path, kind = "/v1/chat/completions", "chat"
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+            kind += "+stream"
+        wl.items.append((path, body, kind))
+    return wl
+
+
+async def send(session: Any, url: str, path: str, body: dict[str, Any], kind: str, headers: dict[str, str] | None = None) -> Result:
+    t0 = time.perf_counter()
+    ttft = 0.0
+    out_tokens = 0
+    try:
+        async with session.post(url + path, json=body, headers=headers or {}) as r:
+            picked = r.headers.get("x-gateway-destination-endpoint-served", "")
+            served = r.headers.get("x-inference-pod", "")
+            if body.get("stream") and r.status == 200:
+                buf = b""
+                async for chunk in r.content.iter_any():
+                    if not ttft:
+                        ttft = (time.perf_counter() - t0) * 1000
+                    buf = (buf + chunk)[-4096:]
+                ok = b"[DONE]" in buf
+                import re
+
+                m = re.findall(rb'"completion_tokens"\s*:\s*(\d+)', buf)
+                out_tokens = int(m[-1]) if m else 0
+                err = "" if ok else "stream ended without [DONE]"
+            else:
+                data = await r.read()
+                ttft = (time.perf_counter() - t0) * 1000
+                err = ""
+                if r.status == 200:
+                    out_tokens = int(json.loads(data).get("usage", {}).get("completion_tokens", 0))
+                else:
+                    err = data[:300].decode(errors="replace")
+            return Result(kind, r.status if not err or r.status != 200 else 599, picked, served, ttft, (time.perf_counter() - t0) * 1000, out_tokens, err)
+    except Exception as e:  # report, never crash the demo
+        return Result(kind, 0, "", "", 0.0, (time.perf_counter() - t0) * 1000, 0, f"{type(e).__name__}: {e}")
+
+
+async def wait_for_scrapes(metrics_url: str, pods: int, timeout_s: float = 30.0) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(metrics_url + "/debug/endpoints") as r:
+                    eps = await r.json()
+                if len(eps) == pods and all(e["healthy"] and e["metrics_age_s"] is not None for e in eps):
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError("the scheduler did not scrape every pod in time")
+
+
+async def scrape_pod_counters(endpoints: list[str]) -> dict[str, dict[str, float]]:
+    import aiohttp
+
+    from extproc.datalayer.scrape import parse_metrics
+
+    out: dict[str, dict[str, float]] = {}
+    async with aiohttp.ClientSession() as s:
+        for ep in endpoints:
+            async with s.get(f"http://{ep}/metrics") as r:
+                m = parse_metrics(await r.read())
+            out[ep] = {"prefix_cache_hits": m.prefix_cache_hits, "prefix_cache_queries": m.prefix_cache_queries}
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def _histogram_quantile(text: str, name: str, q: float) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(text):
+        if fam.name != name:
+            continue
+        buckets = [(float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket")]
+        buckets.sort()
+        total = buckets[-1][1] if buckets else 0
+        if not total:
+            return None
+        for le, c in buckets:
+            if c >= q * total:
+                return le
+    return None
+
+
+async def error_checks(session: Any, url: str) -> dict[str, dict[str, Any]]:
+    """A few deliberate bad requests: each must get its status and a JSON error body."""
+    cases = {
+        "invalid_json": ("/v1/completions", b"{not json", {}, 400),
+        "missing_model": ("/v1/completions", json.dumps({"prompt": "x"}).encode(), {}, 400),
+        "unknown_model": ("/v1/completions", json.dumps({"model": "no-such-model", "prompt": "x"}).encode(), {}, 404),
+        "spoofed_destination": ("/v1/completions", json.dumps({"model": DEMO_MODEL, "prompt": "x", "max_tokens": 2}).encode(), {"x-gateway-destination-endpoint": "127.0.0.1:1"}, 200),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for name, (path, raw, hdrs, want) in cases.items():
+        async with session.post(url + path, data=raw, headers={"content-type": "application/json", **hdrs}) as r:
+            body = await r.read()
+            try:
+                j = json.loads(body)
+                shaped = "error" in j and {"message", "type", "code"} <= set(j["error"]) if want != 200 else "choices" in j
+            except ValueError:
+                shaped = False
+            out[name] = {"status": r.status, "expected": want, "ok": r.status == want and shaped}
+    async with session.get(url + "/v1/models") as r:
+        j = await r.json()
+        out["list_models"] = {"status": r.status, "expected": 200, "ok": r.status == 200 and [m["id"] for m in j["data"]] == [DEMO_MODEL]}
+    return out
+
+
+async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    import aiohttp
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from extproc.harness import Stack, StackSpec, start_sim_process, stop_process
+
+    console = Console(stderr=True)
+    sim_args = ["--pods", str(args.pods), "--base-port", "0", "--model", DEMO_MODEL, "--time-scale", str(args.time_scale), "--seed", str(args.seed)]
+    if args.fleet:
+        sim_args += ["--fleet", args.fleet]
+    else:
+        sim_args += ["--profile", args.profile]
+    if args.kv_events:
+        sim_args.append("--kv-events")
+    console.print(f"[bold]extproc demo[/]: starting {args.pods} simulated vLLM pods, the scheduler ({args.config}) and real Envoy …")
+    sim, info = await start_sim_process(sim_args)
+    try:
+        endpoints: list[str] = info["endpoints"]
+        spec = StackSpec(endpoints=endpoints, config=args.config, labels=info.get("labels", {}), kv_events=info.get("kv_events") if args.kv_events else None, models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)])
+        async with Stack(spec) as st:
+            assert st.metrics_url is not None
+            await wait_for_scrapes(st.metrics_url, len(endpoints))
+            before = await scrape_pod_counters(endpoints)
+            wl = build_workload(args.requests, args.seed)
+            results: list[Result] = []
+            sem = asyncio.Semaphore(args.concurrency)
+            conn = aiohttp.TCPConnector(limit=args.concurrency * 2)
+            t_start = time.perf_counter()
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
+                with Progress(TextColumn("[bold blue]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as prog:
+                    task = prog.add_task("send", total=len(wl.items))
+
+                    async def one(path: str, body: dict[str, Any], kind: str) -> None:
+                        async with sem:
+                            results.append(await send(session, st.url, path, body, kind))
+                        prog.advance(task)
+
+                    await asyncio.gather(*(one(*it) for it in wl.items))
+                wall = time.perf_counter() - t_start
+                checks = await error_checks(session, st.url)
+                async with session.get(st.metrics_url + "/metrics") as r:
+                    sched_metrics = await r.text()
+            after = await scrape_pod_counters(endpoints)
+    finally:
+        await stop_process(sim)
+
+    ok = [r for r in results if r.status == 200]
+    failed = [r for r in results if r.status != 200]
+    per_pod = Counter(r.served for r in ok)
+    served_as_picked = sum(1 for r in ok if r.picked and r.picked == r.served)
+    hits = sum(after[e]["prefix_cache_hits"] - before[e]["prefix_cache_hits"] for e in endpoints)
+    queries = sum(after[e]["prefix_cache_queries"] - before[e]["prefix_cache_queries"] for e in endpoints)
+    stream_ttft = [r.ttft_ms for r in ok if "stream" in r.kind]
+    report: dict[str, Any] = {
+        "requests": len(results),
+        "ok": len(ok),
+        "failed": len(failed),
+        "served_as_picked": served_as_picked,
+        "per_pod": {e: per_pod.get(e, 0) for e in endpoints},
+        "per_kind": dict(Counter(r.kind for r in results)),
+        "config": args.config,
+        "pods": len(endpoints),
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(results) / wall, 1) if wall else 0.0,
+        "ttft_ms": {"p50": round(_pct(stream_ttft, 0.5), 2), "p90": round(_pct(stream_ttft, 0.9), 2)},
+        "e2e_ms": {"p50": round(_pct([r.e2e_ms for r in ok], 0.5), 2), "p90": round(_pct([r.e2e_ms for r in ok], 0.9), 2)},
+        "output_tokens": sum(r.output_tokens for r in ok),
+        "prefix_hit_rate": round(hits / queries, 4) if queries else 0.0,
+        "scheduler_decision_us": {
+            "p50_bucket_le": (_histogram_quantile(sched_metrics, "extproc_scheduling_latency_seconds", 0.5) or 0) * 1e6,
+            "p99_bucket_le": (_histogram_quantile(sched_metrics, "extproc_scheduling_latency_seconds", 0.99) or 0) * 1e6,
+        },
+        "error_checks": checks,
+        "failures": [{"kind": r.kind, "status": r.status, "error": r.error[:200]} for r in failed[:20]],
+    }
+    _print_summary(console, report)
+    return report
+
+
+def _print_summary(console: Any, rep: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"extproc demo — {rep['pods']} pods, profile '{rep['config']}'", show_header=True)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in ("requests", "ok", "failed", "served_as_picked", "requests_per_s", "output_tokens", "prefix_hit_rate"):
+        t.add_row(k, str(rep[k]))
+    t.add_row("TTFT p50 / p90 (ms, streams)", f"{rep['ttft_ms']['p50']} / {rep['ttft_ms']['p90']}")
+    t.add_row("E2E p50 / p90 (ms)", f"{rep['e2e_ms']['p50']} / {rep['e2e_ms']['p90']}")
+    d = rep["scheduler_decision_us"]
+    t.add_row("decision latency p50 / p99 (µs, bucket ≤)", f"{d['p50_bucket_le']:.0f} / {d['p99_bucket_le']:.0f}")
+    console.print(t)
+    p = Table(title="requests per pod", show_header=True)
+    p.add_column("pod")
+    p.add_column("served", justify="right")
+    for ep, n in rep["per_pod"].items():
+        p.add_row(ep, str(n))
+    console.print(p)
+    c = Table(title="bad input and routing checks", show_header=True)
+    c.add_column("case")
+    c.add_column("status", justify="right")
+    c.add_column("expected", justify="right")
+    c.add_column("ok")
+    for name, v in rep["error_checks"].items():
+        c.add_row(name, str(v["status"]), str(v["expected"]), "✔" if v["ok"] else "✘")
+    console.print(c)
+    verdict = rep["ok"] == rep["requests"] and rep["served_as_picked"] == rep["ok"] and all(v["ok"] for v in rep["error_checks"].values())
+    console.print("[bold green]PASS[/]: every request served by the pod the scheduler picked" if verdict else "[bold red]FAIL[/]: see the tables above")
+
+
+def run(args: argparse.Namespace) -> int:
+    from extproc.observe.logging import setup_logging
+
+    setup_logging("warning", "text")
+    try:
+        import uvloop
+
+        rep = uvloop.run(run_demo(args))
+    except ImportError:
+        rep = asyncio.run(run_demo(args))
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump(rep, f, indent=2)
+    ok = rep["ok"] == rep["requests"] and rep["served_as_picked"] == rep["ok"] and all(v["ok"] for v in rep["error_checks"].values())
+    return 0 if ok else 1

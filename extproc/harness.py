@@ -1,0 +1,252 @@
+"""Start and stop a whole routing stack on free ports: real Envoy in front, ``extproc serve`` beside it.
+
+The demo, the benchmarks and the integration tests use this one harness, so they exercise exactly what a user
+runs. The scheduler runs as a subprocess by default (its own core, its own event loop, like production);
+``in_process=True`` runs it on the caller's loop so tests can inspect its state.
+
+```python
+async with Stack(StackSpec(endpoints=fleet.endpoints, config="default")) as st:
+    st.url          # Envoy listener, e.g. "http://127.0.0.1:40123"
+    st.metrics_url  # scheduler Prometheus endpoint (None for Envoy-only setups)
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extproc.envoy_config import render_bootstrap
+from extproc.envoy_runner import EnvoyProcess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StackSpec:
+    endpoints: list[str]
+    config: str | None = "default"  # None → Envoy only (lb_policy)
+    lb_policy: str | None = None  # "ROUND_ROBIN" | "LEAST_REQUEST" for Envoy-only setups
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    kv_events: dict[str, Any] | None = None
+    models: list[str] = field(default_factory=list)
+    failure_mode: str = "fail-close"
+    fallback_endpoints: list[str] | None = None  # fail-open fallback cluster (default: the endpoints)
+    response_observe: str = "observability"
+    scheduler_args: list[str] = field(default_factory=list)
+    envoy_concurrency: int = 1
+    envoy_args: dict[str, Any] = field(default_factory=dict)  # extra render_bootstrap keyword arguments
+    in_process: bool = False
+    scrape_interval_s: float = 0.05
+    max_body_bytes: int = 8 * 1024 * 1024
+    start_scheduler: bool = True  # False: render Envoy for a scheduler that is not running (failure-mode tests)
+    grpc_port: int = 0  # fixed ext_proc port (needed when start_scheduler=False or for restarts)
+
+
+class SchedulerProcess:
+    """``python -m extproc serve`` as a subprocess, ports discovered through --ready-file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, info: dict[str, Any], workdir: Path, log_path: Path) -> None:
+        self.proc = proc
+        self.info = info
+        self.workdir = workdir
+        self.log_path = log_path
+
+    @property
+    def grpc_port(self) -> int:
+        return int(self.info["grpc_port"])
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.info['metrics_port']}"
+
+    @classmethod
+    async def start(cls, args: list[str], *, timeout_s: float = 60.0, env: dict[str, str] | None = None) -> "SchedulerProcess":
+        wd = Path(tempfile.mkdtemp(prefix="extproc-sched-"))
+        ready = wd / "ready.json"
+        log_path = wd / "scheduler.log"
+        logf = open(log_path, "ab")  # noqa: SIM115
+        argv = [sys.executable, "-m", "extproc", "serve", "--host", "127.0.0.1", "--ready-file", str(ready), *args]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, env={**os.environ, **(env or {})}
+        )
+        logf.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not ready.exists():
+            if proc.returncode is not None:
+                raise RuntimeError(f"extproc serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if loop.time() > deadline:
+                proc.kill()
+                await proc.wait()
+                raise TimeoutError(f"extproc serve not ready after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+            await asyncio.sleep(0.05)
+        info = json.loads(ready.read_text())
+        return cls(proc, info, wd, log_path)
+
+    async def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                await self.proc.wait()
+        return self.proc.returncode
+
+    async def kill(self) -> None:
+        """Hard kill (SIGKILL), for failure-mode tests."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+
+class Stack:
+    def __init__(self, spec: StackSpec) -> None:
+        self.spec = spec
+        self.envoy: EnvoyProcess | None = None
+        self.scheduler: SchedulerProcess | None = None
+        self.server: Any = None  # in-process SchedulerServer
+        self.url = ""
+        self.metrics_url: str | None = None
+        self.grpc_port = spec.grpc_port
+
+    def scheduler_argv(self) -> list[str]:
+        s = self.spec
+        argv = [
+            "--endpoints", ",".join(s.endpoints),
+            "--config", s.config or "default",
+            "--grpc-port", str(self.grpc_port),
+            "--health-port", "0",
+            "--metrics-port", "0",
+            "--scrape-interval", str(s.scrape_interval_s),
+            "--response-observe", s.response_observe,
+            "--max-body-bytes", str(s.max_body_bytes),
+            "--log-level", os.environ.get("EXTPROC_LOG_LEVEL", "warning"),
+        ]  # fmt: skip
+        for m in s.models:
+            argv += ["--model", m]
+        if s.labels or s.kv_events:
+            wd = Path(tempfile.mkdtemp(prefix="extproc-stack-"))
+            f = wd / "endpoints.json"
+            f.write_text(json.dumps({"endpoints": [], "labels": s.labels, "kv_events": s.kv_events or {}}))
+            argv += ["--endpoints-file", str(f)]
+        return argv + list(s.scheduler_args)
+
+    async def start_scheduler(self) -> None:
+        s = self.spec
+        if s.in_process:
+            from extproc.server.app import SchedulerServer
+            from extproc.server.cli import add_arguments, options_from_args
+            import argparse
+
+            p = argparse.ArgumentParser()
+            add_arguments(p)
+            opts = options_from_args(p.parse_args(self.scheduler_argv()))
+            opts.host = "127.0.0.1"
+            self.server = SchedulerServer(opts)
+            await self.server.start()
+            self.grpc_port = self.server.grpc_port
+            self.metrics_url = f"http://127.0.0.1:{self.server.metrics_port}"
+        else:
+            self.scheduler = await SchedulerProcess.start(self.scheduler_argv())
+            self.grpc_port = self.scheduler.grpc_port
+            self.metrics_url = self.scheduler.metrics_url
+
+    async def stop_scheduler(self, hard: bool = False) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self.scheduler is not None:
+            if hard:
+                await self.scheduler.kill()
+            else:
+                await self.scheduler.stop()
+            self.scheduler = None
+
+    async def __aenter__(self) -> "Stack":
+        s = self.spec
+        try:
+            if s.config is None:
+                bootstrap = render_bootstrap(listen="127.0.0.1:0", endpoints=s.endpoints, lb_policy=s.lb_policy or "ROUND_ROBIN", **s.envoy_args)
+            else:
+                if s.start_scheduler:
+                    await self.start_scheduler()
+                elif not self.grpc_port:
+                    from extproc.netutil import free_port
+
+                    self.grpc_port = free_port()
+                fallback = s.fallback_endpoints if s.fallback_endpoints is not None else (s.endpoints if s.failure_mode == "fail-open" else [])
+                bootstrap = render_bootstrap(
+                    listen="127.0.0.1:0",
+                    extproc=f"127.0.0.1:{self.grpc_port}",
+                    failure_mode=s.failure_mode,
+                    fallback_endpoints=fallback,
+                    response_observe=s.response_observe,
+                    max_body_bytes=s.max_body_bytes,
+                    **s.envoy_args,
+                )
+            self.envoy = await EnvoyProcess.start(bootstrap, concurrency=s.envoy_concurrency)
+            self.url = self.envoy.listener_url
+            return self
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.envoy is not None:
+            await self.envoy.stop()
+            self.envoy = None
+        await self.stop_scheduler()
+
+
+async def start_sim_process(args: list[str], timeout_s: float = 60.0) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """Run ``extproc sim ARGS`` in a subprocess (its own core) and return (process, its ready JSON line)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "extproc", "sim", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
+    except asyncio.TimeoutError:
+        await stop_process(proc)
+        raise
+    if not line:
+        err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
+        await stop_process(proc)
+        raise RuntimeError(f"extproc sim exited before it was ready:\n{err[-3000:]}")
+    # keep draining stderr so the pipe never fills and blocks the fleet
+    if proc.stderr is not None:
+        asyncio.get_running_loop().create_task(_drain(proc.stderr))
+    return proc, json.loads(line)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    with contextlib.suppress(Exception):
+        while await stream.read(65536):
+            pass
+
+
+async def stop_process(proc: asyncio.subprocess.Process, timeout_s: float = 10.0) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
