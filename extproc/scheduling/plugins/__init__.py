@@ -2,7 +2,8 @@
 
 from importlib import import_module
 
-# Each module registers its plugin classes with extproc.scheduling.registry.register.
+# Each module registers its plugin classes with extproc.scheduling.registry.register. A missing or broken
+# built-in module is a hard error.
 _BUILTIN_MODULES = (
     "filters",
     "queue",
@@ -11,11 +12,11 @@ _BUILTIN_MODULES = (
     "prefix",
     "lora",
     "pickers",
+    "load_aware",
+    "active_request",
+    "token_load",
+    "session_affinity",
 )
 
 for _m in _BUILTIN_MODULES:
-    try:
-        import_module(f"{__name__}.{_m}")
-    except ModuleNotFoundError as e:  # pragma: no cover - only while a module is being written
-        if e.name != f"{__name__}.{_m}":
-            raise
+    import_module(f"{__name__}.{_m}")

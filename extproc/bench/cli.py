@@ -1,0 +1,115 @@
+"""``extproc bench``: routing quality side by side with Envoy's load balancers and peer routers, and
+``extproc bench overhead``: what the scheduler costs on the request path.
+
+```
+extproc bench --workload shared-prefix --fleet 8 --setups envoy-rr,extproc-default --out out/ [--virtual]
+extproc bench overhead --pods 8 --duration 5
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mode", nargs="?", choices=["run", "overhead"], default="run",
+                   help="'run' (default): routing-quality benchmark; 'overhead': proxy + scheduler cost")
+    p.add_argument("--workload", default="shared-prefix",
+                   help="shared-prefix | multi-turn | multi-lora | heterogeneous | long-prompts | bursty")
+    p.add_argument("--fleet", default=None,
+                   help="N pods of llama3-8b-h100, or profile:N,profile:M (default: the workload's fleet, else 8)")
+    p.add_argument("--setups", default=None,
+                   help="comma list of setups, or 'all' (default: envoy-rr,envoy-lr,extproc-random,extproc-default,extproc-prefix-load)")
+    p.add_argument("--out", default="bench-out", help="output directory for report.json, report.md and plots")
+    p.add_argument("--seed", type=int, default=0, help="trace and simulator seed (same seed → same trace)")
+    p.add_argument("--stages", default=None, help="RATE:SECONDS,... Poisson stages (default: the workload's)")
+    p.add_argument("--virtual", action="store_true", help="virtual time: scheduler plugins drive the engine model, no sockets")
+    p.add_argument("--repeat", type=int, default=1, help="real time: run every setup N times, order rotated each round")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="real time: simulated pods run this many times slower than the profile (fits load to this machine)")
+    p.add_argument("--kv-blocks", type=int, default=None, help="per-pod KV blocks (default: what the workload is sized for)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    # overhead
+    p.add_argument("--pods", type=int, default=8, help="overhead: simulated pods behind Envoy")
+    p.add_argument("--duration", type=float, default=5.0, help="overhead: seconds per measurement")
+    p.add_argument("--connections", default="1,16", help="overhead: client connection counts")
+    p.add_argument("--decision-pods", default="8,32,128,512", help="overhead: pod counts for in-process decision latency")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.mode == "overhead":
+        from extproc.bench.overhead import run_overhead
+
+        return run_overhead(
+            pods=args.pods,
+            duration=args.duration,
+            connections=[int(c) for c in args.connections.split(",") if c.strip()],
+            decision_pods=[int(c) for c in args.decision_pods.split(",") if c.strip()],
+            out_dir=args.out,
+        )
+    return run_bench(args)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from extproc.bench import report as rep
+    from extproc.bench.setups import DEFAULT_SETUPS, parse_setups
+    from extproc.bench.workloads import generate, parse_stages
+
+    try:
+        setups = parse_setups(args.setups or ",".join(DEFAULT_SETUPS))
+        stages = parse_stages(args.stages) if args.stages else None
+        wl = generate(args.workload, stages, seed=args.seed)
+    except ValueError as e:
+        print(f"extproc bench: {e}", file=sys.stderr)
+        return 2
+    if args.repeat < 1 or args.time_scale <= 0:
+        print("extproc bench: --repeat must be >= 1 and --time-scale > 0", file=sys.stderr)
+        return 2
+    fleet = args.fleet or wl.fleet or "8"
+    kv_blocks = args.kv_blocks if args.kv_blocks is not None else wl.kv_blocks
+    meta = {
+        "workload": wl.name,
+        "seed": args.seed,
+        "virtual": bool(args.virtual),
+        "fleet": fleet,
+        "kv_blocks": kv_blocks,
+        "loras": list(wl.loras),
+        "time_scale": args.time_scale if not args.virtual else 1.0,
+        "repeat": args.repeat if not args.virtual else 1,
+        "workload_params": wl.params,
+        "total_requests": len(wl.requests),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.virtual:
+        from extproc.bench import virtual
+
+        try:
+            fl = virtual.layout(fleet, kv_blocks, wl.loras)
+        except (ValueError, KeyError) as e:
+            print(f"extproc bench: bad --fleet: {e}", file=sys.stderr)
+            return 2
+        runs = virtual.run_setups(wl, setups, fl, seed=args.seed, show_progress=not args.no_progress)
+    else:
+        from extproc.bench import runner
+
+        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed)
+        runs = asyncio.run(runner.run_setups(wl, setups, fo, args.out, repeat=args.repeat, show_progress=not args.no_progress))
+    report = rep.build_report(meta, [(s.rate, s.duration) for s in wl.stages], runs)
+    problems = rep.validate_report(report)
+    paths = rep.write_outputs(args.out, report, runs, plots=not args.no_plots)
+    print(rep.markdown(report))
+    print("wrote " + ", ".join(paths))
+    if problems:
+        print("report problems: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    return 0 if any(r.status == "ok" for r in runs) else 1

@@ -1,0 +1,143 @@
+"""Open-loop aiohttp streaming client: replays a workload trace against one URL.
+
+Each request is sent at its trace arrival time (never waiting for earlier ones: open loop, like inference-perf and
+``vllm bench serve``). TTFT is the time to the first SSE chunk that carries content; E2E is the time to the end
+of the stream; output tokens come from the ``usage`` chunk (``stream_options.include_usage``), falling back to the
+number of content chunks when a proxy drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import aiohttp
+
+from extproc.bench.report import RequestResult
+from extproc.bench.workloads import WorkloadRequest
+
+log = logging.getLogger(__name__)
+
+POD_HEADERS = ("x-inference-pod", "x-gateway-destination-endpoint-served")
+
+
+def _content_of(chunk: dict) -> str:  # type: ignore[type-arg]
+    choices = chunk.get("choices") or ()
+    for c in choices:
+        t = c.get("text")
+        if t:
+            return str(t)
+        d = c.get("delta") or {}
+        t = d.get("content") or d.get("reasoning_content")
+        if t:
+            return str(t)
+    return ""
+
+
+async def send_one(
+    session: aiohttp.ClientSession, url: str, req: WorkloadRequest, t0: float, timeout_s: float = 600.0
+) -> RequestResult:
+    """Send one streaming request; ``t0`` is the run start (time.perf_counter())."""
+    body = req.body_bytes(stream=True)
+    start = time.perf_counter()
+    res = RequestResult(index=req.index, stage=req.stage, start=start - t0, ok=False)
+    first = 0.0
+    chunks = 0
+    usage_tokens: int | None = None
+    try:
+        async with session.post(
+            url + req.path, data=body, headers=req.headers(), timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
+            res.status = resp.status
+            for h in POD_HEADERS:
+                if h in resp.headers:
+                    res.pod = resp.headers[h]
+                    break
+            if resp.status != 200:
+                text = await resp.text()
+                res.error = f"http {resp.status}: {text[:200]}"
+                res.e2e_ms = (time.perf_counter() - start) * 1000.0
+                return res
+            buf = b""
+            done = False
+            async for data in resp.content.iter_any():
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    line = line.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        continue
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError:
+                        continue
+                    if "error" in chunk and not chunk.get("choices"):
+                        res.error = f"stream error: {str(chunk['error'])[:200]}"
+                        continue
+                    if _content_of(chunk):
+                        chunks += 1
+                        if not first:
+                            first = time.perf_counter()
+                    u = chunk.get("usage")
+                    if u and u.get("completion_tokens") is not None:
+                        usage_tokens = int(u["completion_tokens"])
+            end = time.perf_counter()
+            res.e2e_ms = (end - start) * 1000.0
+            res.ttft_ms = ((first or end) - start) * 1000.0
+            res.output_tokens = usage_tokens if usage_tokens is not None else chunks
+            if res.error:
+                return res
+            if not done:
+                res.error = "stream ended without [DONE]"
+                return res
+            res.ok = first > 0.0
+            if not res.ok:
+                res.error = "no content in the stream"
+    except asyncio.TimeoutError:
+        res.error = "timeout"
+        res.e2e_ms = (time.perf_counter() - start) * 1000.0
+    except aiohttp.ClientError as e:
+        res.error = f"{type(e).__name__}: {e}"[:200]
+        res.e2e_ms = (time.perf_counter() - start) * 1000.0
+    return res
+
+
+async def replay(
+    url: str,
+    requests: Sequence[WorkloadRequest],
+    *,
+    time_offset: float = 0.0,
+    on_done: Callable[[RequestResult], None] | None = None,
+    timeout_s: float = 600.0,
+) -> list[RequestResult]:
+    """Replay ``requests`` open loop. ``time_offset`` is subtracted from arrivals (to start a later stage now).
+    Results are in request order; their ``start`` is relative to this call's start + ``time_offset``."""
+    connector = aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True)
+    results: list[RequestResult | None] = [None] * len(requests)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        t0 = time.perf_counter() - time_offset
+
+        async def one(i: int, r: WorkloadRequest) -> None:
+            delay = r.arrival - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            rr = await send_one(session, url, r, t0, timeout_s)
+            results[i] = rr
+            if on_done is not None:
+                on_done(rr)
+
+        tasks = [asyncio.create_task(one(i, r)) for i, r in enumerate(requests)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return [r for r in results if r is not None]

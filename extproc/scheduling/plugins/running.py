@@ -1,0 +1,31 @@
+"""``running-requests-scorer``: min–max normalised ``vllm:num_requests_running``, fewer is better; all equal → 1.0
+(GIE pkg/epp/scheduling/framework/plugins/scorer/running.go)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from extproc.api import InferenceRequest
+from extproc.datalayer.endpoint import Endpoint
+from extproc.scheduling.framework import CycleState
+from extproc.scheduling.plugins._params import check_keys
+from extproc.scheduling.plugins.queue import min_max_lower_is_better
+from extproc.scheduling.registry import PluginContext, register
+
+
+@register
+class RunningRequestsScorer:
+    type_name: ClassVar[str] = "running-requests-scorer"
+    __slots__ = ("name",)
+
+    def __init__(self, name: str = "running-requests-scorer") -> None:
+        self.name = name
+
+    @classmethod
+    def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "RunningRequestsScorer":
+        check_keys(params, ())
+        return cls(name)
+
+    def score(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
+        return min_max_lower_is_better([e.metrics.running for e in candidates])

@@ -1,0 +1,499 @@
+"""A pure model of one vLLM V1 engine: continuous batching, chunked prefill, paged KV with prefix caching,
+preemption by recompute, LoRA slots. No asyncio, no sockets, no wall clock: the caller passes ``now`` and
+decides how to wait for ``StepResult.duration_s``, so the HTTP pods (real time) and a virtual-time
+discrete-event benchmark drive the same code.
+
+API (stable)::
+
+    eng = Engine(profile, seed=0, time_scale=1.0)
+    eng.add_request(SimRequest(request_id, prompt_token_ids, max_tokens, lora=None, arrival=now))
+    while eng.has_work():
+        res = eng.step(now)          # schedules one step starting at ``now``
+        now += res.duration_s        # ... the caller waits; tokens in ``res.outputs`` exist at ``now``
+    eng.abort(request_id)            # frees its blocks; True if it was live
+    eng.cached_prefix_tokens(ids)    # tokens of ``ids`` a new request would find in the prefix cache
+
+Scheduling follows vLLM V1's scheduler: running requests first, in order, each gets its remaining tokens
+(1 when decoding, a chunk of its prompt when prefilling) under the ``max_num_batched_tokens`` budget; when the
+KV cache has no free block for a running request, the last running request is preempted (its blocks freed,
+it goes back to the front of the waiting queue and recomputes later, prefix hits included). New requests are
+admitted FCFS only if no preemption happened this step, while ``max_num_seqs``, the token budget, the KV cache
+and the LoRA slots allow; a request whose adapter would exceed ``max_loras`` distinct adapters in the batch is
+skipped (keeps its place). A new request first takes the longest cached prefix of full blocks (at most
+``prompt - 1`` tokens, the last token is always recomputed).
+
+Step time (seconds) = time_scale × slowdown × (b0 + b1·prefill_tokens + b2·decode_tokens + a0·admitted
++ lora_load_ms·adapters_loaded) / 1000, where prefill_tokens are the uncached prompt tokens computed in the step
+and decode_tokens the sequences generating their next token. A request emits one token at the end of the step
+that computes its last pending token; it finishes after ``max_tokens`` tokens (ignore_eos), capped by
+``max_model_len``. Output ids are drawn deterministically from (seed, prompt, position).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+from extproc.sim.kvcache import KVCache, KVEvent, hash_block
+from extproc.sim.profiles import Profile
+from extproc.sim.tokenizer import get_tokenizer
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "SimRequest",
+    "RequestOutput",
+    "FinishedRequest",
+    "StepResult",
+    "EngineStats",
+    "Engine",
+]
+
+DEFAULT_MAX_TOKENS = 16
+
+_WAITING = 0
+_RUNNING = 1
+_DONE = 2
+
+
+@dataclass(slots=True)
+class SimRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int | None = None
+    lora: str | None = None
+    arrival: float = 0.0
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one request got from a step: at most one new token, and whether it finished."""
+
+    request_id: str
+    token_ids: list[int]
+    first_token: bool
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass(slots=True)
+class FinishedRequest:
+    """Timestamps of a finished request (engine time), for the latency histograms."""
+
+    request_id: str
+    finish_reason: str
+    arrival: float
+    scheduled: float
+    first_token: float
+    finished: float
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    duration_s: float
+    outputs: list[RequestOutput]
+    kv_events: list[KVEvent]
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_scheduled: int = 0
+    preempted: list[str] = field(default_factory=list)
+    loras_loaded: list[str] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    finished: list[FinishedRequest] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    num_preemptions_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prompt_tokens_cached_total: int = 0
+    steps_total: int = 0
+    busy_time_s: float = 0.0
+    finished_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class _Seq:
+    __slots__ = (
+        "req",
+        "rid",
+        "tokens",
+        "num_prompt",
+        "max_out",
+        "num_out",
+        "num_computed",
+        "blocks",
+        "hashes",
+        "num_cached_blocks",
+        "num_cached_prompt",
+        "lora",
+        "lora_id",
+        "digest",
+        "state",
+        "t_sched",
+        "t_first",
+        "t_last",
+        "counted_cache",
+    )
+
+    def __init__(self, req: SimRequest, max_out: int, lora_id: int | None, digest: int) -> None:
+        self.req = req
+        self.rid = req.request_id
+        self.tokens: list[int] = list(req.prompt_token_ids)
+        self.num_prompt = len(self.tokens)
+        self.max_out = max_out
+        self.num_out = 0
+        self.num_computed = 0
+        self.blocks: list[int] = []
+        self.hashes: list[int] = []
+        self.num_cached_blocks = 0
+        self.num_cached_prompt = 0
+        self.lora = req.lora
+        self.lora_id = lora_id
+        self.digest = digest
+        self.state = _WAITING
+        self.t_sched = -1.0
+        self.t_first = -1.0
+        self.t_last = -1.0
+        self.counted_cache = False
+
+
+class Engine:
+    """One simulated vLLM engine. Not thread-safe; drive it from one task / loop."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        seed: int = 0,
+        time_scale: float = 1.0,
+        enable_prefix_caching: bool = True,
+        record_kv_events: bool = True,
+    ) -> None:
+        if time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        self.profile = profile
+        self.seed = seed
+        self.time_scale = time_scale
+        self.slowdown = 1.0
+        self.kv = KVCache(
+            profile.num_gpu_blocks,
+            profile.block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            hash_seed=seed,
+            record_events=record_kv_events,
+        )
+        self.max_model_len = min(profile.max_model_len, profile.num_gpu_blocks * profile.block_size)
+        self.stats = EngineStats()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._seqs: dict[str, _Seq] = {}
+        self._lora_slots: OrderedDict[str, None] = OrderedDict()
+        self._lora_ids: dict[str, int] = {}
+        self._out_ids = get_tokenizer().output_token_ids
+        p = profile
+        self._b0 = p.b0_ms / 1000.0
+        self._b1 = p.b1_ms / 1000.0
+        self._b2 = p.b2_ms / 1000.0
+        self._a0 = p.a0_ms / 1000.0
+        self._lora_load = p.lora_load_ms / 1000.0
+
+    # ---- gauges -----------------------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv.usage
+
+    @property
+    def running_loras(self) -> list[str]:
+        return sorted({s.lora for s in self._running if s.lora})
+
+    @property
+    def waiting_loras(self) -> list[str]:
+        return sorted({s.lora for s in self._waiting if s.lora})
+
+    @property
+    def loaded_loras(self) -> list[str]:
+        return list(self._lora_slots)
+
+    def num_tokens_in_flight(self) -> int:
+        """Tokens (prompt + generated) of every live request."""
+        return sum(len(s.tokens) for s in self._seqs.values())
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def is_live(self, request_id: str) -> bool:
+        return request_id in self._seqs
+
+    def lora_id(self, name: str) -> int:
+        lid = self._lora_ids.get(name)
+        if lid is None:
+            lid = len(self._lora_ids) + 1
+            self._lora_ids[name] = lid
+        return lid
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def validate(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """Output length this request would get; ValueError (vLLM's message) if it cannot fit the context."""
+        mml = self.max_model_len
+        if num_prompt_tokens <= 0:
+            raise ValueError("The prompt must contain at least one token.")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}.")
+        want = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if num_prompt_tokens >= mml or (max_tokens is not None and num_prompt_tokens + max_tokens > mml):
+            raise ValueError(
+                f"This model's maximum context length is {mml} tokens. However, you requested "
+                f"{num_prompt_tokens + want} tokens ({num_prompt_tokens} in the messages, {want} in the completion). "
+                "Please reduce the length of the messages or completion."
+            )
+        return min(want, mml - num_prompt_tokens)
+
+    def add_request(self, req: SimRequest) -> None:
+        if req.request_id in self._seqs:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        max_out = self.validate(len(req.prompt_token_ids), req.max_tokens)
+        lora_id = self.lora_id(req.lora) if req.lora else None
+        digest = xxhash.xxh3_64_intdigest(
+            b"".join(t.to_bytes(4, "little", signed=True) for t in req.prompt_token_ids[-64:]), seed=self.seed
+        )
+        seq = _Seq(req, max_out, lora_id, digest)
+        self._seqs[req.request_id] = seq
+        self._waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq.state == _RUNNING:
+            self._running.remove(seq)
+        elif seq.state == _WAITING:
+            self._waiting.remove(seq)
+        if seq.blocks:
+            self.kv.free(seq.blocks)
+            seq.blocks = []
+        seq.state = _DONE
+        fr = self.stats.finished_reasons
+        fr["abort"] = fr.get("abort", 0) + 1
+        return True
+
+    def cached_prefix_tokens(self, prompt_token_ids: Sequence[int], lora: str | None = None) -> int:
+        hashes: list[int] = []
+        self.kv.extend_hashes(hashes, prompt_token_ids, lora)
+        max_blocks = (len(prompt_token_ids) - 1) // self.kv.block_size if prompt_token_ids else 0
+        return len(self.kv.lookup(hashes, max_blocks)) * self.kv.block_size
+
+    def reset(self) -> list[str]:
+        """Drop every request and the whole cache (a crash/restart); returns the dropped request ids."""
+        dropped = list(self._seqs)
+        self._seqs.clear()
+        self._waiting.clear()
+        self._running.clear()
+        self._lora_slots.clear()
+        self.kv.reset()
+        return dropped
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+    def _preempt(self, seq: _Seq, preempted: list[str]) -> None:
+        self.kv.free(seq.blocks)
+        seq.blocks = []
+        seq.num_computed = 0
+        seq.num_cached_blocks = 0
+        seq.state = _WAITING
+        self._waiting.appendleft(seq)
+        self.stats.num_preemptions_total += 1
+        preempted.append(seq.rid)
+
+    def _blocks_needed(self, seq: _Seq, upto: int) -> int:
+        bs = self.kv.block_size
+        return -(-upto // bs) - len(seq.blocks)
+
+    def step(self, now: float) -> StepResult:
+        kv = self.kv
+        bs = kv.block_size
+        prof = self.profile
+        budget = prof.max_num_batched_tokens
+        scheduled: list[tuple[_Seq, int]] = []
+        preempted: list[str] = []
+        loaded: list[str] = []
+        prefill_tokens = 0
+        decode_tokens = 0
+        admitted = 0
+
+        # 1. running requests, in order
+        running = self._running
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            need = self._blocks_needed(seq, seq.num_computed + n)
+            ok = True
+            if need > 0:
+                while True:
+                    new = kv.allocate(need)
+                    if new is not None:
+                        seq.blocks.extend(new)
+                        break
+                    victim = running.pop()
+                    self._preempt(victim, preempted)
+                    if victim is seq:
+                        ok = False
+                        break
+            if not ok:
+                break
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+
+        # 2. waiting requests, FCFS, only if nothing was preempted
+        if not preempted:
+            waiting = self._waiting
+            skipped: list[_Seq] = []
+            max_seqs = prof.max_num_seqs
+            max_loras = prof.max_loras
+            active_loras = {s.lora for s in running if s.lora}
+            while waiting and budget > 0 and len(running) < max_seqs:
+                seq = waiting[0]
+                if seq.lora and seq.lora not in active_loras and len(active_loras) >= max_loras:
+                    skipped.append(waiting.popleft())
+                    continue
+                num_tokens = len(seq.tokens)
+                kv.extend_hashes(seq.hashes, seq.tokens, seq.lora)
+                hits = kv.lookup(seq.hashes, (num_tokens - 1) // bs)
+                hit_tokens = len(hits) * bs
+                n = min(num_tokens - hit_tokens, budget)
+                need = -(-(hit_tokens + n) // bs) - len(hits)
+                if need > kv.num_free_blocks - kv.num_evictable_in(hits):
+                    break
+                kv.touch(hits)
+                new = kv.allocate(need) if need > 0 else []
+                assert new is not None
+                waiting.popleft()
+                seq.blocks = hits + new
+                seq.num_computed = hit_tokens
+                seq.num_cached_blocks = len(hits)
+                st = self.stats
+                st.prefix_cache_queries += num_tokens
+                st.prefix_cache_hits += hit_tokens
+                if not seq.counted_cache:
+                    seq.num_cached_prompt = hit_tokens
+                if seq.lora:
+                    if seq.lora not in self._lora_slots:
+                        if len(self._lora_slots) >= max_loras:
+                            for name in self._lora_slots:
+                                if name not in active_loras:
+                                    del self._lora_slots[name]
+                                    break
+                        self._lora_slots[seq.lora] = None
+                        loaded.append(seq.lora)
+                    else:
+                        self._lora_slots.move_to_end(seq.lora)
+                    active_loras.add(seq.lora)
+                seq.state = _RUNNING
+                if seq.t_sched < 0:
+                    seq.t_sched = now
+                running.append(seq)
+                admitted += 1
+                scheduled.append((seq, n))
+                budget -= n
+            if skipped:
+                waiting.extendleft(reversed(skipped))
+
+        # 3. step time
+        for seq, n in scheduled:
+            if seq.num_computed + n == len(seq.tokens) and seq.num_computed >= seq.num_prompt and n == 1:
+                decode_tokens += 1
+            else:
+                prefill_tokens += n
+        cost = self._b0 + self._b1 * prefill_tokens + self._b2 * decode_tokens + self._a0 * admitted
+        cost += self._lora_load * len(loaded)
+        duration = cost * self.time_scale * self.slowdown
+        end = now + duration
+
+        # 4. execute: advance computed tokens, cache full blocks, sample tokens
+        outputs: list[RequestOutput] = []
+        res = StepResult(duration, outputs, [], prefill_tokens, decode_tokens, len(scheduled), preempted, loaded)
+        st = self.stats
+        out_ids = self._out_ids
+        n_out_ids = len(out_ids)
+        finished_any = False
+        for seq, n in scheduled:
+            seq.num_computed += n
+            full = seq.num_computed // bs
+            if full > seq.num_cached_blocks:
+                kv.extend_hashes(seq.hashes, seq.tokens, seq.lora)
+                kv.cache_blocks(seq.blocks, seq.hashes, seq.num_cached_blocks, full, seq.tokens, seq.lora_id, seq.lora)
+                seq.num_cached_blocks = full
+            if seq.num_computed < len(seq.tokens):
+                continue  # prefill chunk, no token yet
+            pos = seq.num_out
+            tok = out_ids[xxhash.xxh3_64_intdigest(pos.to_bytes(4, "little"), seed=seq.digest) % n_out_ids]
+            seq.tokens.append(tok)
+            seq.num_out = pos + 1
+            st.generation_tokens_total += 1
+            first = pos == 0
+            if first:
+                seq.t_first = end
+                res.ttft_s.append(end - seq.req.arrival)
+                st.prompt_tokens_total += seq.num_prompt
+                if not seq.counted_cache:
+                    seq.counted_cache = True
+                    st.prompt_tokens_cached_total += seq.num_cached_prompt
+            else:
+                res.itl_s.append(end - seq.t_last)
+            seq.t_last = end
+            done = seq.num_out >= seq.max_out
+            outputs.append(
+                RequestOutput(
+                    seq.rid, [tok], first, done, "length" if done else None, seq.num_prompt, seq.num_out,
+                    seq.num_cached_prompt,
+                )
+            )
+            if done:
+                finished_any = True
+                seq.state = _DONE
+                kv.free(seq.blocks)
+                seq.blocks = []
+                del self._seqs[seq.rid]
+                fr = st.finished_reasons
+                fr["length"] = fr.get("length", 0) + 1
+                res.finished.append(
+                    FinishedRequest(
+                        seq.rid, "length", seq.req.arrival, seq.t_sched, seq.t_first, end, seq.num_prompt, seq.num_out
+                    )
+                )
+        if finished_any:
+            self._running = [s for s in self._running if s.state == _RUNNING]
+        res.kv_events = kv.take_events() if kv.events else []
+        st.steps_total += 1
+        st.busy_time_s += duration
+        return res
+
+    def step_time(self, prefill_tokens: int, decode_tokens: int, admitted: int = 0, loras_loaded: int = 0) -> float:
+        """The step-time formula alone (seconds, before time_scale/slowdown), for tests and calibration."""
+        return (
+            self._b0 + self._b1 * prefill_tokens + self._b2 * decode_tokens + self._a0 * admitted
+            + self._lora_load * loras_loaded
+        )
+
+
+# keep hash_block importable from here for callers that reproduce block hashes
+__all__ += ["hash_block"]

