@@ -108,9 +108,9 @@ def parse_metrics(text: bytes, now: float | None = None) -> PodMetrics:
                     num_blocks = int(float(s.labels.get("num_gpu_blocks", "0") or 0))
                 except ValueError:
                     pass
-        elif name == M_PREFIX_QUERIES:
+        elif name == M_PREFIX_QUERIES or name == M_PREFIX_QUERIES + "_total":
             pq = sum(s.value for s in fam.samples if s.name.endswith("_total"))
-        elif name == M_PREFIX_HITS:
+        elif name == M_PREFIX_HITS or name == M_PREFIX_HITS + "_total":
             ph = sum(s.value for s in fam.samples if s.name.endswith("_total"))
     if not seen_any:
         raise ValueError("no vllm:num_requests_* / kv_cache_usage_perc samples found")
@@ -152,16 +152,19 @@ class MetricsScraper:
         self._started = False
         pool.add_listener(self._on_change)
 
-    async def start(self) -> None:
+    async def start(self, loops: bool = True) -> None:
+        """Open the HTTP session and (unless ``loops=False``, for tests driving ``scrape_once``) start one
+        scrape loop per endpoint."""
         if self._started:
             return
-        self._started = True
+        self._started = loops
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
         )
-        for ep in self.pool.snapshot():
-            self._spawn(ep)
+        if loops:
+            for ep in self.pool.snapshot():
+                self._spawn(ep)
 
     async def stop(self) -> None:
         self._started = False

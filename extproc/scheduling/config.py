@@ -99,7 +99,9 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         raise ConfigError(path, None, "top level must be a mapping with 'plugins' and 'schedulingProfiles'")
     registry.load_builtin_plugins()
     registry.load_entry_points()
-    ctx = registry.PluginContext(pool=pool, services=dict(services or {}), config_path=path)
+    # the caller's services dict is shared on purpose: plugins register shared services (prefix index, KV-event
+    # manager, predictor) in it, and the server starts/stops them and exports their stats
+    ctx = registry.PluginContext(pool=pool, services=services if services is not None else {}, config_path=path)
 
     plugin_specs = raw.get("plugins") or []
     if not isinstance(plugin_specs, list):

@@ -86,7 +86,16 @@ class SchedulerServer:
 
     def load(self) -> SchedulerConfig:
         """Build the plugin chain (raises ConfigError with file, plugin and reason)."""
+        if self.opts.tokenizers and "tokenizers" not in self.services:
+            from extproc.datalayer.tokenize import Tokenizers
+
+            self.services["tokenizers"] = Tokenizers(self.opts.tokenizers)
         self.config = load_config(self.opts.config, self.pool, self.services)
+        kv = self.services.get("kv_events")
+        if kv is not None and self.opts.kv_events:
+            from extproc.datalayer.kvevents import sources_from_json
+
+            kv.set_sources(sources_from_json(self.opts.kv_events))
         if self.opts.seed is not None:
             self.config.scheduler.rng.seed(self.opts.seed)
         for prof in self.config.scheduler.profiles.values():

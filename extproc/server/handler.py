@@ -189,7 +189,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         model = request.target_model
         if model not in self.pool.known_models():
             return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found", model=model)
-        if self.tokenizers is not None:
+        if self.tokenizers:
             request.prompt_token_ids = self.tokenizers.tokenize(request)
         snapshot = self.pool.snapshot()
         if request.sheddable and self.saturation.saturated([e for e in snapshot if model in e.models]):

@@ -727,17 +727,19 @@ def compare(target: str, real: Sequence[Sample], sim: Sequence[Sample]) -> Compa
     for r, s in pairs:
         cells.setdefault(r.req.cell, []).append((r, s))
     for cell, ps in sorted(cells.items()):
+        cps = [(r, s) for r, s in ps if r.clean_first and s.clean_first]
         cmp.cells.append(
             (
                 cell,
                 len(ps),
-                1000 * statistics.fmean(r.ttft for r, _ in ps),
-                1000 * statistics.fmean(s.ttft for _, s in ps),
+                1000 * statistics.fmean(r.ttft for r, _ in cps) if cps else math.nan,
+                1000 * statistics.fmean(s.ttft for _, s in cps) if cps else math.nan,
                 1000 * statistics.fmean(r.e2e for r, _ in ps),
                 1000 * statistics.fmean(s.e2e for _, s in ps),
             )
         )
-    cmp.per_cell["ttft"] = rel_errors([c[2] for c in cmp.cells], [c[3] for c in cmp.cells])
+    tc = [c for c in cmp.cells if not math.isnan(c[2])]
+    cmp.per_cell["ttft"] = rel_errors([c[2] for c in tc], [c[3] for c in tc])
     cmp.per_cell["e2e"] = rel_errors([c[4] for c in cmp.cells], [c[5] for c in cmp.cells])
     return cmp
 

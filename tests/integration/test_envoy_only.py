@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.envoy_config import DESTINATION_HEADER, SERVED_HEADER, render_bootstrap
-from extproc.envoy_runner import EnvoyProcess
+from extproc.envoy_runner import EnvoyProcess, EnvoyStartError
 from extproc.netutil import free_port
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(60)]
@@ -349,3 +349,29 @@ async def test_pick_is_honoured_and_observed(upstreams, envoy, http, responder) 
     assert all(h[DESTINATION_HEADER] == picked.addr for h in observed)
     observe_streams = [s for s in r.streams if "request_body" not in s]
     assert all("response_body" in s and "request_body" not in s for s in observe_streams)
+
+
+# ---------------------------------------------------------------- the runner itself
+
+
+async def test_runner_reports_startup_failure_and_reaps(tmp_path) -> None:
+    bad = render_bootstrap(listen="127.0.0.1:0", endpoints="127.0.0.1:1")
+    bad["static_resources"]["clusters"][0]["no_such_field"] = True
+    with pytest.raises(EnvoyStartError) as info:
+        await EnvoyProcess.start(bad, workdir=tmp_path)
+    assert "no_such_field" in str(info.value)
+    assert (tmp_path / "envoy.log").exists()
+
+
+async def test_runner_context_manager_and_stats(upstreams, http) -> None:
+    up = await upstreams()
+    async with await EnvoyProcess.start(render_bootstrap(listen="127.0.0.1:0", endpoints=[up.addr])) as proc:
+        assert proc.listener_port > 0 and proc.admin_url.startswith("http://127.0.0.1:")
+        status, _, _ = await _post(http, f"{proc.listener_url}/v1/completions")
+        assert status == 200
+        stats = await proc.stats("cluster.backends.upstream_rq_total")
+        assert stats["cluster.backends.upstream_rq_total"] == 1
+        workdir = proc.log_path.parent
+    assert proc.returncode is not None
+    assert not workdir.exists()
+    assert await proc.stop() == proc.returncode  # idempotent

@@ -16,6 +16,7 @@ _BUILTIN_MODULES = (
     "active_request",
     "token_load",
     "session_affinity",
+    "precise_prefix",
 )
 
 for _m in _BUILTIN_MODULES:
