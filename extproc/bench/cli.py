@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--virtual", action="store_true", help="virtual time: scheduler plugins drive the engine model, no sockets")
     p.add_argument("--repeat", type=int, default=1, help="real time: run every setup N times, order rotated each round")
     p.add_argument("--time-scale", type=float, default=1.0,
-                   help="real time: simulated pods run this many times slower than the profile (fits load to this machine)")
+                   help="simulated pods run this many times slower than the profile (fits real-time load to this machine)")
     p.add_argument("--kv-blocks", type=int, default=None, help="per-pod KV blocks (default: what the workload is sized for)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -84,7 +84,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "fleet": fleet,
         "kv_blocks": kv_blocks,
         "loras": list(wl.loras),
-        "time_scale": args.time_scale if not args.virtual else 1.0,
+        "time_scale": args.time_scale,
         "repeat": args.repeat if not args.virtual else 1,
         "workload_params": wl.params,
         "total_requests": len(wl.requests),
@@ -94,7 +94,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from extproc.bench import virtual
 
         try:
-            fl = virtual.layout(fleet, kv_blocks, wl.loras)
+            fl = virtual.layout(fleet, kv_blocks, wl.loras, args.time_scale)
         except (ValueError, KeyError) as e:
             print(f"extproc bench: bad --fleet: {e}", file=sys.stderr)
             return 2

@@ -43,13 +43,14 @@ class FleetLayout:
     pods: list[tuple[str, str]]
     kv_blocks: int | None = None
     loras: tuple[str, ...] = ()
+    time_scale: float = 1.0  # as the real fleet's --time-scale (to compare with a real-time run)
 
     @property
     def labels(self) -> dict[str, dict[str, str]]:
         return {addr: {"pod-class": prof} for prof, addr in self.pods}
 
 
-def layout(fleet: str, kv_blocks: int | None = None, loras: tuple[str, ...] = ()) -> FleetLayout:
+def layout(fleet: str, kv_blocks: int | None = None, loras: tuple[str, ...] = (), time_scale: float = 1.0) -> FleetLayout:
     """``fleet``: ``N`` (N pods of llama3-8b-h100) or ``profile:N,profile:M``."""
     from extproc.sim.profiles import parse_fleet
 
@@ -59,7 +60,7 @@ def layout(fleet: str, kv_blocks: int | None = None, loras: tuple[str, ...] = ()
         for _ in range(n):
             i = len(pods)
             pods.append((prof, f"10.{i // 250}.{i % 250}.1:8000"))
-    return FleetLayout(pods, kv_blocks, loras)
+    return FleetLayout(pods, kv_blocks, loras, time_scale)
 
 
 @dataclass(slots=True)
@@ -158,7 +159,7 @@ def run_virtual(
         prof = get_profile(prof_name)
         if fleet.kv_blocks:
             prof = prof.replace(num_gpu_blocks=fleet.kv_blocks)
-        pods[addr] = _Pod(ep, Engine(prof, seed=seed * 7919 + i, record_kv_events=setup.kv_events))
+        pods[addr] = _Pod(ep, Engine(prof, seed=seed * 7919 + i, time_scale=fleet.time_scale, record_kv_events=setup.kv_events))
 
     scheduler = None
     envoy: _EnvoyLB | None = None
@@ -172,6 +173,10 @@ def run_virtual(
         cfg = load_config(setup.config, pool)
         scheduler = cfg.scheduler
         scheduler.rng.seed(seed)
+        for i, plugin in enumerate(cfg.plugins.values()):  # pickers' tie-breaks: same seed → same picks
+            rng = getattr(plugin, "rng", None)
+            if isinstance(rng, random.Random):
+                rng.seed(seed * 1009 + i)
         if setup.kv_events:
             kv_feed = _feed_kv_events(cfg.plugins)
             if kv_feed is None:

@@ -336,13 +336,32 @@ class LongPromptParams:
     documents: int = 6
     min_bytes: int = 100_000
     max_bytes: int = 200_000
+    min_tokens: int = 3_000  # fits the 8k context of the simulated Llama-3-8B with the question and the output
+    max_tokens: int = 6_000
     question_tokens: int = 60
     output_tokens: int = 64
 
 
+def padded_document(rng: random.Random, tokens: int, nbytes: int) -> str:
+    """A fixed-width "document" of about ``nbytes`` characters but only about ``tokens`` tokens: lines of ~6 words
+    padded with spaces to a common width (column-aligned reports, logs, code indentation). A whitespace run is one
+    token for the simulator's tokenizer (and for BPE tokenizers), so the body is large on the wire while the prompt
+    still fits the model's context."""
+    lines = max(1, tokens // 7)
+    width = max(32, nbytes // lines)
+    out = []
+    for _ in range(lines):
+        line = text(rng, 6).rstrip("\n")[: width - 1]
+        out.append(line.ljust(width - 1) + "\n")
+    return "".join(out)
+
+
 def gen_long_prompts(rng: random.Random, stages: list[Stage]) -> tuple[list[WorkloadRequest], dict[str, Any], dict[str, Any]]:
     p = LongPromptParams()
-    docs = [f"[document {d}]\n" + text(rng, rng.randint(p.min_bytes, p.max_bytes) // CHARS_PER_TOKEN) for d in range(p.documents)]
+    docs = [
+        f"[document {d}]\n" + padded_document(rng, rng.randint(p.min_tokens, p.max_tokens), rng.randint(p.min_bytes, p.max_bytes))
+        for d in range(p.documents)
+    ]
     out = []
     for i, (stage, t) in enumerate(poisson_arrivals(rng, stages)):
         d = rng.randrange(p.documents)

@@ -306,8 +306,8 @@ class _Reflector:
         self.resource_version = rv
         self.lists += 1
         log.debug("k8s %s listed %d objects at resourceVersion %s", self.kind, len(items), rv)
-        self._on_change()
         self.synced.set()
+        self._on_change()
 
     async def _watch(self) -> None:
         timeout = self._watch_timeout_s + random.randint(0, max(1, self._watch_timeout_s // 5))

@@ -61,7 +61,7 @@ class _PoolCollector(Collector):
             hits = float(st.get("hits", 0) or 0)
             yield GaugeMetricFamily("extproc_prefix_index_hit_ratio", "Share of requests with >=1 matched prefix block", value=hits / lookups if lookups else 0.0)
             yield GaugeMetricFamily("extproc_prefix_index_blocks", "Block hashes held by the approximate prefix index", value=float(st.get("blocks_indexed", 0) or 0))
-        for name in ("kv_index", "kv_events", "predictor", "admission"):
+        for name in ("kv_index", "kv_events", "predictor", "flow_control"):
             svc = self.services.get(name)
             stats = getattr(svc, "stats", None)
             if callable(stats):

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--eval-requests", type=int, default=4000, help="held-out requests, other seed (default 4000)")
     t.add_argument("--seed", type=int, default=1, help="training traffic seed (held-out uses seed + 1000)")
     t.add_argument("--quantile", type=float, default=0.9, help="quantile of the routing models (default 0.9)")
-    t.add_argument("--trees", type=int, default=100, help="boosting rounds per model (default 100)")
+    t.add_argument("--trees", type=int, default=100, help="boosting rounds of the mean models (default 100)")
+    t.add_argument("--quantile-trees", type=int, default=50, help="quantile rounds on top of the mean model (default 50)")
     t.add_argument("--num-leaves", type=int, default=15, help="leaves per tree (default 15)")
     t.add_argument("--max-depth", type=int, default=6, help="tree depth limit (default 6)")
     t.add_argument("--lora-share", type=float, default=0.1, help="share of LoRA-adapter requests (default 0.1)")
@@ -104,6 +105,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainerConfig(
         quantile_alpha=args.quantile,
         n_trees=args.trees,
+        quantile_trees=args.quantile_trees,
         num_leaves=args.num_leaves,
         max_depth=args.max_depth,
         max_train_samples=max(1, len(train)),
@@ -123,6 +125,7 @@ def _train(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "lora_share": args.lora_share,
             "trees": args.trees,
+            "quantile_trees": args.quantile_trees,
             "num_leaves": args.num_leaves,
             "max_depth": args.max_depth,
             "command": "extproc predictor train " + " ".join(sys.argv[3:]),

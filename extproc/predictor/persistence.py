@@ -32,6 +32,7 @@ def save_model(model: LatencyModel, path: str | os.PathLike[str]) -> None:
             json.dump(model.to_dict(), f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         try:

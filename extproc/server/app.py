@@ -17,6 +17,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.admission.flow_control import FlowControlConfig, FlowController
 from extproc.admission.saturation import SaturationDetector
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
@@ -75,6 +76,7 @@ class SchedulerServer:
         )
         self.tracker: FlightTracker | None = None
         self.handler: ExtProcHandler | None = None
+        self.flow: FlowController | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -105,10 +107,22 @@ class SchedulerServer:
     async def start(self) -> None:
         cfg = self.config or self.load()
         self.pool.set_endpoints(self.opts.endpoints, self.opts.labels)
-        self.tracker = FlightTracker(record_observation(self.metrics, cfg.scheduler), observation_outcome_counter(self.metrics))
-        self.tracker.start()
         saturation = SaturationDetector.from_config(cfg.saturation)
-        self.services["admission"] = saturation
+        flow_cfg = FlowControlConfig.from_config(cfg.flow_control)
+        pool = self.pool
+        self.flow = FlowController(flow_cfg, saturation, lambda model: [e for e in pool.snapshot() if model in e.models]) if flow_cfg.enabled else None
+        if self.flow is not None:
+            self.services["flow_control"] = self.flow
+        on_complete = record_observation(self.metrics, cfg.scheduler)
+        flow = self.flow
+
+        def completed(request: Any, obs: Any) -> None:
+            on_complete(request, obs)
+            if flow is not None and flow.queued():
+                flow.notify()
+
+        self.tracker = FlightTracker(completed, observation_outcome_counter(self.metrics))
+        self.tracker.start()
         self.handler = ExtProcHandler(
             self.pool,
             cfg.scheduler,
@@ -122,6 +136,7 @@ class SchedulerServer:
             ),
             saturation,
             self.services,
+            self.flow,
         )
         # shared services created by plugins (KV-event manager, predictor, ...) start here
         for name, svc in list(self.services.items()):
@@ -198,6 +213,8 @@ class SchedulerServer:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
         await self.scraper.stop()
+        if self.flow is not None:
+            await self.flow.stop()
         for svc in reversed(self._started_services):
             stop = getattr(svc, "stop", None)
             if callable(stop):

@@ -15,6 +15,7 @@ a 500 ImmediateResponse (or is logged, on an observation stream) — the stream 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import grpc
 
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from extproc.admission.flow_control import FlowController
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, error_body, parse_request
 from extproc.datalayer.endpoint import EndpointPool
@@ -73,7 +75,9 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         settings: HandlerSettings | None = None,
         saturation: SaturationDetector | None = None,
         services: dict[str, Any] | None = None,
+        flow: FlowController | None = None,
     ) -> None:
+        self.flow = flow
         self.pool = pool
         self.scheduler = scheduler
         self.metrics = metrics
@@ -99,6 +103,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                     return
                 try:
                     resp = self._route_message(st, req)
+                    if asyncio.iscoroutine(resp):  # only when the request must wait in flow control
+                        resp = await resp
                 except Exception as e:  # never crash the stream
                     log.exception("ext_proc handler error", extra={"request_id": st.request_id})
                     resp = self._reject(st, 500, f"internal scheduler error: {type(e).__name__}", "internal_error", "internal_error")
@@ -194,6 +200,20 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         snapshot = self.pool.snapshot()
         if request.sheddable and self.saturation.saturated([e for e in snapshot if model in e.models]):
             return self._reject(st, 429, "the fleet is saturated and this request is sheddable (priority < 0)", "rate_limit_error", "saturated", model=model)
+        if self.flow is not None and self.flow.must_wait(request):
+            return self._wait_then_dispatch(st, request, t0)
+        return self._dispatch(st, request, t0)
+
+    async def _wait_then_dispatch(self, st: _Stream, request: Any, t0: float) -> Any:
+        assert self.flow is not None
+        try:
+            await self.flow.wait(request)
+        except SchedulingError as e:
+            return self._reject(st, e.status, e.message, "rate_limit_error" if e.status == 429 else "service_unavailable", e.code, model=request.target_model)
+        return self._dispatch(st, request, time.perf_counter())
+
+    def _dispatch(self, st: _Stream, request: Any, t0: float) -> Any:
+        model = request.target_model
         try:
             result, cycle = self.scheduler.schedule(request)
         except SchedulingError as e:
@@ -211,6 +231,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             new_body = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
         resp = codec.route_response(targets, request.request_id, from_body=True, body=new_body)
         self.metrics.decisions.observe(time.perf_counter() - t0)
+        if self.flow is not None and self.flow.queued():
+            self.flow.notify()  # chain releases one at a time, each after the previous one is dispatched
         return resp
 
     def _on_response_headers(self, st: _Stream, rh: Any) -> Any:

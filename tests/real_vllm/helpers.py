@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -40,19 +41,19 @@ async def metric(session: aiohttp.ClientSession, base_url: str, name: str) -> fl
 
 async def post_json(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any]
-) -> tuple[int, dict[str, str], dict[str, Any]]:
+) -> tuple[int, CIMultiDict[str], dict[str, Any]]:
     async with session.post(url, json=body) as resp:
-        return resp.status, dict(resp.headers), await resp.json(content_type=None)
+        return resp.status, resp.headers.copy(), await resp.json(content_type=None)
 
 
 async def post_stream(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any]
-) -> tuple[int, dict[str, str], list[dict[str, Any]]]:
+) -> tuple[int, CIMultiDict[str], list[dict[str, Any]]]:
     """POST a streaming request; returns the decoded ``data:`` chunks (``[DONE]`` checked and dropped)."""
     chunks: list[dict[str, Any]] = []
     done = False
     async with session.post(url, json=body) as resp:
-        status, headers = resp.status, dict(resp.headers)
+        status, headers = resp.status, resp.headers.copy()
         async for raw in resp.content:
             line = raw.strip()
             if not line.startswith(b"data:"):

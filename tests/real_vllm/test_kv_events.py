@@ -61,8 +61,11 @@ async def _replay_all(pod: VllmServer, ctx: zmq.asyncio.Context) -> list[tuple[i
         await sock.send_multipart([b"", (0).to_bytes(8, "big")])
         while True:
             frames = await asyncio.wait_for(sock.recv_multipart(), 30)
-            _, seq_b, payload = frames
+            # vLLM 0.32 answers [b"", topic, seq, payload] and ends with [b"", b"", -1, b""]
+            assert len(frames) == 4 and frames[0] == b"", frames[:3]
+            _, topic, seq_b, payload = frames
             seq = decode_seq(seq_b)
+            assert topic in (pod.kv_topic.encode(), b"")
             if seq == -1:
                 return out
             out.append((seq, payload))

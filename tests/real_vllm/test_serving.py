@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import pytest
+from tokenizers import Tokenizer
 
 from extproc.sim.calibrate import VllmServer
 
@@ -14,18 +17,21 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.mark.parametrize("pod_index", [0, 1])
-async def test_completions_non_streaming(vllm_pods: list[VllmServer], pod_index: int) -> None:
+async def test_completions_non_streaming(vllm_pods: list[VllmServer], tiny_model_dir: Path, pod_index: int) -> None:
     pod = vllm_pods[pod_index]
+    prompt = "the server routes the request"
+    # vLLM tokenizes with our tokenizer.json, BOS included
+    expected_ids = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json")).encode(prompt).ids
     async with aiohttp.ClientSession() as s:
         status, _, body = await post_json(
             s,
             pod.url + "/v1/completions",
-            {"model": MODEL, "prompt": "the server routes the request", "max_tokens": 5, "min_tokens": 5, "ignore_eos": True},
+            {"model": MODEL, "prompt": prompt, "max_tokens": 5, "min_tokens": 5, "ignore_eos": True},
         )
     assert status == 200, body
     assert body["object"] == "text_completion"
     assert body["usage"]["completion_tokens"] == 5
-    assert body["usage"]["prompt_tokens"] == 1 + 5  # BOS + five single-token words
+    assert body["usage"]["prompt_tokens"] == len(expected_ids)
     assert isinstance(body["choices"][0]["text"], str)
 
 

@@ -54,6 +54,7 @@ async def test_standalone_initial_list_filters_by_readiness(apiserver: FakeApiSe
     d = make_discovery(pool, selector={"app": "vllm"}, target_ports=(8000, 8001))
     await d.start()
     assert d.synced.is_set()
+    await apiserver.wait_watchers("pods")
     assert addrs(pool) == {"10.0.0.1:8000", "10.0.0.1:8001", "10.0.0.6:8000", "10.0.0.6:8001"}
     assert pool.get("10.0.0.6:8000").pod_class == "prefill"  # type: ignore[union-attr]
     assert pool.get("10.0.0.1:8000").pod_class == "default"  # type: ignore[union-attr]
@@ -61,7 +62,7 @@ async def test_standalone_initial_list_filters_by_readiness(apiserver: FakeApiSe
     assert d.failure_mode is None  # standalone: no InferencePool
     # the watch asked for bookmarks and resumed from the list's resourceVersion
     watch_q = next(q for r, v, q in apiserver.requests if r == "pods" and v == "watch")
-    assert watch_q["allowWatchBookmarks"] == "true"
+    assert watch_q["allowWatchBookmarks"].lower() == "true"
     assert watch_q["labelSelector"] == "app=vllm"
     list_q = next(q for r, v, q in apiserver.requests if r == "pods" and v == "list")
     assert int(watch_q["resourceVersion"]) >= int(apiserver.history[-1][0])

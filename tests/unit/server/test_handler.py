@@ -206,3 +206,45 @@ async def test_routing_stream_reset_before_response_frees_pod(server):
             break
         await asyncio.sleep(0.01)
     assert server.pool.get("127.0.0.1:2").inflight == 0
+
+
+async def test_flow_control_queues_until_capacity(tmp_path):
+    import asyncio
+    import time
+
+    cfg = tmp_path / "fc.yaml"
+    cfg.write_text(
+        """
+plugins:
+  - type: queue-scorer
+  - type: max-score-picker
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: queue-scorer
+        weight: 1
+saturationDetector:
+  metricsStalenessThresholdSeconds: 3600
+flowControl:
+  enabled: true
+  queueTtlSeconds: 5
+"""
+    )
+    s = SchedulerServer(ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, config=str(cfg)))
+    await s.start()
+    try:
+        for ep in s.pool.snapshot():
+            ep.metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
+        b = json.dumps({"model": "m", "prompt": "x"}).encode()
+        task = asyncio.create_task(exchange(s, [headers_msg("/v1/completions"), body_msg(b)]))
+        await asyncio.sleep(0.3)
+        assert not task.done() and s.flow.queued() == 1  # waiting, not rejected
+        s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=0, kv_usage=0.1, updated_at=time.monotonic())
+        out = await asyncio.wait_for(task, 5)
+        assert header_map(out[-1].request_body.response.header_mutation)["x-gateway-destination-endpoint"] == "127.0.0.1:3"
+        # sheddable traffic is never queued: 429 at once while saturated
+        s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
+        out = await exchange(s, [headers_msg("/v1/completions", extra={"x-gateway-inference-priority": "-1"}), body_msg(b)])
+        assert out[-1].immediate_response.status.code == 429
+    finally:
+        await s.stop()
