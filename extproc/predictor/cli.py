@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = sub.add_parser("eval", help="evaluate a model file on held-out simulated traffic")
     e.add_argument("--model", required=True, help="model file (JSON)")
     e.add_argument("--requests", type=int, default=4000, help="simulated requests (default 4000)")
-    e.add_argument("--seed", type=int, default=1001, help="traffic seed (default 1001, unseen by `train`'s default)")
+    e.add_argument("--seed", type=int, default=2002, help="traffic seed (default 2002: neither train nor its held-out set)")
     e.add_argument("--lora-share", type=float, default=0.1, help="share of LoRA-adapter requests (default 0.1)")
     e.add_argument("--fleet", default="", help="comma-separated sim profiles (default: the training fleet)")
     e.add_argument("--json", action="store_true", help="print the evaluation as JSON")
