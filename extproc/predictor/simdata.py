@@ -15,7 +15,6 @@ network adds nothing.
 from __future__ import annotations
 
 import heapq
-import logging
 import math
 import random
 from collections.abc import Sequence
@@ -28,8 +27,6 @@ from extproc.datalayer.endpoint import Endpoint, PodMetrics
 from extproc.predictor.features import N_FEATURES, PodClassCodes, build_matrix
 from extproc.sim.engine import Engine, SimRequest
 from extproc.sim.profiles import get_profile
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FLEET: tuple[str, ...] = (
     "llama3-8b-h100",

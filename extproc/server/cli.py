@@ -124,9 +124,10 @@ async def _serve(args: argparse.Namespace) -> int:
     if not opts.endpoints and discovery is None:
         print("extproc: no endpoints: give --endpoints, --endpoints-file, or Kubernetes discovery flags", file=sys.stderr)
         return 2
-    await server.start()
     if discovery is not None:
+        # the first list must be applied before we report ready (readiness must not say SERVING on an empty pool)
         await discovery.start()
+    await server.start()
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -110,6 +110,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                     resp = self._reject(st, 500, f"internal scheduler error: {type(e).__name__}", "internal_error", "internal_error")
                 if resp is not None:
                     yield resp
+                    if resp.HasField("immediate_response"):
+                        return  # Envoy ends the request on an ImmediateResponse: nothing else belongs on this stream
         finally:
             self._stream_closed(st)
 
@@ -240,8 +242,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         status = 0
         for h in rh.headers.headers:
             if h.key == ":status":
-                v = h.raw_value.decode() if h.raw_value else h.value
-                status = int(v) if v.isdigit() else 0
+                v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+                status = int(v) if v.isascii() and v.isdigit() else 0
                 break
         if f is not None:
             f.on_response_headers(status)
@@ -259,7 +261,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             if kind == "request_headers":
                 for h in req.request_headers.headers.headers:
                     if h.key == codec.HDR_REQUEST_ID:
-                        rid = h.raw_value.decode() if h.raw_value else h.value
+                        rid = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
                         st.flight = self.tracker.get(rid)
                         if st.flight is not None:
                             st.flight.observed = True
@@ -271,8 +273,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                 if not st.flight.response_started:
                     for h in rh.headers.headers:
                         if h.key == ":status":
-                            v = h.raw_value.decode() if h.raw_value else h.value
-                            st.flight.on_response_headers(int(v) if v.isdigit() else 0)
+                            v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+                            st.flight.on_response_headers(int(v) if v.isascii() and v.isdigit() else 0)
                             break
                 if rh.end_of_stream:
                     self._finish_observed(st.flight)

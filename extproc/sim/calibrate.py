@@ -792,6 +792,7 @@ class CalibrationResult:
     real_prefix_hits: dict[str, float]
     expected_prefix_hits: int
     seed: int
+    loadavg: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at start and end (shared machines)
 
 
 async def _prefix_hits(base_url: str) -> float:
@@ -824,6 +825,7 @@ async def calibrate(
     import numpy as np
 
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
     # A fresh seed per run: the real server keeps its prefix cache between runs, and prompts from an earlier
     # run would turn designed misses into hits.
     seed = seed if seed is not None else int.from_bytes(os.urandom(6), "big")
@@ -880,7 +882,17 @@ async def calibrate(
                         sim_samples += (await run_design(sim_url, facts.model, [wave]))[0]
                 comparisons.append(compare(url, real_samples, sim_samples))
     return CalibrationResult(
-        profile, coef, facts, n_train, fit_err, comparisons, time.perf_counter() - t0, hits, expected_hits, seed
+        profile,
+        coef,
+        facts,
+        n_train,
+        fit_err,
+        comparisons,
+        time.perf_counter() - t0,
+        hits,
+        expected_hits,
+        seed,
+        (load0, os.getloadavg()[0]),
     )
 
 
@@ -893,7 +905,8 @@ def render_report(res: CalibrationResult, command: str) -> str:
         "",
         f"Wall time: {res.seconds:.0f} s. Training requests: {res.train_requests}. "
         f"Server: block_size {res.facts.block_size}, num_gpu_blocks {res.facts.num_gpu_blocks}, "
-        f"max_model_len {res.facts.max_model_len}.",
+        f"max_model_len {res.facts.max_model_len}. Machine load average (1 min) at start / end: "
+        f"{res.loadavg[0]:.1f} / {res.loadavg[1]:.1f} on {os.cpu_count()} CPUs.",
         "",
         "| coefficient | fitted (ms) |",
         "|---|---|",

@@ -17,6 +17,8 @@ _BUILTIN_MODULES = (
     "token_load",
     "session_affinity",
     "precise_prefix",
+    "latency",
+    "slo",
 )
 
 for _m in _BUILTIN_MODULES:
