@@ -46,6 +46,9 @@ class Dataset:
     ttft_ms: np.ndarray
     tpot_ms: np.ndarray  # 0 where fewer than two output tokens
     pod_classes: dict[str, int] = field(default_factory=dict)
+    # What the scheduler cannot see, kept for the error analysis: the time left in the step the chosen pod was
+    # running when the request arrived (0 = idle pod), i.e. the unavoidable wait before its prefill can start.
+    phase_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def __len__(self) -> int:
         return len(self.ttft_ms)
@@ -61,6 +64,7 @@ class _Pending:
     prompt_tokens: int
     max_tokens: int
     dispatch: float
+    phase_ms: float
     first: float = -1.0
 
 
@@ -131,6 +135,7 @@ def generate(
     out_x: list[np.ndarray] = []
     out_t: list[float] = []
     out_p: list[float] = []
+    out_ph: list[float] = []
     steps: list[tuple[float, int]] = []  # heap of (step end, pod index)
     next_arrival = 0
 
@@ -189,7 +194,8 @@ def generate(
             ep = pod.endpoint
             ep.inflight += 1
             ep.inflight_prefill_tokens += len(prompt)
-            pending[rid] = _Pending(x[pi].copy(), pi, len(prompt), max_tokens, now)
+            phase = (pod.busy_until - now) * 1000.0 if pod.busy_until >= 0 else 0.0
+            pending[rid] = _Pending(x[pi].copy(), pi, len(prompt), max_tokens, now, phase)
             if pod.busy_until < 0:
                 start_step(pi, now)
         else:
@@ -214,10 +220,11 @@ def generate(
                     out_x.append(pr.row)
                     out_t.append(ttft)
                     out_p.append(tpot)
+                    out_ph.append(pr.phase_ms)
             pod.step_outputs = []
             if pod.engine.has_work():
                 start_step(pi, now)
             else:
                 pod.busy_until = -1.0
     x_arr = np.stack(out_x) if out_x else np.empty((0, N_FEATURES))
-    return Dataset(x_arr, np.asarray(out_t), np.asarray(out_p), classes.as_dict())
+    return Dataset(x_arr, np.asarray(out_t), np.asarray(out_p), classes.as_dict(), np.asarray(out_ph))

@@ -793,6 +793,7 @@ class CalibrationResult:
     expected_prefix_hits: int
     seed: int
     loadavg: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at start and end (shared machines)
+    sim_overhead: dict[str, float] = field(default_factory=dict)  # sim-observed minus fitted, per coefficient
 
 
 async def _prefix_hits(base_url: str) -> float:
@@ -819,6 +820,7 @@ async def calibrate(
     max_num_batched_tokens: int,
     validate: bool = True,
     seed: int | None = None,
+    sim_correct: bool = True,
 ) -> CalibrationResult:
     from extproc.sim.profiles import Profile
 
@@ -867,6 +869,29 @@ async def calibrate(
             f"TTFT and decode-time decompositions; block_size/num_gpu_blocks from vllm:cache_config_info"
         ),
     )
+    # Sim-overhead correction (one fixed-point step): run the same training design against a simulated pod
+    # with the fitted profile, fit the same regression to what the client saw, and subtract the difference
+    # (the simulator's own HTTP/event-loop overhead per request and per step) from the real coefficients.
+    if sim_correct:
+        sim_rows: list[list[float]] = []
+        sim_ys: list[float] = []
+        with tempfile.TemporaryDirectory(prefix="calibrate-sim-") as wd:
+            async with simulated_pod(profile, facts.model, Path(wd)) as sim_url:
+                for wave_samples in await run_design(sim_url, facts.model, training_design(facts.block_size, seed=seed)):
+                    r, y = features(wave_samples)
+                    sim_rows += r
+                    sim_ys += y
+        seen = fit(sim_rows, sim_ys)
+        corrected = {c: max(0.0, coef[c] - (seen[c] - coef[c])) for c in COEFS}
+        logger.info("sim overhead correction: fitted %s, sim shows %s, corrected %s", coef, seen, corrected)
+        sim_overhead = {c: seen[c] - coef[c] for c in COEFS}
+        coef = corrected
+        profile = profile.replace(
+            b0_ms=round(coef["b0"], 5), b1_ms=round(coef["b1"], 7), b2_ms=round(coef["b2"], 5), a0_ms=round(coef["a0"], 5),
+            sources=profile.sources + "; corrected once for the simulator's own serving overhead (sim fit minus real fit)",
+        )  # fmt: skip
+    else:
+        sim_overhead = {}
     comparisons: list[Comparison] = []
     if validate:
         # Each held-out wave runs on the real server and then on a fresh simulated pod, back to back, so both
@@ -893,6 +918,7 @@ async def calibrate(
         expected_hits,
         seed,
         (load0, os.getloadavg()[0]),
+        sim_overhead,
     )
 
 
@@ -915,6 +941,16 @@ def render_report(res: CalibrationResult, command: str) -> str:
         f"| b1 (per uncached prefill token) | {p.b1_ms:.6f} |",
         f"| b2 (per decoding sequence) | {p.b2_ms:.4f} |",
         "",
+        *(
+            [
+                "Simulator overhead subtracted (coefficients the simulated pod showed minus those it was given, ms): "
+                + ", ".join(f"{c} {res.sim_overhead[c]:+.4f}" for c in COEFS)
+                + ".",
+                "",
+            ]
+            if res.sim_overhead
+            else []
+        ),
         f"Training fit (relative error of the linear model on its own rows, n={res.train_fit_error.n}): "
         f"median {100 * res.train_fit_error.median:.1f} %, p90 {100 * res.train_fit_error.p90:.1f} %.",
         "",
@@ -968,6 +1004,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the server's --max-num-batched-tokens")
     parser.add_argument("--report", default=None, help="write a Markdown report here")
     parser.add_argument("--seed", dest="cal_seed", type=int, default=None, help="design seed (default: random per run)")
+    parser.add_argument(
+        "--no-sim-correct", action="store_true", help="do not subtract the simulated pod's own serving overhead"
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the held-out real-vs-simulated comparison")
 
 
@@ -998,6 +1037,7 @@ async def _run(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             validate=not args.no_validate,
             seed=args.cal_seed,
+            sim_correct=not args.no_sim_correct,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     res.profile.to_yaml(args.out)
