@@ -52,13 +52,14 @@ export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 constraints="${venv}/real_vllm_constraints.txt"
 printf 'torch==%s+cpu\n' "${TORCH_VERSION}" > "${constraints}"
 
-# 1) torch (CPU build). A local wheel (pip find-links, e.g. /opt/wheels) wins when present; otherwise the
-#    PyTorch CPU index supplies it. The exact +cpu local version pins the CPU build either way.
+# 1) torch (CPU build). This machine kind ships the CPU wheel locally (pip's find-links, /opt/wheels) and the
+#    exact +cpu local version pins it. TORCH_CPU_INDEX may name an extra index that serves CPU wheels elsewhere.
 torch_args=()
-if ! "${vpy}" -m pip download --quiet --no-deps --no-index --dest "${venv}/.probe" "torch==${TORCH_VERSION}+cpu" >/dev/null 2>&1; then
-  cpu_index="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
-  log "no local torch ${TORCH_VERSION}+cpu wheel; using ${cpu_index}"
-  torch_args+=(--extra-index-url "${cpu_index}")
+if [[ -n "${TORCH_CPU_INDEX:-}" ]]; then
+  torch_args+=(--extra-index-url "${TORCH_CPU_INDEX}")
+elif ! "${vpy}" -m pip download --quiet --no-deps --no-index --dest "${venv}/.probe" "torch==${TORCH_VERSION}+cpu" >/dev/null 2>&1; then
+  log "no local torch ${TORCH_VERSION}+cpu wheel found by pip (expected under /opt/wheels); set TORCH_CPU_INDEX"
+  exit 3
 fi
 rm -rf "${venv}/.probe"
 log "installing torch==${TORCH_VERSION}+cpu"

@@ -11,8 +11,9 @@ Block hashes are ints (older vLLM) or SHA-256 bytes (newer); bytes are folded to
 their last 8 bytes, as llm-d does (``pkg/kvcache/kvevents/pool.go``, ``getHashAsUint64``).
 
 Replay (same file, ``_service_replay``): a ROUTER socket takes ``[identity, b"", start_seq (8 bytes BE)]`` and
-answers, per buffered batch with seq >= start, ``[identity, b"", seq, payload]``, then ``[identity, b"",
--1 (8 bytes BE signed), b""]``. We speak to it with a DEALER (a REQ socket cannot receive several replies).
+answers, per buffered batch with seq >= start, ``[identity, b"", topic, seq, payload]`` (vLLM 0.32; older
+releases omit the topic frame: ``[identity, b"", seq, payload]``), then the end marker ``[identity, b"", b"",
+-1 (8 bytes BE signed), b""]`` (older: without the empty topic frame). We accept both shapes. We speak to it with a DEALER (a REQ socket cannot receive several replies).
 
 Sequence numbers start at 0 per publisher process and grow by one per batch. A subscriber detects:
 * a gap (seq > expected): replay from ``expected`` if the pod has a replay endpoint; otherwise (or if the
@@ -503,6 +504,8 @@ class KVEventSubscriber:
                     return None
                 frames = await dealer.recv_multipart()
                 if frames and frames[0] == b"":
+                    frames = frames[1:]
+                if len(frames) == 3:  # vLLM 0.32: [topic, seq, payload]; the end marker has an empty topic
                     frames = frames[1:]
                 if len(frames) != 2:
                     self.stats.decode_errors += 1

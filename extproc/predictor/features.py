@@ -21,6 +21,9 @@ Columns (``FEATURE_NAMES``, in order; all float64, ``nan`` = unknown):
  10    lora_state                categorical: 0 no adapter involved, 1 adapter running, 2 adapter waiting,
                                  3 adapter requested but not loaded on the pod
  11    max_tokens                requested output budget (``nan`` when the client sent none)
+ 12    lora_slots_free           adapter slots not taken by a running adapter: ``max_loras`` − running adapters
+                                 (``nan`` when the pod reports no LoRA slots). A cold adapter on a pod with no
+                                 free slot waits until one adapter's requests all finish.
 ====  ========================  ==========================================================================
 """
 
@@ -48,6 +51,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "pod_class",
     "lora_state",
     "max_tokens",
+    "lora_slots_free",
 )
 N_FEATURES = len(FEATURE_NAMES)
 CATEGORICAL_FEATURES: tuple[str, ...] = ("pod_class", "lora_state")
@@ -63,6 +67,7 @@ UNCACHED_INPUT_TOKENS = 8
 POD_CLASS = 9
 LORA_STATE = 10
 MAX_TOKENS = 11
+LORA_SLOTS_FREE = 12
 
 LORA_NONE = 0
 LORA_RUNNING = 1
@@ -157,6 +162,7 @@ def build_matrix(
                 code(ep.pod_class),
                 lora_state(model, ep),
                 max_tokens,
+                float(m.max_loras - len(m.running_loras)) if m.max_loras > 0 else math.nan,
             )
         )
     if not rows:

@@ -3,8 +3,8 @@ persistence, online accuracy and the ``extproc_predictor_*`` metrics.
 
 One instance per server (``ctx.services["predictor"]``), shared by the predicted-latency scorer, the SLO-aware
 picker and the SLO admission filter. Hot-path cost per request: one feature matrix over all candidates and two
-batched single-threaded LightGBM predictions (quantile TTFT and TPOT), done once per scheduling cycle and cached
-in the cycle. Everything slow — training, parsing new boosters, writing files — happens on the trainer's
+batched single-threaded LightGBM predictions (quantile TTFT and TPOT only; the point models are evaluated off the
+hot path, for accuracy tracking), done once per scheduling cycle and cached in the cycle. Everything slow — training, parsing new boosters, writing files — happens on the trainer's
 process/thread or the reader thread.
 """
 
@@ -140,18 +140,23 @@ class ServiceConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any], state_dir: str | None = None) -> "ServiceConfig":
         """Plugin parameters (camelCase, as in the YAML) → config. Unknown keys are the caller's business."""
+        d = TrainerConfig()
         t = TrainerConfig(
-            quantile_alpha=float(params.get("quantile", 0.9)),
-            min_samples=int(params.get("minSamples", 200)),
-            retrain_every=int(params.get("retrainEvery", 200)),
-            retrain_interval_s=float(params.get("retrainIntervalSeconds", 5.0)),
-            bucket_cap=int(params.get("bucketCap", 300)),
-            max_train_samples=int(params.get("maxTrainSamples", 20000)),
-            n_trees=int(params.get("trees", 100)),
-            quantile_trees=int(params.get("quantileTrees", 50)),
-            num_leaves=int(params.get("numLeaves", 15)),
-            max_depth=int(params.get("maxDepth", 6)),
-            learning_rate=float(params.get("learningRate", 0.1)),
+            quantile_alpha=float(params.get("quantile", d.quantile_alpha)),
+            min_samples=int(params.get("minSamples", d.min_samples)),
+            retrain_every=int(params.get("retrainEvery", d.retrain_every)),
+            retrain_interval_s=float(params.get("retrainIntervalSeconds", d.retrain_interval_s)),
+            bucket_cap=int(params.get("bucketCap", d.bucket_cap)),
+            max_train_samples=int(params.get("maxTrainSamples", d.max_train_samples)),
+            n_trees=int(params.get("trees", d.n_trees)),
+            quantile_trees=int(params.get("quantileTrees", d.quantile_trees)),
+            tpot_trees=int(params.get("tpotTrees", d.tpot_trees)),
+            tpot_quantile_trees=int(params.get("tpotQuantileTrees", d.tpot_quantile_trees)),
+            num_leaves=int(params.get("numLeaves", d.num_leaves)),
+            max_depth=int(params.get("maxDepth", d.max_depth)),
+            learning_rate=float(params.get("learningRate", d.learning_rate)),
+            quantile_learning_rate=float(params.get("quantileLearningRate", d.quantile_learning_rate)),
+            point_objective=str(params.get("pointObjective", d.point_objective)),
             state_dir=params.get("stateDir", state_dir),
         )
         mode = str(params.get("trainer", "process"))
@@ -179,6 +184,10 @@ SERVICE_PARAM_KEYS = frozenset(
         "maxTrainSamples",
         "trees",
         "quantileTrees",
+        "tpotTrees",
+        "tpotQuantileTrees",
+        "quantileLearningRate",
+        "pointObjective",
         "numLeaves",
         "maxDepth",
         "learningRate",

@@ -129,10 +129,11 @@ class KVEventPublisher:
                     continue
                 client, _empty, start_b = frames
                 start = int.from_bytes(start_b, "big")
+                # vLLM 0.32's shape (vllm/distributed/kv_events.py, _service_replay): topic, seq, payload
                 for seq, buf in list(self._buffer):
                     if seq >= start:
-                        await router.send_multipart((client, b"", seq.to_bytes(8, "big"), buf))
-                await router.send_multipart((client, b"", END_SEQ, b""))
+                        await router.send_multipart((client, b"", self._topic_b, seq.to_bytes(8, "big"), buf))
+                await router.send_multipart((client, b"", b"", END_SEQ, b""))
         except (asyncio.CancelledError, zmq.ContextTerminated):
             pass
         except zmq.ZMQError as e:

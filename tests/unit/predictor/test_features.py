@@ -9,6 +9,7 @@ from extproc.predictor.features import (
     FEATURE_NAMES,
     LORA_COLD,
     LORA_NONE,
+    LORA_SLOTS_FREE,
     LORA_RUNNING,
     LORA_WAITING,
     N_FEATURES,
@@ -72,3 +73,13 @@ def test_lora_states() -> None:
 
 def test_empty_candidates() -> None:
     assert build_matrix(make_request(), [], None, PodClassCodes()).shape == (0, N_FEATURES)
+
+
+def test_lora_slots_free_counts_slots_not_taken_by_running_adapters() -> None:
+    ep = make_endpoint("10.0.0.1:8000")
+    ep.metrics = PodMetrics(running_loras=frozenset({"ad1", "ad2"}), max_loras=4, updated_at=1.0)
+    plain = make_endpoint("10.0.0.2:8000")  # reports no LoRA slots
+    x = build_matrix(make_request(model="ad3"), [ep, plain], None, PodClassCodes())
+    assert FEATURE_NAMES[LORA_SLOTS_FREE] == "lora_slots_free"
+    assert x[0, LORA_SLOTS_FREE] == 2.0
+    assert math.isnan(x[1, LORA_SLOTS_FREE])

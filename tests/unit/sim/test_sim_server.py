@@ -243,9 +243,13 @@ async def test_kv_events_over_zmq(fleet: SimFleet, http: aiohttp.ClientSession) 
             got = []
             while True:
                 frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
-                if int.from_bytes(frames[1], "big", signed=True) == -1:
+                # vLLM 0.32 replay shape: [b"", topic, seq, payload]; end marker [b"", b"", -1, b""]
+                assert len(frames) == 4 and frames[0] == b""
+                if int.from_bytes(frames[2], "big", signed=True) == -1:
+                    assert frames[1] == b""
                     break
-                got.append(frames[2])
+                assert frames[1] == pod.topic.encode()
+                got.append(frames[3])
             assert got[0] == payload
         finally:
             dealer.close(linger=0)
