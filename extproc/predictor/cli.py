@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--tpot-trees", type=int, default=40, help="rounds of the TPOT point model (default 40)")
     t.add_argument("--tpot-quantile-trees", type=int, default=20, help="TPOT quantile rounds (default 20)")
     t.add_argument("--learning-rate", type=float, default=0.15, help="point-model learning rate (default 0.15)")
-    t.add_argument("--quantile-learning-rate", type=float, default=0.3, help="quantile-round learning rate (default 0.3)")
+    t.add_argument("--quantile-learning-rate", type=float, default=0.2, help="quantile-round learning rate (default 0.2)")
     t.add_argument("--point-objective", choices=("l1", "regression"), default="l1", help="point-model loss on log ms (default l1)")
     t.add_argument("--num-leaves", type=int, default=15, help="leaves per tree (default 15)")
     t.add_argument("--max-depth", type=int, default=6, help="tree depth limit (default 6)")

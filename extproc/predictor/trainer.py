@@ -58,7 +58,7 @@ class TrainerConfig:
     num_leaves: int = 15
     max_depth: int = 6
     learning_rate: float = 0.15
-    quantile_learning_rate: float = 0.3
+    quantile_learning_rate: float = 0.2
     point_objective: str = "l1"  # "l1" (log-space median, default) or "regression" (L2, log-space mean)
     min_data_in_leaf: int = 5
     seed: int = 0

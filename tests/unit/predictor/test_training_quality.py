@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from predictor_helpers import synthetic_samples
 
 from extproc.predictor.cli import evaluate
 from extproc.predictor.features import N_FEATURES, WAITING, PodClassCodes
@@ -37,7 +38,7 @@ def test_l1_point_model_predicts_the_median_and_l2_the_geometric_mean() -> None:
 
 
 def test_tree_counts_follow_the_config() -> None:
-    x, t, p = _skewed(300)
+    x, t, p = synthetic_samples(400)
     cfg = TrainerConfig(n_trees=12, quantile_trees=4, tpot_trees=7, tpot_quantile_trees=3, min_data_in_leaf=3)
     m = _model(cfg, x, t, p)
     assert (m.ttft_mean.num_trees(), m.ttft_q.num_trees()) == (12, 16)
