@@ -457,7 +457,9 @@ def _extproc_filters(opts: EnvoyConfigOptions) -> list[Any]:
             request_header_mode=Hdr.SEND,
             request_body_mode=Body.BUFFERED,
             request_trailer_mode=Hdr.SKIP,
-            response_header_mode=Hdr.SEND,
+            # With an observation filter, the routing stream needs no response round trip: the observation
+            # stream reports status and body, and Envoy itself echoes the pick as the served header.
+            response_header_mode=Hdr.SKIP if opts.response_observe == "observability" else Hdr.SEND,
             response_body_mode=Body.STREAMED if streamed else Body.NONE,
             response_trailer_mode=Hdr.SEND if streamed else Hdr.SKIP,
         ),
@@ -541,7 +543,7 @@ def _routes(opts: EnvoyConfigOptions) -> list[Any]:
         ),
         response_headers_to_add=[
             HeaderValueOption(
-                header=HeaderValue(key=SERVED_HEADER, value="%UPSTREAM_REMOTE_ADDRESS%"),
+                header=HeaderValue(key=SERVED_HEADER, value=f"%REQ({DESTINATION_HEADER})%"),
                 append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
             )
         ],

@@ -38,6 +38,7 @@ from extproc.server.tracker import Flight, FlightTracker
 log = logging.getLogger(__name__)
 
 MODELS_PATHS = ("/v1/models", "/models")
+ORPHAN_GRACE_S = 5.0  # observability mode: how long a dispatched flight may wait for its observation stream
 
 
 @dataclass(slots=True)
@@ -89,17 +90,24 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         self.tokenizers = self.services.get("tokenizers")
 
     # ------------------------------------------------------------------ gRPC entry point
-    async def Process(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[override]
+    async def Process(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        """One ext_proc stream. Uses ``context.read()/write()`` rather than an async-generator servicer: grpc.aio
+        wraps generators in extra machinery, and this loop is the per-request hot path."""
         st = _Stream()
+        read, write = context.read, context.write
+        eof = grpc.aio.EOF
         try:
-            async for req in request_iterator:
+            while True:
+                req = await read()
+                if req is eof:
+                    return
                 st.messages += 1
                 if req.observability_mode:
                     st.observe = True
                     self._observe(st, req)
                     continue
                 if st.messages > self.settings.max_messages_per_stream:
-                    yield codec.immediate(400, error_body("too many messages on one request stream", "invalid_request_error", "too_many_messages"))
+                    await write(codec.immediate(400, error_body("too many messages on one request stream", "invalid_request_error", "too_many_messages")))
                     return
                 try:
                     resp = self._route_message(st, req)
@@ -109,7 +117,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                     log.exception("ext_proc handler error", extra={"request_id": st.request_id})
                     resp = self._reject(st, 500, f"internal scheduler error: {type(e).__name__}", "internal_error", "internal_error")
                 if resp is not None:
-                    yield resp
+                    await write(resp)
                     if resp.HasField("immediate_response"):
                         return  # Envoy ends the request on an ImmediateResponse: nothing else belongs on this stream
         finally:
@@ -306,12 +314,22 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         if st.observe:
             # the observation stream ended before the end of the response: client gone or upstream reset
             self.tracker.finish(f, "disconnected" if f.response_started else "reset_before_response")
+        elif self.settings.response_observe == "observability":
+            # The routing stream may end right after the routing answer (Envoy sends it no response messages in
+            # this mode); the observation stream finishes the flight. If it never attaches (the request was
+            # reset before it reached the observation filter), release the flight after a grace period.
+            if not f.observed:
+                asyncio.get_running_loop().call_later(ORPHAN_GRACE_S, self._release_orphan, f)
         elif not f.response_started:
             # routing stream ended before any response headers: the request never reached a pod or was reset
             self.tracker.finish(f, "reset_before_response")
-        elif self.settings.response_observe != "observability" or not f.observed:
+        else:
             # no observation stream carries this request: the routing stream's end is the request's end
             self.tracker.finish(f, "ok" if 0 < f.obs.status < 400 else f"status_{f.obs.status}")
+
+    def _release_orphan(self, f: Flight) -> None:
+        if not f.finished and not f.observed:
+            self.tracker.finish(f, "reset_before_response")
 
     # ------------------------------------------------------------------ helpers
     def _reject(self, st: _Stream, status: int, message: str, type_: str, code: str, model: str = "") -> Any:

@@ -87,7 +87,7 @@ def test_main_extproc_filter() -> None:
     assert main["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc"
     assert main["processing_mode"] == {
         "request_header_mode": "SEND",
-        "response_header_mode": "SEND",
+        "response_header_mode": "SKIP",  # observability mode: responses are seen by the observation filter
         "request_body_mode": "BUFFERED",
         "request_trailer_mode": "SKIP",
         "response_trailer_mode": "SKIP",
@@ -148,7 +148,8 @@ def test_routes_without_fallback_give_json_503() -> None:
     assert route_a["route"]["retry_policy"]["num_retries"] == 3
     assert "connect-failure" in route_a["route"]["retry_policy"]["retry_on"]
     served = route_a["response_headers_to_add"][0]["header"]
-    assert served == {"key": ec.SERVED_HEADER, "value": "%UPSTREAM_REMOTE_ADDRESS%"}
+    # Envoy echoes the scheduler's pick (the request header it set) without a gRPC round trip
+    assert served == {"key": ec.SERVED_HEADER, "value": "%REQ(x-gateway-destination-endpoint)%"}
     assert route_b["direct_response"]["status"] == 503
     body = json.loads(route_b["direct_response"]["body"]["inline_string"])
     assert body == {

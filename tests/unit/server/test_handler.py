@@ -47,6 +47,11 @@ def resp_body_msg(data: bytes, end=False, observe=False):
     return req
 
 
+@pytest.fixture(autouse=True)
+def short_orphan_grace(monkeypatch):
+    monkeypatch.setattr("extproc.server.handler.ORPHAN_GRACE_S", 0.05)
+
+
 @pytest.fixture
 async def server():
     s = SchedulerServer(
@@ -87,7 +92,10 @@ async def test_routes_to_best_pod_and_strips_spoofed_header(server):
     assert out[1].request_body.response.clear_route_cache
     md = out[1].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"].string_value
     assert md.split(",")[0] == "127.0.0.1:2"
-    # the routing stream ended before any response: the flight is released, nothing leaks
+    # the routing stream ended and no observation stream came: the flight is released after a grace
+    import asyncio
+
+    await asyncio.sleep(0.2)
     assert server.pool.get("127.0.0.1:2").inflight == 0
 
 
