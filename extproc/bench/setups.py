@@ -27,6 +27,7 @@ SETUPS: dict[str, SetupSpec] = {
     "extproc-random": SetupSpec("extproc-random", "extproc", config="random"),
     "extproc-default": SetupSpec("extproc-default", "extproc", config="default"),
     "extproc-prefix-load": SetupSpec("extproc-prefix-load", "extproc", config="prefix-load"),
+    "extproc-load-only": SetupSpec("extproc-load-only", "extproc", config="load-only"),
     "extproc-precise": SetupSpec("extproc-precise", "extproc", config="precise-prefix", kv_events=True),
     "extproc-predicted": SetupSpec("extproc-predicted", "extproc", config="predicted-latency"),
     **{name: SetupSpec(name, "peer") for name in peers.PEERS},

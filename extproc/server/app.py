@@ -99,7 +99,14 @@ class SchedulerServer:
 
             kv.set_sources(sources_from_json(self.opts.kv_events))
         if self.opts.seed is not None:
+            # every random choice (framework and each plugin's own generator) becomes reproducible
+            import random as _random
+
             self.config.scheduler.rng.seed(self.opts.seed)
+            for i, plugin in enumerate(self.config.plugins.values()):
+                rng = getattr(plugin, "rng", None)
+                if isinstance(rng, _random.Random):
+                    rng.seed(self.opts.seed + i)
         for prof in self.config.scheduler.profiles.values():
             prof.plugin_timer = self.metrics.plugin_timer
         return self.config

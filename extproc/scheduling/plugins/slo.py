@@ -66,6 +66,7 @@ class SLOAwarePicker:
         "affinity_ratio",
         "max_endpoints",
         "rng",
+        "no_slo_policy",
     )
 
     def __init__(
@@ -80,6 +81,7 @@ class SLOAwarePicker:
         affinity_ratio: float = 2.0,
         max_endpoints: int = 1,
         seed: int | None = None,
+        no_slo_policy: str = "score",
     ) -> None:
         if ttft_weight + tpot_weight <= 0:
             raise ValueError("ttftWeight and tpotWeight must not both be 0")
@@ -92,6 +94,9 @@ class SLOAwarePicker:
         self.affinity_ratio = affinity_ratio
         self.max_endpoints = max_endpoints
         self.rng = random.Random(seed)
+        if no_slo_policy not in ("score", "latency"):
+            raise ValueError(f"noSloPolicy must be 'score' or 'latency', not {no_slo_policy!r}")
+        self.no_slo_policy = no_slo_policy
 
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "SLOAwarePicker":
@@ -103,6 +108,7 @@ class SLOAwarePicker:
             "affinityMaxTTFTRatio",
             "maxNumOfEndpoints",
             "seed",
+            "noSloPolicy",
         }
         check_keys(params, SERVICE_PARAM_KEYS | own)
         svc = PredictorService.get_or_create(ctx.services, {k: v for k, v in params.items() if k in SERVICE_PARAM_KEYS})
@@ -116,6 +122,7 @@ class SLOAwarePicker:
             affinity_ratio=get_float(params, "affinityMaxTTFTRatio", 2.0, minimum=1.0),
             max_endpoints=get_int(params, "maxNumOfEndpoints", 1, minimum=1),
             seed=get_seed(params),
+            no_slo_policy=str(params.get("noSloPolicy", "score")),
         )
 
     # ------------------------------------------------------------------ picking
@@ -123,6 +130,11 @@ class SLOAwarePicker:
     def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
         if not scored:
             return []
+        if request.slo_ttft_ms is None and request.slo_tpot_ms is None and self.no_slo_policy == "score":
+            # No SLO: the predicted-latency scorer is one weighted term among prefix and load scorers, and the
+            # highest total wins. (Pure argmin of predicted latency herds requests onto the pod the model
+            # currently favours and gives up prefix locality between scrapes.)
+            return self._by_score(cycle, scored)
         eps = [s.endpoint for s in scored]
         try:
             ps = self.service.predict(cycle, request, eps)
