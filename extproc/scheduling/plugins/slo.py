@@ -134,7 +134,7 @@ class SLOAwarePicker:
             # No SLO: the predicted-latency scorer is one weighted term among prefix and load scorers, and the
             # highest total wins. (Pure argmin of predicted latency herds requests onto the pod the model
             # currently favours and gives up prefix locality between scrapes.)
-            return self._by_score(cycle, scored)
+            return self._by_score(cycle, scored, "no_slo")
         eps = [s.endpoint for s in scored]
         try:
             ps = self.service.predict(cycle, request, eps)
@@ -150,8 +150,8 @@ class SLOAwarePicker:
         cycle.data[CYCLE_TIER] = tier
         M_TIER.labels(tier).inc()
 
-    def _by_score(self, cycle: CycleState, scored: list[ScoredEndpoint]) -> list[Endpoint]:
-        self._tier(cycle, "fallback")
+    def _by_score(self, cycle: CycleState, scored: list[ScoredEndpoint], tier: str = "fallback") -> list[Endpoint]:
+        self._tier(cycle, tier)
         order = list(scored)
         self.rng.shuffle(order)  # random tie-break (the sort is stable)
         order.sort(key=lambda s: s.score, reverse=True)

@@ -38,7 +38,7 @@ def _pods() -> list:
 def test_cold_start_gives_neutral_scores_and_counts_fallback() -> None:
     svc = _service(None)
     scorer = PredictedLatencyScorer("pl", svc)
-    picker = SLOAwarePicker("slo", svc, seed=1)
+    picker = SLOAwarePicker("slo", svc, seed=1, no_slo_policy="latency")
     before = _fallback_count()
     cycle = CycleState()
     pods = _pods()
@@ -127,7 +127,7 @@ def test_no_slo_picks_lowest_predicted_latency_and_fallbacks(small_model: Latenc
     pods = _pods()
     cycle = CycleState()
     PredictedLatencyScorer("pl", svc).score(cycle, make_request(), pods)
-    out = SLOAwarePicker("slo", svc, max_endpoints=3).pick(cycle, make_request(), [ScoredEndpoint(p, 0.0) for p in pods])
+    out = SLOAwarePicker("slo", svc, max_endpoints=3, no_slo_policy="latency").pick(cycle, make_request(), [ScoredEndpoint(p, 0.0) for p in pods])
     assert [e.address for e in out] == ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
     assert cycle.data["slo_tier"] == "no_slo"
 
@@ -140,7 +140,7 @@ def test_prefix_affinity_gate(small_model: LatencyModel) -> None:
         cycle = CycleState()
         cycle.data["prefix_scores"] = {"10.0.0.2:8000": 0.9, "10.0.0.3:8000": 0.95}
         PredictedLatencyScorer("pl", svc).score(cycle, req, pods)
-        out = SLOAwarePicker("slo", svc, affinity_ratio=ratio).pick(cycle, req, [ScoredEndpoint(p, 0.0) for p in pods])
+        out = SLOAwarePicker("slo", svc, affinity_ratio=ratio, no_slo_policy="latency").pick(cycle, req, [ScoredEndpoint(p, 0.0) for p in pods])
         # B (≈ 60 ms vs best ≈ 20 ms) is kept only when the allowed TTFT ratio exceeds 3; C (≈ 11×) never
         assert out[0].address == expect
 
@@ -176,3 +176,16 @@ def test_plugins_share_one_service_through_the_context() -> None:
     assert s.service is p.service is a.service is ctx.services["predictor"]
     with pytest.raises(ValueError):
         SLOAwarePicker.from_config("slo2", {"positiveTierProbabilty": 0.5}, ctx)
+
+
+def test_no_slo_score_policy_follows_weighted_total(small_model: LatencyModel) -> None:
+    """Default policy: without SLO headers the highest weighted total wins (predicted latency is one term)."""
+    svc = _service(small_model)
+    pods = _pods()
+    picker = SLOAwarePicker("slo", svc, seed=3)
+    cycle = CycleState()
+    scored = [ScoredEndpoint(p, s) for p, s in zip(pods, [0.1, 0.3, 2.5])]
+    assert picker.pick(cycle, make_request(), scored) == [pods[2]]
+    assert cycle.data["slo_tier"] == "no_slo"
+    with pytest.raises(ValueError):
+        SLOAwarePicker("slo", svc, no_slo_policy="fastest")
