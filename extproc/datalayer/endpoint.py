@@ -47,6 +47,7 @@ class Endpoint:
         "inflight_prefill_tokens",
         "inflight_decode_tokens",
         "removed",
+        "last_chunk_ts",
     )
 
     def __init__(self, address: str, labels: dict[str, str] | None = None, models: Iterable[str] = ()) -> None:
@@ -68,6 +69,9 @@ class Endpoint:
         self.inflight_prefill_tokens = 0  # prompt tokens of in-flight requests not yet past first token
         self.inflight_decode_tokens = 0  # max_tokens of in-flight requests in decode
         self.removed = False
+        # time.monotonic() of the last response body chunk seen from this pod (observation stream): a proxy for
+        # where the pod is in its current engine step, which the latency predictor uses
+        self.last_chunk_ts = 0.0
 
     def metrics_age(self, now: float | None = None) -> float:
         if self.metrics.updated_at == 0.0:

@@ -60,6 +60,7 @@ class Flight:
 
     def on_body_chunk(self, data: bytes, now: float) -> None:
         if data:
+            self.endpoint.last_chunk_ts = now
             if self.in_prefill and self.request.stream:
                 self.obs.first_token_ts = now
                 self._leave_prefill()
