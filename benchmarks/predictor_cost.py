@@ -40,6 +40,9 @@ def pods(n: int, rng: random.Random) -> list[Endpoint]:
         ep.inflight = rng.randrange(0, 60)
         ep.inflight_prefill_tokens = rng.randrange(0, 8000)
         ep.inflight_decode_tokens = rng.randrange(0, 20000)
+        if i % 4:  # most pods are streaming: a recent chunk and a measured step interval (step-phase columns)
+            ep.last_chunk_ts = time.monotonic() - rng.random() * 0.03
+            ep.chunk_interval_s = 0.01 + rng.random() * 0.025
         out.append(ep)
     return out
 

@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-blocks", type=int, default=None, help="per-pod KV blocks (default: what the workload is sized for)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--aiperf", action="store_true",
+                   help="real time: also run aiperf (scripts/aiperf_setup.sh) and our client at one fixed-concurrency load per setup")
+    p.add_argument("--aiperf-load", default="8:200:128:32",
+                   help="--aiperf load CONCURRENCY:REQUESTS:ISL:OSL (default 8:200:128:32)")
     # overhead
     p.add_argument("--pods", type=int, default=8, help="overhead: simulated pods behind Envoy")
     p.add_argument("--duration", type=float, default=5.0, help="overhead: seconds per measurement")
@@ -75,6 +79,19 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.repeat < 1 or args.time_scale <= 0:
         print("extproc bench: --repeat must be >= 1 and --time-scale > 0", file=sys.stderr)
         return 2
+    if getattr(args, "aiperf", False):
+        from extproc.bench.aiperf import FixedLoad
+
+        try:
+            c, n, isl, osl = (int(x) for x in args.aiperf_load.split(":"))
+            aiperf_load = FixedLoad(concurrency=c, requests=n, isl=isl, osl=osl)
+            aiperf_load.validate()
+        except ValueError as e:
+            print(f"extproc bench: bad --aiperf-load {args.aiperf_load!r}: {e}", file=sys.stderr)
+            return 2
+        if args.virtual:
+            print("extproc bench: --aiperf needs real time (drop --virtual)", file=sys.stderr)
+            return 2
     fleet = args.fleet or wl.fleet or "8"
     kv_blocks = args.kv_blocks if args.kv_blocks is not None else wl.kv_blocks
     meta = {
@@ -105,6 +122,11 @@ def run_bench(args: argparse.Namespace) -> int:
         fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed)
         runs = asyncio.run(runner.run_setups(wl, setups, fo, args.out, repeat=args.repeat, show_progress=not args.no_progress))
     report = rep.build_report(meta, [(s.rate, s.duration) for s in wl.stages], runs)
+    if getattr(args, "aiperf", False):
+        from extproc.bench import aiperf
+
+        ok_setups = [s for s in setups if any(r.name == s.name and r.status == "ok" for r in runs)]
+        aiperf.attach(report, asyncio.run(aiperf.cross_check_setups(ok_setups, fo, args.out, aiperf_load)))
     problems = rep.validate_report(report)
     paths = rep.write_outputs(args.out, report, runs, plots=not args.no_plots)
     print(rep.markdown(report))

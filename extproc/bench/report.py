@@ -238,10 +238,44 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     lines.append("Times in ms. TTFT = first content chunk; TPOT = (E2E − TTFT) / (output tokens − 1).")
+    lines += _aiperf_markdown(report)
     if skipped:
         lines += ["", "## Not run", ""]
         lines += [f"- **{n}** ({s['status']}): {s['reason']}" for n, s in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _aiperf_markdown(report: dict[str, Any]) -> list[str]:
+    """The ``--aiperf`` cross-check: our client and aiperf, same stack and fixed-concurrency load, one row each."""
+    entries = [(n, s["aiperf"]) for n, s in report["setups"].items() if isinstance(s.get("aiperf"), dict)]
+    if not entries:
+        return []
+    load = entries[0][1].get("load") or {}
+    lines = [
+        "",
+        f"## Cross-check with aiperf: {load.get('api', '')}, concurrency {load.get('concurrency')}, "
+        f"{load.get('requests')} requests, ISL {load.get('isl')}, OSL {load.get('osl')}",
+        "",
+        "| setup | client | ok/req | req/s | out tok/s | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | E2E p50 | E2E p90 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for name, e in entries:
+        if e.get("status") != "ok":
+            notes.append(f"- **{name}**: aiperf cross-check {e.get('status')}: {e.get('reason', '')}")
+            continue
+        for tool in ("ours", "aiperf"):
+            x = e[tool]
+            lines.append(
+                f"| {name} | {tool} | {x.get('ok')}/{x.get('requests')} | {_fmt(x.get('request_throughput'), 2)} | "
+                f"{_fmt(x.get('output_tok_s'))} | {_fmt(x['ttft_ms']['p50'])} | {_fmt(x['ttft_ms']['p90'])} | "
+                f"{_fmt(x['ttft_ms']['p99'])} | {_fmt(x['itl_ms']['p50'], 2)} | {_fmt(x['itl_ms']['p90'], 2)} | "
+                f"{_fmt(x['e2e_ms']['p50'])} | {_fmt(x['e2e_ms']['p90'])} |"
+            )
+    lines += ["", "Same stack, run back to back (ours first). ITL = (E2E − TTFT) / (output tokens − 1) in both tools."]
+    if notes:
+        lines += [""] + notes
+    return lines
 
 
 def write_outputs(out_dir: str, report: dict[str, Any], runs: Sequence[SetupRun], plots: bool = True) -> list[str]:

@@ -27,6 +27,7 @@ from extproc.bench.report import RequestResult, SetupRun
 from extproc.bench.setups import SetupSpec, config_available
 from extproc.bench.workloads import MODEL, Workload
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
+from extproc.predictor.features import observe_chunk, set_clock
 from extproc.scheduling.framework import Observation, SchedulingError
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,10 @@ class _EnvoyLB:
         return a if a.inflight <= b.inflight else b
 
 
-def _feed_kv_events(plugins: dict[str, Any]) -> Callable[[str, list[Any]], None] | None:
+def _feed_kv_events(plugins: dict[str, Any], clock: Callable[[], float]) -> Callable[[str, list[Any]], None] | None:
     """A callable(address, engine events) that hands engine KV events to the config's KV-block index, through
-    the same wire format the pods publish (msgpack batch → ``decode_payload``), or None if no plugin has one."""
+    the same wire format the pods publish (msgpack batch → ``decode_payload``), or None if no plugin has one.
+    The index's clock becomes ``clock`` (virtual time), so speculative-entry TTLs expire in virtual seconds."""
     from extproc.datalayer.kvevents import decode_payload
     from extproc.datalayer.kvindex import KVBlockIndex
     from extproc.sim.kvevents import encode_batch
@@ -128,6 +130,7 @@ def _feed_kv_events(plugins: dict[str, Any]) -> Callable[[str, list[Any]], None]
     index = next((p.index for p in plugins.values() if isinstance(getattr(p, "index", None), KVBlockIndex)), None)
     if index is None:
         return None
+    index.clock = clock
 
     def feed(address: str, events: list[Any]) -> None:
         index.apply(address, decode_payload(encode_batch(events, 0.0)).events)
@@ -178,7 +181,7 @@ def run_virtual(
             if isinstance(rng, random.Random):
                 rng.seed(seed * 1009 + i)
         if setup.kv_events:
-            kv_feed = _feed_kv_events(cfg.plugins)
+            kv_feed = _feed_kv_events(cfg.plugins, lambda: now)
             if kv_feed is None:
                 raise ValueError(f"config {setup.config!r} has no KV-block index to feed events to")
     else:
@@ -247,93 +250,98 @@ def run_virtual(
         heapq.heappush(events, (at + res.duration_s, seq, _STEP_END, pod))
         seq += 1
 
-    while events and remaining > 0:
-        now, _, kind, data = heapq.heappop(events)
-        while next_bound < len(bounds) - 1 and now >= bounds[next_bound]:
-            stage_marks.append(counters())
-            next_bound += 1
-        if kind == _ARRIVAL:
-            wr = workload.requests[data]
-            raw = wr.body_bytes(stream=True)
-            req = parse_request(wr.path, raw, wr.headers(), request_id=f"bench-{wr.index}")
-            if wr.api == "chat":
-                ids = tok.encode_chat([{"role": r, "content": c} for r, c in wr.messages])
-            else:
-                ids = tok.encode(wr.prompt())
-            req.prompt_token_ids = ids if setup.kv_events else None
-            cycle = None
-            result = None
-            try:
-                if envoy is not None:
-                    ep = envoy.pick()
+    # the predictor's step-phase features read "now" and each pod's last chunk time: give them virtual time
+    prev_clock = set_clock(lambda: now)
+    try:
+        while events and remaining > 0:
+            now, _, kind, data = heapq.heappop(events)
+            while next_bound < len(bounds) - 1 and now >= bounds[next_bound]:
+                stage_marks.append(counters())
+                next_bound += 1
+            if kind == _ARRIVAL:
+                wr = workload.requests[data]
+                raw = wr.body_bytes(stream=True)
+                req = parse_request(wr.path, raw, wr.headers(), request_id=f"bench-{wr.index}")
+                if wr.api == "chat":
+                    ids = tok.encode_chat([{"role": r, "content": c} for r, c in wr.messages])
                 else:
-                    assert scheduler is not None
-                    result, cycle = scheduler.schedule(req)
-                    ep = result.primary
-            except SchedulingError as e:
-                finish_failed(wr.index, wr.stage, now, e.status, e.message)
-                continue
-            pod = pods[ep.address]
-            lora = wr.model if wr.model in fleet.loras else None
-            try:
-                pod.engine.add_request(SimRequest(req.request_id, ids, wr.max_tokens, lora=lora, arrival=now))
-            except ValueError as e:
-                finish_failed(wr.index, wr.stage, now, 400, str(e))
-                continue
-            if scheduler is not None and result is not None and cycle is not None:
-                scheduler.dispatched(cycle, req, result)
-            ep.inflight += 1
-            ep.inflight_prefill_tokens += len(ids)
-            obs = Observation(req.request_id, ep.address, wr.model, len(ids), dispatch_ts=now)
-            live[req.request_id] = _Live(wr.index, wr.stage, now, len(ids), wr.max_tokens, ep, req, obs)
-            if not pod.stepping:
-                start_step(pod, now)
-        elif kind == _STEP_END:
-            pod = data
-            res = pod.pending
-            pod.stepping = False
-            pod.pending = None
-            for out in res.outputs:
-                lv = live.get(out.request_id)
-                if lv is None:
+                    ids = tok.encode(wr.prompt())
+                req.prompt_token_ids = ids if setup.kv_events else None
+                cycle = None
+                result = None
+                try:
+                    if envoy is not None:
+                        ep = envoy.pick()
+                    else:
+                        assert scheduler is not None
+                        result, cycle = scheduler.schedule(req)
+                        ep = result.primary
+                except SchedulingError as e:
+                    finish_failed(wr.index, wr.stage, now, e.status, e.message)
                     continue
-                ep = lv.endpoint
-                if out.first_token:
-                    lv.first = now
-                    lv.obs.first_token_ts = now
-                    ep.inflight_prefill_tokens -= lv.prompt_tokens
-                    ep.inflight_decode_tokens += lv.max_tokens
-                lv.out_tokens = out.num_output_tokens
-                if out.finished:
-                    del live[out.request_id]
-                    ep.inflight -= 1
-                    ep.inflight_decode_tokens -= lv.max_tokens
-                    lv.obs.complete_ts = now
-                    lv.obs.output_tokens = lv.out_tokens
-                    lv.obs.status = 200
-                    if scheduler is not None:
-                        scheduler.completed(lv.request, lv.obs)
-                    results[lv.wr_index] = RequestResult(
-                        lv.wr_index,
-                        lv.stage,
-                        lv.arrival,
-                        True,
-                        status=200,
-                        ttft_ms=(lv.first - lv.arrival) * 1000.0,
-                        e2e_ms=(now - lv.arrival) * 1000.0,
-                        output_tokens=lv.out_tokens,
-                        pod=ep.address,
-                    )
-                    remaining -= 1
-                    done += 1
-                    if progress is not None and done % 100 == 0:
-                        progress(100)
-            if pod.engine.has_work():
-                start_step(pod, now)
-        else:  # scrape
-            scrape(time.monotonic())
-            heapq.heappush(events, (now + scrape_interval, seq, _SCRAPE, None))
-            seq += 1
+                pod = pods[ep.address]
+                lora = wr.model if wr.model in fleet.loras else None
+                try:
+                    pod.engine.add_request(SimRequest(req.request_id, ids, wr.max_tokens, lora=lora, arrival=now))
+                except ValueError as e:
+                    finish_failed(wr.index, wr.stage, now, 400, str(e))
+                    continue
+                if scheduler is not None and result is not None and cycle is not None:
+                    scheduler.dispatched(cycle, req, result)
+                ep.inflight += 1
+                ep.inflight_prefill_tokens += len(ids)
+                obs = Observation(req.request_id, ep.address, wr.model, len(ids), dispatch_ts=now)
+                live[req.request_id] = _Live(wr.index, wr.stage, now, len(ids), wr.max_tokens, ep, req, obs)
+                if not pod.stepping:
+                    start_step(pod, now)
+            elif kind == _STEP_END:
+                pod = data
+                res = pod.pending
+                pod.stepping = False
+                pod.pending = None
+                for out in res.outputs:
+                    lv = live.get(out.request_id)
+                    if lv is None:
+                        continue
+                    ep = lv.endpoint
+                    if out.first_token:
+                        lv.first = now
+                        lv.obs.first_token_ts = now
+                        ep.inflight_prefill_tokens -= lv.prompt_tokens
+                        ep.inflight_decode_tokens += lv.max_tokens
+                    lv.out_tokens = out.num_output_tokens
+                    if out.finished:
+                        del live[out.request_id]
+                        ep.inflight -= 1
+                        ep.inflight_decode_tokens -= lv.max_tokens
+                        lv.obs.complete_ts = now
+                        lv.obs.output_tokens = lv.out_tokens
+                        lv.obs.status = 200
+                        if scheduler is not None:
+                            scheduler.completed(lv.request, lv.obs)
+                        results[lv.wr_index] = RequestResult(
+                            lv.wr_index,
+                            lv.stage,
+                            lv.arrival,
+                            True,
+                            status=200,
+                            ttft_ms=(lv.first - lv.arrival) * 1000.0,
+                            e2e_ms=(now - lv.arrival) * 1000.0,
+                            output_tokens=lv.out_tokens,
+                            pod=ep.address,
+                        )
+                        remaining -= 1
+                        done += 1
+                        if progress is not None and done % 100 == 0:
+                            progress(100)
+                if pod.engine.has_work():
+                    start_step(pod, now)
+            else:  # scrape
+                scrape(time.monotonic())
+                heapq.heappush(events, (now + scrape_interval, seq, _SCRAPE, None))
+                seq += 1
+    finally:
+        set_clock(prev_clock)
     while len(stage_marks) < len(bounds):
         stage_marks.append(counters())
     stage_marks.append(counters())

@@ -48,6 +48,7 @@ class Endpoint:
         "inflight_decode_tokens",
         "removed",
         "last_chunk_ts",
+        "chunk_interval_s",
     )
 
     def __init__(self, address: str, labels: dict[str, str] | None = None, models: Iterable[str] = ()) -> None:
@@ -72,6 +73,9 @@ class Endpoint:
         # time.monotonic() of the last response body chunk seen from this pod (observation stream): a proxy for
         # where the pod is in its current engine step, which the latency predictor uses
         self.last_chunk_ts = 0.0
+        # EWMA of the gaps between this pod's engine steps as seen in its chunks (seconds; 0 = not measured yet),
+        # kept by extproc.predictor.features.observe_chunk
+        self.chunk_interval_s = 0.0
 
     def metrics_age(self, now: float | None = None) -> float:
         if self.metrics.updated_at == 0.0:

@@ -140,6 +140,9 @@ class IndexStats:
     speculative_inserts: int = 0
     speculative_confirmed: int = 0
     speculative_expired: int = 0
+    holds: int = 0
+    holds_released: int = 0
+    holds_expired: int = 0
     clears: int = 0
 
 
@@ -166,7 +169,20 @@ class KVBlockIndex:
         # Speculative entries: key → {pod: expiry}; a heap of (expiry, key, pod) for the lazy sweep.
         self._spec: dict[int, dict[str, float]] = {}
         self._spec_heap: list[tuple[float, int, str]] = []
+        # In-flight holds: hold id → (pod, keys, expiry); key → {pod: number of live holds}; expiry heap.
+        self._holds: dict[str, tuple[str, list[int], float]] = {}
+        self._held: dict[int, dict[str, int]] = {}
+        self._hold_heap: list[tuple[float, str]] = []
         self.stats = IndexStats()
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock speculative TTLs run on (``time.monotonic`` unless a virtual-time driver sets its own)."""
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
 
     # ---------------------------------------------------------------- keys
     def keys_for(self, token_ids: Sequence[int] | array, block_size: int, lora: str | None = None) -> list[int]:
@@ -322,6 +338,8 @@ class KVBlockIndex:
                 sp.pop(address, None)
                 if not sp:
                     del self._spec[key]
+        for hid in [h for h, (a, _, _) in self._holds.items() if a == address]:
+            self._release(hid)
         if keep_groups:
             self._pods[address] = _PodState(groups=st.groups, block_size=st.block_size)
         else:
@@ -356,6 +374,13 @@ class KVBlockIndex:
             heapq.heapify(self._spec_heap)
 
     def _sweep(self, now: float) -> None:
+        hheap = self._hold_heap
+        while hheap and hheap[0][0] <= now:
+            exp, hid = heapq.heappop(hheap)
+            h = self._holds.get(hid)
+            if h is not None and h[2] == exp:
+                self._release(hid)
+                self.stats.holds_expired += 1
         heap = self._spec_heap
         spec = self._spec
         while heap and heap[0][0] <= now:
@@ -373,6 +398,66 @@ class KVBlockIndex:
                 st.spec_keys.discard(key)
             if not sp:
                 del spec[key]
+
+    # ---------------------------------------------------------------- in-flight holds
+    def hold(self, hold_id: str, address: str, keys: Sequence[int], max_s: float) -> None:
+        """Request ``hold_id`` with ``keys`` was dispatched to ``address``: its blocks count as held there until
+        :meth:`release` (the request completed) or ``max_s`` seconds pass (a completion that never came).
+
+        A queued request's blocks will be computed (or found) when the pod admits it, and a running request's
+        blocks are pinned (reference count > 0) so the engine cannot evict them; so while the request is in
+        flight, a later request with the same prefix sent to that pod will find it cached by the time it is
+        admitted (FCFS). Re-holding an id replaces its previous hold."""
+        if not keys or max_s <= 0:
+            return
+        now = self._clock()
+        self._sweep(now)
+        if hold_id in self._holds:
+            self._release(hold_id)
+        exp = now + max_s
+        kl = list(keys)
+        self._holds[hold_id] = (address, kl, exp)
+        held = self._held
+        for key in kl:
+            d = held.get(key)
+            if d is None:
+                held[key] = {address: 1}
+            else:
+                d[address] = d.get(address, 0) + 1
+        heapq.heappush(self._hold_heap, (exp, hold_id))
+        self._state(address)
+        self.stats.holds += 1
+
+    def release(self, hold_id: str) -> bool:
+        """The request behind ``hold_id`` finished: drop its hold. True if it was live."""
+        if self._release(hold_id):
+            self.stats.holds_released += 1
+            return True
+        return False
+
+    def _release(self, hold_id: str) -> bool:
+        h = self._holds.pop(hold_id, None)
+        if h is None:
+            return False
+        address, keys, _ = h
+        held = self._held
+        for key in keys:
+            d = held.get(key)
+            if d is None:
+                continue
+            c = d.get(address, 0) - 1
+            if c > 0:
+                d[address] = c
+            else:
+                d.pop(address, None)
+                if not d:
+                    del held[key]
+        return True
+
+    def holds_of(self, address: str) -> int:
+        """Live in-flight holds on ``address``."""
+        self._sweep(self._clock())
+        return sum(1 for a, _, _ in self._holds.values() if a == address)
 
     def speculative_count(self, address: str) -> int:
         self._sweep(self._clock())
@@ -395,6 +480,7 @@ class KVBlockIndex:
         self._sweep(now)
         blocks = self._blocks
         spec = self._spec
+        held = self._held
         states = self._pods
         n = len(keys)
         # Full-attention requirements per pod: (mask of one group, ...) for the any/gpu walks.
@@ -424,9 +510,10 @@ class KVBlockIndex:
             k = keys[i]
             entry = blocks.get(k)
             sp = spec.get(k)
+            hd = held.get(k)
             touched = False
             for a in list(any_alive):
-                if sp is not None and a in sp:
+                if (sp is not None and a in sp) or (hd is not None and a in hd):
                     out[a].blocks = i + 1
                     if a in gpu_alive:
                         out[a].gpu_blocks = i + 1
@@ -468,6 +555,7 @@ class KVBlockIndex:
             return 0
         blocks = self._blocks
         spec = self._spec
+        held = self._held
 
         def present(gi: int) -> list[bool]:
             gm = self._group_mask(gi, gpu_only)
@@ -475,7 +563,8 @@ class KVBlockIndex:
             for i in range(upper):
                 k = keys[i]
                 sp = spec.get(k)
-                if sp is not None and address in sp:
+                hd = held.get(k)
+                if (sp is not None and address in sp) or (hd is not None and address in hd):
                     res[i] = True
                     continue
                 e = blocks.get(k)

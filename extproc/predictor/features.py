@@ -24,14 +24,25 @@ Columns (``FEATURE_NAMES``, in order; all float64, ``nan`` = unknown):
  12    lora_slots_free           adapter slots not taken by a running adapter: ``max_loras`` − running adapters
                                  (``nan`` when the pod reports no LoRA slots). A cold adapter on a pod with no
                                  free slot waits until one adapter's requests all finish.
+ 13    since_last_chunk_ms       ms since the last response chunk we saw from the pod (``Endpoint.last_chunk_ts``),
+                                 capped at ``CHUNK_AGE_CAP_MS`` (also the value when the pod never streamed). A
+                                 decoding pod emits one chunk per engine step, so this says how far into its
+                                 current step the pod is: a new request waits for that step to end.
+ 14    step_interval_ms          EWMA of the pod's gaps between steps as seen in its chunks
+                                 (``Endpoint.chunk_interval_s``, see ``observe_chunk``); ``nan`` until measured.
+                                 With column 13 it estimates the time left in the step in progress.
 ====  ========================  ==========================================================================
+
+Columns 13–14 read a clock: ``build_matrix(now=...)``, else ``clock()`` (``time.monotonic`` unless a virtual-time
+driver installed its own with ``set_clock``), which must be the clock ``Endpoint.last_chunk_ts`` is stamped with.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -52,6 +63,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "lora_state",
     "max_tokens",
     "lora_slots_free",
+    "since_last_chunk_ms",
+    "step_interval_ms",
 )
 N_FEATURES = len(FEATURE_NAMES)
 CATEGORICAL_FEATURES: tuple[str, ...] = ("pod_class", "lora_state")
@@ -68,11 +81,53 @@ POD_CLASS = 9
 LORA_STATE = 10
 MAX_TOKENS = 11
 LORA_SLOTS_FREE = 12
+SINCE_LAST_CHUNK_MS = 13
+STEP_INTERVAL_MS = 14
+
+# ``since_last_chunk_ms`` is clipped here; a pod silent this long is not mid-step (idle, or in a long prefill the
+# other columns describe), and a never-seen pod gets the same value.
+CHUNK_AGE_CAP_MS = 1000.0
+# Chunk gaps that update the step-interval EWMA: shorter ones are chunks of the same step (one per stream, a
+# batch's chunks arrive within a few ms), longer ones span an idle period rather than a step.
+STEP_GAP_MIN_S = 0.002
+STEP_GAP_MAX_S = 0.5
+STEP_EWMA_ALPHA = 0.2
 
 LORA_NONE = 0
 LORA_RUNNING = 1
 LORA_WAITING = 2
 LORA_COLD = 3
+
+
+_clock: Callable[[], float] = time.monotonic
+
+
+def clock() -> float:
+    """Now, on the clock ``Endpoint.last_chunk_ts`` is stamped with."""
+    return _clock()
+
+
+def set_clock(fn: Callable[[], float]) -> Callable[[], float]:
+    """Install the decision-time clock (virtual-time drivers: a function returning virtual now); returns the
+    previous one so the caller can restore it."""
+    global _clock
+    prev = _clock
+    _clock = fn
+    return prev
+
+
+def observe_chunk(ep: Endpoint, now: float) -> None:
+    """Record a response body chunk from ``ep`` at ``now``: stamps ``last_chunk_ts`` and folds the gap since the
+    previous chunk into the step-interval EWMA when it looks like one engine step (``STEP_GAP_MIN_S`` ..
+    ``STEP_GAP_MAX_S``). The server's flight tracker and the training-data simulator both call this, so the
+    columns the model learns from and the ones it is served are built the same way. O(1), no allocation."""
+    last = ep.last_chunk_ts
+    ep.last_chunk_ts = now
+    if last > 0.0:
+        gap = now - last
+        if STEP_GAP_MIN_S <= gap <= STEP_GAP_MAX_S:
+            cur = ep.chunk_interval_s
+            ep.chunk_interval_s = gap if cur <= 0.0 else cur + STEP_EWMA_ALPHA * (gap - cur)
 
 
 class PodClassCodes:
@@ -133,8 +188,14 @@ def build_matrix(
     candidates: Sequence[Endpoint],
     prefix_scores: Mapping[str, float] | None,
     classes: PodClassCodes,
+    now: float | None = None,
 ) -> np.ndarray:
-    """The (len(candidates), N_FEATURES) float64 feature matrix for one request over all candidates."""
+    """The (len(candidates), N_FEATURES) float64 feature matrix for one request over all candidates.
+
+    ``now``: decision time on the ``last_chunk_ts`` clock (default ``clock()``)."""
+    if now is None:
+        now = _clock()
+    cap = CHUNK_AGE_CAP_MS
     input_tokens = float(request.prompt_tokens_estimate)
     max_tokens = float(request.max_tokens) if request.max_tokens is not None else math.nan
     model = request.target_model
@@ -148,6 +209,13 @@ def build_matrix(
             p = 0.0
         elif p > 1.0:
             p = 1.0
+        lc = ep.last_chunk_ts
+        if lc > 0.0:
+            age = (now - lc) * 1000.0
+            age = cap if age > cap else (0.0 if age < 0.0 else age)
+        else:
+            age = cap
+        si = ep.chunk_interval_s
         rows.append(
             (
                 m.kv_usage,
@@ -163,6 +231,8 @@ def build_matrix(
                 lora_state(model, ep),
                 max_tokens,
                 float(m.max_loras - len(m.running_loras)) if m.max_loras > 0 else math.nan,
+                age,
+                si * 1000.0 if si > 0.0 else math.nan,
             )
         )
     if not rows:

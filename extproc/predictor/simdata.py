@@ -8,6 +8,11 @@ least-in-flight, best-prefix) so the data covers balanced and unbalanced states.
 KV use / adapters, our own in-flight counters, the exact cached-prefix share); the chosen pod's row is kept and
 labelled with the TTFT (dispatch → first token) and TPOT ((finish − first token) / (tokens − 1)) it got.
 
+Step phase: every engine step that emits tokens is a response chunk the scheduler sees at the step's end, so the
+loop calls the server's own ``observe_chunk`` on the pod's Endpoint then, and ``build_matrix`` gets the virtual
+decision time: ``since_last_chunk_ms`` / ``step_interval_ms`` are what a gateway would have observed, not the
+hidden phase (which is kept apart in ``Dataset.phase_ms`` for the error analysis only).
+
 Simplification vs. live traffic: metrics are read at the instant of the decision (no scrape staleness) and the
 network adds nothing.
 """
@@ -24,7 +29,7 @@ import numpy as np
 
 from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint, PodMetrics
-from extproc.predictor.features import N_FEATURES, PodClassCodes, build_matrix
+from extproc.predictor.features import N_FEATURES, PodClassCodes, build_matrix, observe_chunk
 from extproc.sim.engine import Engine, SimRequest
 from extproc.sim.profiles import get_profile
 
@@ -178,7 +183,7 @@ def generate(
                 p.endpoint.address: p.engine.cached_prefix_tokens(prompt, lora) / len(prompt) for p in pods
             }
             eps = [p.endpoint for p in pods]
-            x = build_matrix(req, eps, prefix_scores, classes)
+            x = build_matrix(req, eps, prefix_scores, classes, now=now)
             u = rng.random()
             if u < 0.4:
                 pi = rng.randrange(len(pods))
@@ -202,6 +207,8 @@ def generate(
             now, pi = heapq.heappop(steps)
             pod = pods[pi]
             ep = pod.endpoint
+            if pod.step_outputs:
+                observe_chunk(ep, now)  # this step's tokens reach the gateway as chunks now
             for o in pod.step_outputs:
                 pr = pending.get(o.request_id)
                 if pr is None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint
+from extproc.predictor.features import observe_chunk
 from extproc.scheduling.framework import Observation
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Flight:
 
     def on_body_chunk(self, data: bytes, now: float) -> None:
         if data:
-            self.endpoint.last_chunk_ts = now
+            observe_chunk(self.endpoint, now)  # last_chunk_ts + step-interval EWMA (predictor step phase)
             if self.in_prefill and self.request.stream:
                 self.obs.first_token_ts = now
                 self._leave_prefill()

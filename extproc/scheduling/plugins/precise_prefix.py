@@ -34,8 +34,8 @@ from extproc.datalayer.endpoint import Endpoint
 from extproc.datalayer.kvevents import KVEventManager, SourceTemplate, sources_from_json
 from extproc.datalayer.kvindex import KVBlockIndex, PrefixMatch
 from extproc.datalayer.tokenize import Tokenizers
-from extproc.scheduling.framework import CycleState, SchedulingResult
-from extproc.scheduling.plugins._params import check_keys, get_float, get_int
+from extproc.scheduling.framework import CycleState, Observation, SchedulingResult
+from extproc.scheduling.plugins._params import check_keys, get_bool, get_float, get_int
 from extproc.scheduling.plugins.prefix import (
     DEFAULT_BLOCK_SIZE as APPROX_BLOCK_SIZE,
     DEFAULT_LRU_CAPACITY_PER_SERVER,
@@ -54,6 +54,7 @@ SERVICE_TOKENIZERS = "tokenizers"
 DEFAULT_TOKEN_BLOCK_SIZE = 16  # vLLM's default block size on GPU
 DEFAULT_MAX_BLOCKS = 1024
 DEFAULT_MAX_KEYS = 1_000_000
+DEFAULT_MAX_HOLD_S = 600.0  # an in-flight hold whose completion never came is dropped after this long
 
 CYCLE_SCORES = "prefix_scores"
 CYCLE_TOKENS = "prompt_token_ids"
@@ -87,6 +88,11 @@ def _manager_from_params(ctx: PluginContext, index: KVBlockIndex, params: Mappin
     return KVEventManager(ctx.pool, index, sources, template, timeout)
 
 
+def _hold_id(request: InferenceRequest) -> str:
+    # x-request-id comes from clients and may repeat; the object identity keeps two live requests apart.
+    return f"{request.request_id}:{id(request):x}"
+
+
 @register
 class PrecisePrefixCacheScorer:
     type_name: ClassVar[str] = "precise-prefix-cache"
@@ -98,6 +104,8 @@ class PrecisePrefixCacheScorer:
         "block_size",
         "max_blocks",
         "speculative_ttl_s",
+        "hold_in_flight",
+        "max_hold_s",
         "cpu_weight",
         "approx_index",
         "approx_block_size",
@@ -115,6 +123,8 @@ class PrecisePrefixCacheScorer:
         block_size: int = DEFAULT_TOKEN_BLOCK_SIZE,
         max_blocks: int = DEFAULT_MAX_BLOCKS,
         speculative_ttl_s: float = 2.0,
+        hold_in_flight: bool = True,
+        max_hold_s: float = DEFAULT_MAX_HOLD_S,
         cpu_weight: float = 0.5,
         approx_index: PrefixIndex | None = None,
         approx_block_size: int = APPROX_BLOCK_SIZE,
@@ -129,6 +139,8 @@ class PrecisePrefixCacheScorer:
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.speculative_ttl_s = speculative_ttl_s
+        self.hold_in_flight = hold_in_flight
+        self.max_hold_s = max_hold_s
         self.cpu_weight = cpu_weight
         self.approx_index = approx_index if approx_index is not None else PrefixIndex()
         self.approx_block_size = approx_block_size
@@ -145,6 +157,8 @@ class PrecisePrefixCacheScorer:
                 "maxKeys",
                 "hashSeed",
                 "speculativeTtlSeconds",
+                "holdInFlight",
+                "maxHoldSeconds",
                 "cpuTierWeight",
                 "tokenizers",
                 "kvEvents",
@@ -184,6 +198,8 @@ class PrecisePrefixCacheScorer:
             block_size=get_int(params, "blockSize", DEFAULT_TOKEN_BLOCK_SIZE, minimum=1),
             max_blocks=get_int(params, "maxPrefixBlocksToMatch", DEFAULT_MAX_BLOCKS, minimum=1),
             speculative_ttl_s=get_float(params, "speculativeTtlSeconds", 2.0, minimum=0.0),
+            hold_in_flight=get_bool(params, "holdInFlight", True),
+            max_hold_s=get_float(params, "maxHoldSeconds", DEFAULT_MAX_HOLD_S, minimum=0.0),
             cpu_weight=get_float(params, "cpuTierWeight", 0.5, minimum=0.0, maximum=1.0),
             approx_index=shared_index(ctx, capacity),
             approx_block_size=get_int(params, "fallbackBlockSize", APPROX_BLOCK_SIZE, minimum=1),
@@ -271,8 +287,17 @@ class PrecisePrefixCacheScorer:
         keys = st.keys_by_bs.get(bs)
         if keys is None and request.prompt_token_ids is not None:
             keys = self.index.keys_for(request.prompt_token_ids, bs, self.tokenizers.lora_of(request.target_model))
-        if keys:
+        if not keys:
+            return
+        if self.hold_in_flight:
+            self.index.hold(_hold_id(request), target.address, keys, self.max_hold_s)
+        else:
             self.index.add_speculative(target.address, keys, self.speculative_ttl_s)
+
+    def on_complete(self, request: InferenceRequest, observation: Observation) -> None:
+        """The request finished (any way): its in-flight hold ends; the pod's KV events say what stays cached."""
+        if self.hold_in_flight:
+            self.index.release(_hold_id(request))
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index.snapshot_stats(), "tokenize": asdict(self.tokenizers.stats)}

@@ -7,7 +7,16 @@ import pytest
 from predictor_helpers import synthetic_samples
 
 from extproc.predictor.cli import evaluate
-from extproc.predictor.features import N_FEATURES, WAITING, PodClassCodes
+from extproc.predictor.features import (
+    CHUNK_AGE_CAP_MS,
+    N_FEATURES,
+    SINCE_LAST_CHUNK_MS,
+    STEP_GAP_MAX_S,
+    STEP_GAP_MIN_S,
+    STEP_INTERVAL_MS,
+    WAITING,
+    PodClassCodes,
+)
 from extproc.predictor.model import LatencyModel
 from extproc.predictor.service import ServiceConfig
 from extproc.predictor.simdata import generate
@@ -63,6 +72,17 @@ def test_simulated_data_and_per_regime_evaluation() -> None:
     assert d.phase_ms.shape == (len(d),) and (d.phase_ms >= 0).all()
     # the wait for the step in progress is part of the TTFT (the prefill step comes after it)
     assert (d.phase_ms <= d.ttft_ms + 1e-6).all()
+    # the step-phase columns are what the gateway saw (last chunk before the decision), not the hidden phase:
+    # a pod busy with a step emitted tokens before it, and that last chunk plus the time left in the step in
+    # progress is one step's duration, at least the fastest profile's fixed step cost
+    since, interval = d.x[:, SINCE_LAST_CHUNK_MS], d.x[:, STEP_INTERVAL_MS]
+    assert ((since >= 0) & (since <= CHUNK_AGE_CAP_MS)).all()
+    busy = d.phase_ms > 0
+    assert busy.any() and (since[busy] < CHUNK_AGE_CAP_MS).mean() > 0.9
+    assert (since[busy] + d.phase_ms[busy] > 1.0).all()
+    measured = interval[~np.isnan(interval)]
+    assert len(measured) > 0.9 * len(d)
+    assert ((measured >= STEP_GAP_MIN_S * 1000) & (measured <= STEP_GAP_MAX_S * 1000)).all()
     cfg = TrainerConfig(n_trees=10, quantile_trees=5, tpot_trees=5, tpot_quantile_trees=5, min_data_in_leaf=3)
     m = _model(cfg, d.x, d.ttft_ms, d.tpot_ms)
     ev = evaluate(m, d.x, d.ttft_ms, d.tpot_ms, classes.as_dict())
