@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.extproc-installed
 
-.PHONY: demo test test-fast setup real-vllm bench clean
+.PHONY: demo test test-fast setup real-vllm aiperf bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || (echo "python3 -m venv failed: installing python3-venv" && apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV))
@@ -22,7 +22,10 @@ demo: $(STAMP)
 real-vllm:
 	bash scripts/real_vllm_setup.sh
 
-test: $(STAMP) real-vllm
+aiperf:
+	bash scripts/aiperf_setup.sh
+
+test: $(STAMP) real-vllm aiperf
 	bash scripts/run_tests.sh
 
 test-fast: $(STAMP)
@@ -32,4 +35,4 @@ bench: $(STAMP)
 	$(VENV)/bin/extproc bench --workload shared-prefix --virtual --out out/bench
 
 clean:
-	rm -rf $(VENV) .venv-vllm out demo-report.json
+	rm -rf $(VENV) .venv-vllm .venv-aiperf out demo-report.json

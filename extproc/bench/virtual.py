@@ -9,7 +9,9 @@ with an ``Observation`` at the end. Network and proxy latency are zero: TTFT is 
 
 Envoy-only setups are modelled in-process: ROUND_ROBIN cycles the pods; LEAST_REQUEST is Envoy's default
 power-of-two-choices over active requests. Peer routers (own Rust proxies) cannot run in virtual time.
-KV events, when a config needs them, are handed from each engine step to the KV-event index in-process.
+KV events, when a config needs them, are handed to the KV-event index in-process at the end of the step that
+produced them (vLLM publishes a step's events once the step returns); the index's speculative TTLs and
+in-flight holds run on virtual time.
 """
 
 from __future__ import annotations
@@ -245,8 +247,6 @@ def run_virtual(
         steps += 1
         pod.stepping = True
         pod.pending = res
-        if kv_feed is not None and res.kv_events:
-            kv_feed(pod.endpoint.address, res.kv_events)
         heapq.heappush(events, (at + res.duration_s, seq, _STEP_END, pod))
         seq += 1
 
@@ -299,6 +299,9 @@ def run_virtual(
                 res = pod.pending
                 pod.stepping = False
                 pod.pending = None
+                if kv_feed is not None and res.kv_events:
+                    # vLLM records a step's KV events while scheduling it and publishes them once the step returns
+                    kv_feed(pod.endpoint.address, res.kv_events)
                 for out in res.outputs:
                     lv = live.get(out.request_id)
                     if lv is None:
