@@ -1,4 +1,4 @@
-"""Cross-check our load generator against an external one: `aiperf <https://pypi.org/project/aiperf/>`_.
+"""Cross-check our load generator against an external one: aiperf (the PyPI package).
 
 For each setup a fresh fleet and the setup's proxy are started; our client (closed loop, ``concurrency`` streams
 in flight, ``requests`` requests of ``isl`` prompt tokens and exactly ``osl`` output tokens) runs first, then
