@@ -150,3 +150,40 @@ def test_speculative_entries_expire_and_are_confirmed() -> None:
     clock.t += 10
     assert idx.lookup(keys, ["a"]) == {"a": 2}
     assert idx.speculative_count("a") == 0
+
+
+def test_in_flight_holds_are_counted_released_and_capped() -> None:
+    clock = Clock()
+    idx = KVBlockIndex(clock=clock)
+    keys = idx.keys_for(TOKENS, BS)
+    idx.hold("r1", "a", keys, max_s=60.0)
+    idx.hold("r2", "a", keys[:2], max_s=60.0)
+    clock.t += 30.0  # holds do not expire with the speculative TTL
+    assert idx.lookup(keys, ["a", "b"]) == {"a": 4, "b": 0}
+    assert idx.release("r1") and not idx.release("r1")
+    assert idx.lookup(keys, ["a"]) == {"a": 2}  # r2 still holds its two blocks
+    clock.t += 31.0  # r2 never completed: dropped at its cap
+    assert idx.lookup(keys, ["a"]) == {"a": 0}
+    assert idx.stats.holds_expired == 1 and idx.stats.holds_released == 1 and idx.holds_of("a") == 0
+
+
+def test_drop_pod_releases_its_holds() -> None:
+    idx = KVBlockIndex(clock=Clock())
+    keys = idx.keys_for(TOKENS, BS)
+    idx.hold("r1", "a", keys, max_s=60.0)
+    idx.hold("r2", "b", keys, max_s=60.0)
+    idx.drop_pod("a")
+    assert idx.lookup(keys, ["a", "b"]) == {"a": 0, "b": 4}
+    assert not idx.release("r1") and idx.release("r2")
+
+
+def test_index_clock_can_be_replaced() -> None:
+    """A virtual-time driver sets the clock: speculative TTLs then expire in its seconds, not wall seconds."""
+    idx = KVBlockIndex()
+    virtual = Clock()
+    idx.clock = virtual
+    keys = idx.keys_for(TOKENS, BS)
+    idx.add_speculative("a", keys, ttl_s=2.0)
+    assert idx.lookup(keys, ["a"]) == {"a": 4}
+    virtual.t += 2.5
+    assert idx.lookup(keys, ["a"]) == {"a": 0}

@@ -12,7 +12,7 @@ from extproc.datalayer.kvevents import BlockRemoved, BlockStored, KVEventManager
 from extproc.datalayer.kvindex import KVBlockIndex
 from extproc.datalayer.tokenize import Tokenizers
 from extproc.scheduling.config import build_config, load_config
-from extproc.scheduling.framework import CycleState, ProfileResult, SchedulingResult
+from extproc.scheduling.framework import CycleState, Observation, ProfileResult, SchedulingResult
 from extproc.scheduling.plugins.precise_prefix import PrecisePrefixCacheScorer
 from extproc.scheduling.plugins.prefix import PrefixIndex
 from extproc.sim.tokenizer import get_tokenizer
@@ -34,11 +34,13 @@ def request(model: str = "m", messages: list[dict[str, str]] | None = None) -> I
     return parse_request("/v1/chat/completions", json.dumps({"model": model, "messages": messages or MSGS}).encode())
 
 
-def setup(clock: Clock | None = None) -> tuple[EndpointPool, KVBlockIndex, PrecisePrefixCacheScorer, list[int]]:
+def setup(clock: Clock | None = None, *, hold: bool = False) -> tuple[EndpointPool, KVBlockIndex, PrecisePrefixCacheScorer, list[int]]:
     pool = EndpointPool(default_models=frozenset({"m", "other"}))
     pool.set_endpoints([A, B, C])
     index = KVBlockIndex(clock=clock or Clock())
-    scorer = PrecisePrefixCacheScorer("p", index, Tokenizers({"m": {"kind": "sim"}}), block_size=BS, speculative_ttl_s=2.0)
+    scorer = PrecisePrefixCacheScorer(
+        "p", index, Tokenizers({"m": {"kind": "sim"}}), block_size=BS, speculative_ttl_s=2.0, hold_in_flight=hold, max_hold_s=60.0
+    )
     tokens = get_tokenizer().encode_chat(MSGS)
     return pool, index, scorer, tokens
 
@@ -112,6 +114,42 @@ def test_speculative_confirmed_by_event_survives_ttl() -> None:
     assert scorer.score(CycleState(), request(), pool.snapshot())[1] == 0.0
 
 
+def test_in_flight_hold_lasts_until_completion() -> None:
+    """A request queued longer than any fixed TTL still marks its pod as the prefix's home until it completes;
+    after completion only the pod's KV events count."""
+    clock = Clock()
+    pool, index, scorer, tokens = setup(clock, hold=True)
+    total = len(tokens) // BS
+    cycle = CycleState()
+    req = request()
+    scorer.score(cycle, req, pool.snapshot())
+    scorer.pre_request(cycle, req, result_for(pool, B))
+    clock.t += 30.0  # far past speculativeTtlSeconds
+    assert scorer.score(CycleState(), request(), pool.snapshot()) == [0.0, 1.0, 0.0]
+    store(index, B, tokens, 2)  # the engine cached (and pins) two blocks while the request runs
+    scorer.on_complete(req, Observation(req.request_id, B, "m", len(tokens), dispatch_ts=0.0, status=200))
+    s = scorer.score(CycleState(), request(), pool.snapshot())
+    assert abs(s[1] - 2 / total) < 1e-9
+    index.apply(B, [BlockRemoved([1])])  # evicted after completion: no stale promise left
+    assert scorer.score(CycleState(), request(), pool.snapshot()) == [0.0, 0.0, 0.0]
+    assert index.stats.holds == 1 and index.stats.holds_released == 1
+
+
+def test_two_requests_same_prefix_hold_independently() -> None:
+    clock = Clock()
+    pool, index, scorer, _ = setup(clock, hold=True)
+    body = json.dumps({"model": "m", "messages": MSGS}).encode()
+    r1, r2 = (parse_request("/v1/chat/completions", body, request_id="dup") for _ in range(2))
+    for r in (r1, r2):
+        c = CycleState()
+        scorer.score(c, r, pool.snapshot())
+        scorer.pre_request(c, r, result_for(pool, A))
+    scorer.on_complete(r1, Observation(r1.request_id, A, "m", 1, dispatch_ts=0.0))
+    assert scorer.score(CycleState(), request(), pool.snapshot())[0] == 1.0  # r2 (same x-request-id) still holds
+    scorer.on_complete(r2, Observation(r2.request_id, A, "m", 1, dispatch_ts=0.0))
+    assert scorer.score(CycleState(), request(), pool.snapshot())[0] == 0.0
+
+
 def test_fallback_to_approximate_index_without_tokenizer() -> None:
     pool, index, scorer, _ = setup()
     req = request("other")
@@ -156,3 +194,5 @@ def test_shipped_profile_loads() -> None:
     cfg = load_config("precise-prefix", pool)
     names = {ws.scorer.type_name: ws.weight for ws in cfg.scheduler.profiles["default"].scorers}
     assert names["precise-prefix-cache"] > 0 and "queue-scorer" in names and "kv-cache-utilization-scorer" in names
+    sc = cfg.plugins["precise-prefix-cache"]
+    assert sc.hold_in_flight and sc in cfg.scheduler.observers  # holds are released on completion
