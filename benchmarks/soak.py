@@ -243,8 +243,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
             async def faulter() -> None:
                 k = 0
-                while True:
-                    await asyncio.sleep(args.fault_every)
+                while True:  # fault k starts at (k + 1) × fault_every, whatever the previous one took
+                    await asyncio.sleep(max(0.0, t0 + (k + 1) * args.fault_every - time.monotonic()))
                     await inject(fleet, FAULTS[k % len(FAULTS)], k % args.pods, args.fault_every / 2, faults_log, t0)
                     k += 1
 

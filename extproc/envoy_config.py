@@ -9,7 +9,7 @@ Request path (see docs/envoy.md)::
     early header mutation  strip client-supplied x-gateway-destination-endpoint* (before routing)
     header_mutation        the same, as an HTTP filter (for configs that include our filters only)
     ext_proc "extproc"     headers SEND, body BUFFERED -> scheduler sets x-gateway-destination-endpoint
-    ext_proc "extproc-observe"  observability_mode: response headers (+ request id attribute)/body/trailers, send-and-go
+    ext_proc "extproc-observe"  observability_mode: response headers/body/trailers, send-and-go
     router                 route A (header present) -> ORIGINAL_DST; route B -> fallback / JSON 503
 
 The ``extproc envoy-config`` subcommand lives here too (``add_arguments`` / ``run``).
@@ -58,9 +58,6 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SERVED_HEADER = "x-gateway-destination-endpoint-served"
 SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
 REQUEST_ID_HEADER = "x-extproc-request-id"
-# The observation filter gets the request id as a CEL attribute of its first (response headers) message instead of
-# a whole request_headers message: one gRPC message fewer per request (see docs/design.md "ext_proc").
-REQUEST_ID_ATTRIBUTE = f"request.headers['{REQUEST_ID_HEADER}']"
 SPOOFABLE_HEADERS: tuple[str, ...] = (DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER)
 LB_METADATA_NAMESPACE = "envoy.lb"
 
@@ -488,16 +485,13 @@ def _extproc_filters(opts: EnvoyConfigOptions) -> list[Any]:
             failure_mode_allow=True,
             observability_mode=True,
             processing_mode=ProcessingMode(
-                # The stream opens at the response: the request id (set by the routing answer) comes as an
-                # attribute of the response_headers message, so no request_headers copy is needed.
-                request_header_mode=Hdr.SKIP,
+                request_header_mode=Hdr.SEND,
                 request_body_mode=Body.NONE,
                 request_trailer_mode=Hdr.SKIP,
                 response_header_mode=Hdr.SEND,
                 response_body_mode=Body.STREAMED,
                 response_trailer_mode=Hdr.SEND,
             ),
-            response_attributes=[REQUEST_ID_ATTRIBUTE],
             stat_prefix="extproc_observe",
             deferred_close_timeout=_td(5),
         )

@@ -163,12 +163,6 @@ class SchedulerServer:
         ]
         if self.opts.grpc_max_concurrent_streams:
             options.append(("grpc.max_concurrent_streams", self.opts.grpc_max_concurrent_streams))
-        if os.environ.get("EXTPROC_EXP_GRPC_OPTS"):  # EXPERIMENT-ONLY (remove)
-            options += [tuple(o) for o in json.loads(os.environ["EXTPROC_EXP_GRPC_OPTS"])]
-        if os.environ.get("EXTPROC_EXP_FREEZE"):  # EXPERIMENT-ONLY (remove)
-            import gc
-            gc.collect()
-            gc.freeze()
         self._grpc = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.handler, self._grpc)
         addr = f"{self.opts.host}:{self.opts.grpc_port}"

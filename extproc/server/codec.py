@@ -19,8 +19,6 @@ HDR_DESTINATION = "x-gateway-destination-endpoint"
 HDR_SERVED = "x-gateway-destination-endpoint-served"
 HDR_SUBSET = "x-gateway-destination-endpoint-subset"
 HDR_REQUEST_ID = "x-extproc-request-id"
-# CEL attribute the observation filter asks Envoy for (``response_attributes``); see extproc.envoy_config.
-ATTR_REQUEST_ID = f"request.headers['{HDR_REQUEST_ID}']"
 ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET)
 LB_NAMESPACE = "envoy.lb"
 
@@ -38,23 +36,6 @@ def headers_to_dict(hm: object) -> dict[str, str]:
         else:
             out[k] = v
     return out
-
-
-def header_value(hm: object, name: str) -> str | None:
-    """The first value of header ``name`` (lower-case) in a HeaderMap, or None."""
-    for h in hm.headers:  # type: ignore[attr-defined]
-        if h.key == name:
-            return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-    return None
-
-
-def attribute_request_id(req: pb.ProcessingRequest) -> str | None:  # type: ignore[name-defined]
-    """The ``x-extproc-request-id`` attribute Envoy attached to a message (keyed by filter name, then expression)."""
-    for attrs in req.attributes.values():
-        v = attrs.fields.get(ATTR_REQUEST_ID)
-        if v is not None and v.WhichOneof("kind") == "string_value":
-            return v.string_value
-    return None
 
 
 def _set(mutation: pb.HeaderMutation, key: str, value: str) -> None:  # type: ignore[name-defined]

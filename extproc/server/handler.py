@@ -266,19 +266,17 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
     def _observe(self, st: _Stream, req: Any) -> None:
         kind = req.WhichOneof("request")
         try:
-            if st.messages == 1:
-                # Correlate with the routing stream: the request id comes as a response attribute of the first
-                # message (current config), or in a copy of the request headers (configs that send them).
-                rid = codec.attribute_request_id(req) if req.attributes else None
-                if rid is None and kind == "request_headers":
-                    rid = codec.header_value(req.request_headers.headers, codec.HDR_REQUEST_ID)
-                if rid is not None:
-                    st.flight = self.tracker.get(rid)
-                    if st.flight is not None:
-                        st.flight.observed = True
-            if st.flight is None:
+            if kind == "request_headers":
+                for h in req.request_headers.headers.headers:
+                    if h.key == codec.HDR_REQUEST_ID:
+                        rid = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+                        st.flight = self.tracker.get(rid)
+                        if st.flight is not None:
+                            st.flight.observed = True
+                        break
+            elif st.flight is None:
                 return
-            if kind == "response_headers":
+            elif kind == "response_headers":
                 rh = req.response_headers
                 if not st.flight.response_started:
                     for h in rh.headers.headers:

@@ -119,13 +119,12 @@ def test_response_observe_modes() -> None:
     assert obs["observability_mode"] is True
     assert obs["failure_mode_allow"] is True
     assert obs["processing_mode"] == {
-        "request_header_mode": "SKIP",  # the request id comes as a response attribute instead
+        "request_header_mode": "SEND",
         "response_header_mode": "SEND",
         "response_body_mode": "STREAMED",
         "request_trailer_mode": "SKIP",
         "response_trailer_mode": "SEND",
     }
-    assert obs["response_attributes"] == ["request.headers['x-extproc-request-id']"]
     assert "response_body_mode" not in observe["extproc"]["processing_mode"]
 
     streamed = _filters(_render(response_observe="streamed"))

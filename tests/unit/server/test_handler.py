@@ -188,42 +188,6 @@ async def test_observation_stream_finishes_flight(server):
     assert 'extproc_output_tokens_total{model="m"} 2.0' in text
 
 
-def attr_resp_headers_msg(rid: str, status=200):
-    """What the current Envoy config sends first on an observation stream: response headers + the request id
-    as a CEL attribute (no request_headers message)."""
-    req = resp_headers_msg(status, observe=True)
-    req.attributes["envoy.filters.http.ext_proc"].fields["request.headers['x-extproc-request-id']"].string_value = rid
-    return req
-
-
-async def test_observation_stream_correlates_by_attribute(server):
-    b = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 2}).encode()
-    ch, call, rid = await open_routing(server, b)
-    ep = server.pool.get("127.0.0.1:2")
-    assert ep.inflight == 1
-    body = json.dumps({"choices": [{"text": "ab"}], "usage": {"prompt_tokens": 2, "completion_tokens": 2}}).encode()
-    # an observation stream for some other request id attaches to nothing
-    await exchange(server, [attr_resp_headers_msg("not-a-request"), resp_body_msg(body, end=True, observe=True)])
-    assert ep.inflight == 1 and len(server.tracker) == 1
-    await exchange(server, [attr_resp_headers_msg(rid), resp_body_msg(body, observe=True), resp_body_msg(b"", end=True, observe=True)])
-    assert ep.inflight == 0 and len(server.tracker) == 0
-    await call.done_writing()
-    await ch.close()
-    text = server.metrics.exposition().decode()
-    assert 'extproc_request_completions_total{outcome="ok"} 1.0' in text
-    assert 'extproc_output_tokens_total{model="m"} 2.0' in text
-
-
-async def test_observation_stream_by_attribute_reports_upstream_error(server):
-    b = json.dumps({"model": "m", "prompt": "hello"}).encode()
-    ch, call, rid = await open_routing(server, b)
-    await exchange(server, [attr_resp_headers_msg(rid, status=503), resp_body_msg(b"upstream down", end=True, observe=True)])
-    assert all(ep.inflight == 0 for ep in server.pool.snapshot())
-    assert 'extproc_request_completions_total{outcome="status_503"} 1.0' in server.metrics.exposition().decode()
-    await call.done_writing()
-    await ch.close()
-
-
 async def test_observation_stream_cut_counts_disconnect(server):
     b = json.dumps({"model": "m", "prompt": "hello", "stream": True}).encode()
     ch, call, rid = await open_routing(server, b)
