@@ -3,7 +3,7 @@
 
 ```
 extproc bench --workload shared-prefix --fleet 8 --setups envoy-rr,extproc-default --out out/ [--virtual]
-extproc bench overhead --pods 8 --duration 5
+extproc bench overhead --pods 8 --duration 3
 ```
 """
 
@@ -41,10 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aiperf-load", default="8:200:128:32",
                    help="--aiperf load CONCURRENCY:REQUESTS:ISL:OSL (default 8:200:128:32)")
     # overhead
-    p.add_argument("--pods", type=int, default=8, help="overhead: simulated pods behind Envoy")
-    p.add_argument("--duration", type=float, default=5.0, help="overhead: seconds per measurement")
+    p.add_argument("--pods", type=int, default=8, help="overhead: pods behind Envoy")
+    p.add_argument("--duration", type=float, default=3.0, help="overhead: seconds per measurement")
     p.add_argument("--connections", default="1,16", help="overhead: client connection counts")
     p.add_argument("--decision-pods", default="8,32,128,512", help="overhead: pod counts for in-process decision latency")
+    p.add_argument("--rounds", type=int, default=2, help="overhead: interleaved rounds (order rotated each round)")
+    p.add_argument("--upstream", choices=["fake", "sim"], default="fake", help="overhead: fake = Envoy direct_response pods; sim = the Python simulator")
+    p.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto", help="overhead: load generator (auto: wrk if installed)")
+    p.add_argument("--observe", default="observability,none", help="overhead: extproc --response-observe modes to compare")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
             connections=[int(c) for c in args.connections.split(",") if c.strip()],
             decision_pods=[int(c) for c in args.decision_pods.split(",") if c.strip()],
             out_dir=args.out,
+            rounds=args.rounds,
+            upstream=args.upstream,
+            client=args.client,
+            observe=[m for m in args.observe.split(",") if m],
         )
     return run_bench(args)
 

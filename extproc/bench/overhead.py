@@ -1,30 +1,65 @@
 """``extproc bench overhead``: what the scheduler adds on the request path.
 
-1. Envoy alone (ROUND_ROBIN) vs Envoy + extproc (default profile), both over the same simulated pods, at 1 and
-   16 connections, interleaved in one run (envoy, extproc, envoy, extproc, ...). The pods run with
-   ``time_scale=0.001`` and requests ask for one token from a short prompt, so the upstream answers in well under
-   a millisecond of simulated time and the measurement is dominated by the proxy path (Envoy + ext_proc round
-   trips + scheduling), not by the model. The load generator is a closed-loop aiohttp client in its own process
-   (one keep-alive connection per worker), so it never shares an event loop with the scheduler or the fleet.
+1. Proxy path. Envoy alone (ROUND_ROBIN over the pods) vs Envoy + extproc (default profile; ``--response-observe``
+   ``observability`` and ``none``), at 1 and 16 connections, interleaved (every setup once per connection count per
+   round, order rotated each round) for ``rounds`` rounds. All stacks are started once and stay up; each run reads
+   the CPU seconds of the scheduler and of both Envoys from ``/proc/PID/stat`` before and after, and subtracts the
+   idle CPU (scrape loop, timers) measured before any load, so ``sched_us`` is the scheduler's cost per request.
+
+   Upstream (``upstream``):
+   - ``fake`` (default): :class:`extproc.bench.fakepods.FakePods`, one Envoy answering every pod with a
+     ``direct_response`` (completion JSON with usage, vLLM ``/metrics``, ``/v1/models``): a few µs per request.
+   - ``sim``: the Python vLLM simulator (``time_scale`` 0.001, one output token): realistic answers, but it eats
+     most of a core, so on a small machine it hides what the proxy and scheduler cost.
+
+   Load generator (``client``): ``wrk`` (C, one thread, closed loop, keep-alive, a Lua script for the POST body
+   and a JSON summary of latency percentiles) when it is on PATH, else the closed-loop aiohttp client in its own
+   process (it costs ~10× more CPU per request than wrk, so it competes with what is measured; the output says so).
 2. In-process decision latency (parse → schedule → pre-request hooks) of the default profile vs pod count.
+
+Run: ``extproc bench overhead`` or ``python -m extproc.bench.overhead --upstream fake --client wrk --rounds 2``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import random
+import shutil
+import statistics
+import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.bench.report import percentile
 
 log = logging.getLogger(__name__)
 
-_BODY = json.dumps({"model": "sim-llama", "prompt": "overhead probe: the quick brown fox", "max_tokens": 1}).encode()
+MODEL = "sim-llama"
+_BODY = json.dumps({"model": MODEL, "prompt": "overhead probe: the quick brown fox", "max_tokens": 1}).encode()
+_PATH = "/v1/completions"
+_TICK = os.sysconf("SC_CLK_TCK")
+OBSERVE_MODES: tuple[str, ...] = ("observability", "none")
+
+
+# ---------------------------------------------------------------------------------------------------- CPU accounting
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+# ---------------------------------------------------------------------------------------------------- load: aiohttp
 
 
 def _client_proc(url: str, connections: int, duration: float, q: Any) -> None:
@@ -36,9 +71,9 @@ def _client_proc(url: str, connections: int, duration: float, q: Any) -> None:
         errors = 0
         conn = aiohttp.TCPConnector(limit=connections)
         async with aiohttp.ClientSession(connector=conn) as s:
-            # warm-up: open the connections, let the scheduler see the pods' metrics
+            # warm-up: open a connection, let the scheduler see the pods' metrics
             for _ in range(3):
-                async with s.post(url + "/v1/completions", data=_BODY, headers={"content-type": "application/json"}) as r:
+                async with s.post(url + _PATH, data=_BODY, headers={"content-type": "application/json"}) as r:
                     await r.read()
             end = time.perf_counter() + duration
 
@@ -47,7 +82,7 @@ def _client_proc(url: str, connections: int, duration: float, q: Any) -> None:
                 while time.perf_counter() < end:
                     t = time.perf_counter()
                     try:
-                        async with s.post(url + "/v1/completions", data=_BODY, headers={"content-type": "application/json"}) as r:
+                        async with s.post(url + _PATH, data=_BODY, headers={"content-type": "application/json"}) as r:
                             await r.read()
                             ok = r.status == 200
                     except aiohttp.ClientError:
@@ -71,6 +106,7 @@ def _client_proc(url: str, connections: int, duration: float, q: Any) -> None:
 
 
 def measure(url: str, connections: int, duration: float) -> dict[str, Any]:
+    """Closed-loop aiohttp load (a spawned process) → requests, errors, rps, p50_ms, p99_ms. Blocking."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_client_proc, args=(url, connections, duration, q), daemon=True)
@@ -93,6 +129,94 @@ def measure(url: str, connections: int, duration: float) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------------- load: wrk
+
+_WRK_MARK = "WRKJSON "
+
+
+def wrk_binary() -> str | None:
+    """Path of ``wrk`` (env ``EXTPROC_WRK`` overrides), or None when it is not installed."""
+    return os.environ.get("EXTPROC_WRK") or shutil.which("wrk")
+
+
+def wrk_script(body: bytes) -> str:
+    """Lua for wrk: POST ``body`` as JSON; ``done()`` prints one ``WRKJSON {...}`` line (latencies in µs)."""
+    text = body.decode()
+    eq = "=" * 4
+    while f"]{eq}]" in text:
+        eq += "="
+    return (
+        'wrk.method = "POST"\n'
+        f"wrk.body = [{eq}[{text}]{eq}]\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        "done = function(summary, latency, requests)\n"
+        "  local e = summary.errors\n"
+        f'  io.write(string.format("{_WRK_MARK}'
+        '{\\"requests\\":%d,\\"duration_us\\":%d,\\"connect\\":%d,\\"read\\":%d,\\"write\\":%d,\\"status\\":%d,'
+        '\\"timeout\\":%d,\\"p50_us\\":%d,\\"p90_us\\":%d,\\"p99_us\\":%d,\\"max_us\\":%d}\\n",\n'
+        "    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,\n"
+        "    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))\n"
+        "end\n"
+    )
+
+
+def parse_wrk_output(stdout: str) -> dict[str, Any]:
+    """The ``WRKJSON`` line of a wrk run → requests (2xx/3xx), errors, rps, p50_ms, p99_ms."""
+    for line in stdout.splitlines():
+        if line.startswith(_WRK_MARK):
+            d = json.loads(line[len(_WRK_MARK) :])
+            break
+    else:
+        raise RuntimeError(f"wrk printed no summary:\n{stdout[-2000:]}")
+    bad = int(d["status"])  # non-2xx/3xx responses (still counted in summary.requests)
+    ok = max(0, int(d["requests"]) - bad)
+    errors = bad + int(d["connect"]) + int(d["read"]) + int(d["write"]) + int(d["timeout"])
+    secs = max(int(d["duration_us"]), 1) / 1e6
+    return {
+        "requests": ok,
+        "errors": errors,
+        "rps": round(ok / secs, 1),
+        "p50_ms": round(int(d["p50_us"]) / 1000.0, 3) if d["requests"] else None,
+        "p99_ms": round(int(d["p99_us"]) / 1000.0, 3) if d["requests"] else None,
+    }
+
+
+async def run_wrk(url: str, connections: int, duration: float, body: bytes = _BODY, path: str = _PATH) -> dict[str, Any]:
+    """One closed-loop wrk run (one thread, ``connections`` keep-alive connections)."""
+    binary = wrk_binary()
+    if binary is None:
+        raise RuntimeError("wrk is not installed")
+    with tempfile.TemporaryDirectory(prefix="extproc-wrk-") as wd:
+        script = os.path.join(wd, "post.lua")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(wrk_script(body))
+        secs = max(1, round(duration))
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-t1", f"-c{connections}", f"-d{secs}s", "--timeout", "5s", "-s", script, url + path,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), secs + 30)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise RuntimeError("wrk did not finish") from None
+    text = out.decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk exited with {proc.returncode}:\n{text[-2000:]}")
+    return parse_wrk_output(text)
+
+
+async def load(client: str, url: str, connections: int, duration: float) -> dict[str, Any]:
+    if client == "wrk":
+        return await run_wrk(url, connections, duration)
+    return await asyncio.get_running_loop().run_in_executor(None, measure, url, connections, duration)
+
+
+# ---------------------------------------------------------------------------------------------------- decision latency
+
+
 def decision_latency(pods: int, requests: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Parse + schedule + pre-request hooks of the default profile over ``pods`` endpoints with varied metrics."""
     from extproc.api import parse_request
@@ -101,7 +225,7 @@ def decision_latency(pods: int, requests: int = 2000, seed: int = 0) -> dict[str
     from extproc.scheduling.config import load_config
 
     rng = random.Random(seed)
-    pool = EndpointPool(default_models=frozenset({"sim-llama"}))
+    pool = EndpointPool(default_models=frozenset({MODEL}))
     pool.set_endpoints([f"10.{i // 250}.{i % 250}.1:8000" for i in range(pods)])
     now = time.monotonic()
     for ep in pool.snapshot():
@@ -119,57 +243,308 @@ def decision_latency(pods: int, requests: int = 2000, seed: int = 0) -> dict[str
     return {"pods": pods, "requests": len(times), "p50_us": round(percentile(times, 50), 1), "p99_us": round(percentile(times, 99), 1)}
 
 
-async def _proxy_runs(pods: int, duration: float, connections: list[int]) -> list[dict[str, Any]]:
+# ---------------------------------------------------------------------------------------------------- proxy runs
+
+
+@dataclass(slots=True)
+class OverheadOptions:
+    pods: int = 8
+    duration: float = 3.0
+    connections: list[int] = field(default_factory=lambda: [1, 16])
+    rounds: int = 2
+    upstream: str = "fake"  # fake | sim
+    client: str = "auto"  # auto | wrk | aiohttp
+    observe: list[str] = field(default_factory=lambda: list(OBSERVE_MODES))
+    decision_pods: list[int] = field(default_factory=lambda: [8, 32, 128, 512])
+    out_dir: str = "bench-out"
+
+
+def resolve_client(requested: str) -> tuple[str, str | None]:
+    """(client to use, note for the output or None). ``auto``/``wrk`` fall back to aiohttp when wrk is absent."""
+    if requested == "aiohttp":
+        return "aiohttp", None
+    if wrk_binary() is not None:
+        return "wrk", None
+    return "aiohttp", (
+        "NOTE: wrk is not installed (apt-get install -y wrk); falling back to the Python aiohttp client, which costs "
+        "~10x more CPU per request than wrk and competes with the proxy and the scheduler on a small machine: "
+        "the req/s below understate both setups."
+    )
+
+
+def _setup_names(observe: list[str]) -> list[str]:
+    return ["envoy-rr", *(f"extproc-{m}" for m in observe)]
+
+
+async def _warm(url: str, n: int = 20) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            async with s.post(url + _PATH, data=_BODY, headers={"content-type": "application/json"}) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"warm-up request to {url} answered {r.status}: {(await r.text())[:300]}")
+
+
+async def _proxy_runs(opts: OverheadOptions, client: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    from extproc.bench.fakepods import FakePods
     from extproc.harness import Stack, StackSpec, start_sim_process, stop_process
 
-    proc, info = await start_sim_process(["--pods", str(pods), "--base-port", "0", "--time-scale", "0.001"])
     rows: list[dict[str, Any]] = []
-    try:
-        eps = list(info["endpoints"])
-        async with Stack(StackSpec(endpoints=eps, config=None, lb_policy="ROUND_ROBIN")) as envoy, Stack(
-            StackSpec(endpoints=eps, config="default", models=["sim-llama"])
-        ) as ext:
-            loop = asyncio.get_running_loop()
-            for c in connections:
-                for name, url in (("envoy-rr", envoy.url), ("envoy+extproc", ext.url)):
-                    m = await loop.run_in_executor(None, measure, url, c, duration)
-                    rows.append({"setup": name, "connections": c, **m})
-    finally:
-        await stop_process(proc)
-    return rows
+    idle_cores: dict[str, float] = {}
+    async with contextlib.AsyncExitStack() as es:
+        upstream_pid: int | None = None
+        if opts.upstream == "fake":
+            pods = await es.enter_async_context(FakePods(opts.pods, models=[MODEL]))
+            eps = list(pods.endpoints)
+            assert pods.envoy is not None
+            upstream_pid = pods.envoy.pid
+        else:
+            proc, info = await start_sim_process(["--pods", str(opts.pods), "--base-port", "0", "--time-scale", "0.001"])
+            es.push_async_callback(stop_process, proc)
+            eps = list(info["endpoints"])
+            upstream_pid = proc.pid
+        stacks: dict[str, Stack] = {}
+        stacks["envoy-rr"] = await es.enter_async_context(Stack(StackSpec(endpoints=eps, config=None, lb_policy="ROUND_ROBIN")))
+        for m in opts.observe:
+            spec = StackSpec(endpoints=eps, config="default", models=[MODEL], response_observe=m)
+            stacks[f"extproc-{m}"] = await es.enter_async_context(Stack(spec))
+        for st in stacks.values():
+            await _warm(st.url)
+
+        def pids_of(name: str) -> dict[str, int]:
+            st = stacks[name]
+            assert st.envoy is not None
+            p = {"envoy": st.envoy.pid}
+            if st.scheduler is not None:
+                p["sched"] = st.scheduler.proc.pid
+            if upstream_pid is not None:
+                p["pods"] = upstream_pid
+            return p
+
+        # idle CPU of every process, all stacks up, no load (scrape loops, timers): subtracted from each run
+        await asyncio.sleep(0.5)
+        all_pids = {f"{n}:{k}": pid for n in stacks for k, pid in pids_of(n).items()}
+        idle_s = 1.5
+        c0 = {k: cpu_seconds(p) for k, p in all_pids.items()}
+        await asyncio.sleep(idle_s)
+        idle_cores = {k: (cpu_seconds(p) - c0[k]) / idle_s for k, p in all_pids.items()}
+
+        names = list(stacks)
+        loop = asyncio.get_running_loop()
+        for rnd in range(opts.rounds):
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]
+            for c in opts.connections:
+                for name in order:
+                    pids = pids_of(name)
+                    # the pods process is shared by all stacks: its idle rate is the sum of every scheduler's scraping
+                    idle = {k: idle_cores[f"{name}:{k}"] for k in pids}
+                    c0 = {k: cpu_seconds(p) for k, p in pids.items()}
+                    t0 = loop.time()
+                    m = await load(client, stacks[name].url, c, opts.duration)
+                    wall = loop.time() - t0
+                    used = {k: cpu_seconds(p) - c0[k] for k, p in pids.items()}
+                    n = max(1, m["requests"])
+                    row: dict[str, Any] = {"setup": name, "connections": c, "round": rnd, **m}
+                    for k in pids:
+                        row[f"{k}_us"] = round(max(0.0, used[k] - idle[k] * wall) / n * 1e6, 1)
+                    rows.append(row)
+                    log.info("overhead run %s", row)
+    return rows, idle_cores
 
 
-def run_overhead(pods: int, duration: float, connections: list[int], decision_pods: list[int], out_dir: str) -> int:
-    rows = asyncio.run(_proxy_runs(pods, duration, connections))
-    print(f"Proxy path: {pods} simulated pods (time_scale 0.001, 1 output token), closed-loop aiohttp client in its own process")
-    print("| setup | connections | req/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['setup']} | {r['connections']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
-    ratios = []
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def summarize(rows: list[dict[str, Any]], observe: list[str], connections: list[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Median over rounds per (setup, connections), and extproc-vs-envoy ratios per connection count."""
+    table: list[dict[str, Any]] = []
     for c in connections:
-        a = next(r for r in rows if r["setup"] == "envoy-rr" and r["connections"] == c)
-        b = next(r for r in rows if r["setup"] == "envoy+extproc" and r["connections"] == c)
-        ratio = {
-            "connections": c,
-            "rps_ratio": round(b["rps"] / a["rps"], 3) if a["rps"] else None,
-            "added_p50_ms": round(b["p50_ms"] - a["p50_ms"], 3) if a["p50_ms"] is not None and b["p50_ms"] is not None else None,
-            "added_p99_ms": round(b["p99_ms"] - a["p99_ms"], 3) if a["p99_ms"] is not None and b["p99_ms"] is not None else None,
-        }
-        ratios.append(ratio)
-        print(f"connections {c}: extproc/envoy req/s = {ratio['rps_ratio']}, added p50 {ratio['added_p50_ms']} ms, added p99 {ratio['added_p99_ms']} ms")
+        for name in _setup_names(observe):
+            rs = [r for r in rows if r["setup"] == name and r["connections"] == c]
+            if not rs:
+                continue
+            rps = [r["rps"] for r in rs]
+            table.append(
+                {
+                    "setup": name,
+                    "connections": c,
+                    "rounds": len(rs),
+                    "rps": _median(rs, "rps"),
+                    "rps_min": min(rps),
+                    "rps_max": max(rps),
+                    "p50_ms": _median(rs, "p50_ms"),
+                    "p99_ms": _median(rs, "p99_ms"),
+                    "sched_us": _median(rs, "sched_us"),
+                    "envoy_us": _median(rs, "envoy_us"),
+                    "pods_us": _median(rs, "pods_us"),
+                    "errors": sum(r["errors"] for r in rs),
+                }
+            )
+    ratios: list[dict[str, Any]] = []
+    for c in connections:
+        base = next((t for t in table if t["setup"] == "envoy-rr" and t["connections"] == c), None)
+        if base is None:
+            continue
+        for m in observe:
+            t = next((t for t in table if t["setup"] == f"extproc-{m}" and t["connections"] == c), None)
+            if t is None:
+                continue
+
+            def diff(k: str, a: dict[str, Any] = base, b: dict[str, Any] = t) -> float | None:
+                return round(b[k] - a[k], 3) if a[k] is not None and b[k] is not None else None
+
+            ratios.append(
+                {
+                    "setup": t["setup"],
+                    "connections": c,
+                    "rps_ratio": round(t["rps"] / base["rps"], 3) if base["rps"] else None,
+                    "added_p50_ms": diff("p50_ms"),
+                    "added_p99_ms": diff("p99_ms"),
+                }
+            )
+    return table, ratios
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def run_overhead(
+    pods: int,
+    duration: float,
+    connections: list[int],
+    decision_pods: list[int],
+    out_dir: str,
+    *,
+    rounds: int = 2,
+    upstream: str = "fake",
+    client: str = "auto",
+    observe: list[str] | None = None,
+) -> int:
+    opts = OverheadOptions(
+        pods=pods,
+        duration=duration,
+        connections=connections,
+        rounds=rounds,
+        upstream=upstream,
+        client=client,
+        observe=list(observe) if observe is not None else list(OBSERVE_MODES),
+        decision_pods=decision_pods,
+        out_dir=out_dir,
+    )
+    return run(opts)
+
+
+def run(opts: OverheadOptions) -> int:
+    if opts.upstream not in ("fake", "sim") or opts.client not in ("auto", "wrk", "aiohttp"):
+        print("extproc bench overhead: --upstream is fake|sim, --client is auto|wrk|aiohttp", file=sys.stderr)
+        return 2
+    bad = [m for m in opts.observe if m not in ("observability", "streamed", "none")]
+    if bad or opts.rounds < 1 or opts.duration <= 0 or not opts.connections or opts.pods < 1:
+        print("extproc bench overhead: need --rounds >= 1, --duration > 0, --pods >= 1, connections, observe in "
+              "observability|streamed|none", file=sys.stderr)  # fmt: skip
+        return 2
+    client, note = resolve_client(opts.client)
+    if note:
+        print(note)
+    rows, idle = asyncio.run(_proxy_runs(opts, client))
+    table, ratios = summarize(rows, opts.observe, opts.connections)
+    upstream = (
+        f"{opts.pods} fake pods (one Envoy --concurrency 1, direct_response)"
+        if opts.upstream == "fake"
+        else f"{opts.pods} simulated pods (Python simulator, time_scale 0.001, 1 output token)"
+    )
+    client_txt = "wrk -t1 (closed loop, keep-alive)" if client == "wrk" else "closed-loop aiohttp client in its own process"
+    print(f"Proxy path: {upstream}; client {client_txt}; front Envoy --concurrency 1; {opts.rounds} rounds x {opts.duration:g} s, "
+          f"interleaved; medians over rounds (req/s min-max in brackets)")  # fmt: skip
+    print("| setup | connections | req/s | p50 ms | p99 ms | scheduler CPU µs/req | front Envoy µs/req | pods µs/req | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t in table:
+        print(
+            f"| {t['setup']} | {t['connections']} | {t['rps']} [{t['rps_min']}-{t['rps_max']}] | {_fmt(t['p50_ms'])} | {_fmt(t['p99_ms'])} | "
+            f"{_fmt(t['sched_us'])} | {_fmt(t['envoy_us'])} | {_fmt(t['pods_us'])} | {t['errors']} |"
+        )
+    for r in ratios:
+        print(f"{r['setup']} vs envoy-rr at {r['connections']} connection(s): req/s ratio {_fmt(r['rps_ratio'])}, "
+              f"added p50 {_fmt(r['added_p50_ms'])} ms, added p99 {_fmt(r['added_p99_ms'])} ms")  # fmt: skip
+    sched_idle = sum(v for k, v in idle.items() if k.endswith(":sched"))
+    print(f"idle CPU before load (subtracted per run): schedulers' scrape loops {sched_idle * 100:.1f}% of a core in all")
     print()
     print("In-process decision latency (parse + schedule + pre-request), default profile:")
     print("| pods | p50 µs | p99 µs |")
     print("|---|---|---|")
     decisions = []
-    for n in decision_pods:
+    for n in opts.decision_pods:
         d = decision_latency(n)
         decisions.append(d)
         print(f"| {d['pods']} | {d['p50_us']} | {d['p99_us']} |")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "overhead.json")
+    os.makedirs(opts.out_dir, exist_ok=True)
+    path = os.path.join(opts.out_dir, "overhead.json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"pods": pods, "duration_s": duration, "proxy": rows, "ratios": ratios, "decision": decisions}, f, indent=2)
+        json.dump(
+            {
+                "pods": opts.pods,
+                "duration_s": opts.duration,
+                "rounds": opts.rounds,
+                "upstream": opts.upstream,
+                "client": client,
+                "client_note": note,
+                "runs": rows,
+                "proxy": table,
+                "ratios": ratios,
+                "idle_cores": idle,
+                "decision": decisions,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {path}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The overhead flags (``extproc bench overhead`` can reuse them)."""
+    p.add_argument("--pods", type=int, default=8, help="pods behind Envoy")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per run (wrk rounds it to whole seconds)")
+    p.add_argument("--connections", default="1,16", help="closed-loop connection counts")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (order rotated each round)")
+    p.add_argument("--upstream", choices=["fake", "sim"], default="fake", help="fake: Envoy direct_response pods; sim: Python simulator")
+    p.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto", help="load generator (auto: wrk if installed)")
+    p.add_argument("--observe", default=",".join(OBSERVE_MODES), help="extproc --response-observe modes to compare")
+    p.add_argument("--decision-pods", default="8,32,128,512", help="pod counts for in-process decision latency")
+    p.add_argument("--out", default="bench-out", help="output directory (overhead.json)")
+
+
+def options_from_args(a: argparse.Namespace) -> OverheadOptions:
+    def ints(s: str) -> list[int]:
+        return [int(x) for x in s.split(",") if x.strip()]
+
+    return OverheadOptions(
+        pods=a.pods,
+        duration=a.duration,
+        connections=ints(a.connections),
+        rounds=getattr(a, "rounds", 2),
+        upstream=getattr(a, "upstream", "fake"),
+        client=getattr(a, "client", "auto"),
+        observe=[m for m in getattr(a, "observe", ",".join(OBSERVE_MODES)).split(",") if m],
+        decision_pods=ints(a.decision_pods),
+        out_dir=a.out,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m extproc.bench.overhead", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(options_from_args(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
