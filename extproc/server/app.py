@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
+def grpc_message_limit(max_body_bytes: int) -> int:
+    """Largest ext_proc message we accept: Envoy's request buffer (2 × the body limit, at least body + 1 MiB)
+    plus room for headers and framing."""
+    return max_body_bytes + max(max_body_bytes, 1024 * 1024) + 1024 * 1024
+
+
 @dataclass(slots=True)
 class ServeOptions:
     endpoints: list[str] = field(default_factory=list)
@@ -156,8 +162,10 @@ class SchedulerServer:
 
         options = [
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", self.opts.max_body_bytes + 1024 * 1024),
-            ("grpc.max_send_message_length", self.opts.max_body_bytes + 1024 * 1024),
+            # Envoy buffers up to max_body + max(max_body, 1 MiB) (envoy_config.buffer_limit_bytes) and forwards it in
+            # one message; accept all of it so *we* answer an oversize body with a JSON 413, never a gRPC error
+            ("grpc.max_receive_message_length", grpc_message_limit(self.opts.max_body_bytes)),
+            ("grpc.max_send_message_length", grpc_message_limit(self.opts.max_body_bytes)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ]

@@ -93,6 +93,7 @@ def immediate(status: int, body: bytes, extra_headers: dict[str, str] | None = N
 def response_headers_continue(served: str | None) -> pb.ProcessingResponse:
     r = pb.ProcessingResponse()
     cr = r.response_headers.response
+    cr.SetInParent()  # a bare CONTINUE must still set the response_headers oneof
     if served:
         _set(cr.header_mutation, HDR_SERVED, served)
     return r

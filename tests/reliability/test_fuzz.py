@@ -412,11 +412,6 @@ async def test_nasty_bodies_through_envoy(fleet: Any) -> None:
 
 
 @pytest.mark.envoy
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: the scheduler's gRPC max_receive_message_length (max_body + 1 MiB) is below Envoy's buffer "
-    "limit (max_body + max(max_body, 1 MiB)); a body between the two is a gRPC RESOURCE_EXHAUSTED → Envoy 500, empty",
-)
 async def test_body_between_grpc_and_envoy_limits_gets_json_413(fleet: Any) -> None:
     limit = 4 * 1024 * 1024  # gRPC limit 5 MiB, Envoy's buffer 8 MiB
     async with Stack(StackSpec(endpoints=fleet.endpoints, models=[MODEL], max_body_bytes=limit)) as stk, aiohttp.ClientSession() as s:
