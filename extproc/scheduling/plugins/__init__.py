@@ -16,6 +16,7 @@ _BUILTIN_MODULES = (
     "active_request",
     "token_load",
     "session_affinity",
+    "inflight_limit",
     "precise_prefix",
     "latency",
     "slo",
