@@ -8,6 +8,11 @@
   the best band is released if its model's pods are no longer saturated. One release at a time: the released
   request is dispatched (our in-flight count rises) before the next check, so a burst is not released at once.
 
+Headroom for high priority: ``flowControl.saturationDetector`` (same keys as the top-level
+``saturationDetector``) gives the queue gate its own, looser thresholds. Sheddable requests are then shed while
+non-sheddable ones still pass: batch never takes the capacity kept for interactive traffic, and interactive
+requests queue only when that headroom is used up too.
+
 Off by default (the reference keeps flow control behind a feature gate); enable with
 ``flowControl: {enabled: true}`` in the config. The fast path (not saturated, empty queues) costs one check.
 """
@@ -37,6 +42,10 @@ class FlowControlConfig:
     max_queue_per_band: int = 1024
     queue_ttl_s: float = 30.0
     tick_s: float = 0.05
+    # Optional thresholds of the gate for non-sheddable requests (``flowControl.saturationDetector``). Absent: the
+    # main detector gates both. Set looser than the main detector, it keeps headroom for high-priority requests:
+    # sheddable (batch) work is shed at the main thresholds, non-sheddable work queues only at these.
+    gate: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> "FlowControlConfig":
@@ -49,7 +58,12 @@ class FlowControlConfig:
             raise ValueError("flowControl.maxQueueLength must be an integer >= 1")
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
             raise ValueError("flowControl.queueTtlSeconds must be a number > 0")
-        return cls(enabled=enabled, max_queue_per_band=mq, queue_ttl_s=float(ttl))
+        gate = raw.get("saturationDetector")
+        if gate is not None:
+            if not isinstance(gate, dict):
+                raise ValueError("flowControl.saturationDetector must be a mapping")
+            SaturationDetector.from_config(gate)  # validate now, at load time
+        return cls(enabled=enabled, max_queue_per_band=mq, queue_ttl_s=float(ttl), gate=gate)
 
 
 class _Waiter:
@@ -113,7 +127,8 @@ class _Band:
 class FlowController:
     def __init__(self, cfg: FlowControlConfig, saturation: SaturationDetector, candidates: Callable[[str], Sequence[Endpoint]]) -> None:
         self.cfg = cfg
-        self.saturation = saturation
+        # the gate for non-sheddable requests: its own thresholds when configured, else the shared detector
+        self.saturation = SaturationDetector.from_config(cfg.gate) if cfg.gate is not None else saturation
         self.candidates = candidates  # model → endpoints serving it
         self._bands: dict[int, _Band] = {}
         self._ticker: asyncio.Task[None] | None = None

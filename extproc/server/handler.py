@@ -208,7 +208,10 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         if self.tokenizers:
             request.prompt_token_ids = self.tokenizers.tokenize(request)
         snapshot = self.pool.snapshot()
-        if request.sheddable and self.saturation.saturated([e for e in snapshot if model in e.models]):
+        if request.sheddable and (
+            (self.flow is not None and self.flow.queued())  # a freed slot belongs to the queued, higher-priority work
+            or self.saturation.saturated([e for e in snapshot if model in e.models])
+        ):
             return self._reject(st, 429, "the fleet is saturated and this request is sheddable (priority < 0)", "rate_limit_error", "saturated", model=model)
         if self.flow is not None and self.flow.must_wait(request):
             return self._wait_then_dispatch(st, request, t0)

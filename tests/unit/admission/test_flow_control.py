@@ -107,3 +107,19 @@ def test_config_validation():
         FlowControlConfig.from_config({"enabled": "yes"})
     with pytest.raises(ValueError):
         FlowControlConfig.from_config({"enabled": True, "queueTtlSeconds": 0})
+
+
+async def test_separate_gate_keeps_headroom_for_non_sheddable(pool):
+    """flowControl.saturationDetector: batch is shed at the main detector's limit, interactive queues only at the gate's."""
+    cfg = FlowControlConfig.from_config({"enabled": True, "saturationDetector": {"maxInflightPerPod": 8}})
+    main = SaturationDetector(max_inflight_per_pod=6)
+    f = FlowController(cfg, main, lambda model: [e for e in pool.snapshot() if model in e.models])
+    ep = pool.get("a:1")
+    ep.metrics = PodMetrics(updated_at=time.monotonic())
+    ep.inflight = 6
+    assert main.saturated(pool.snapshot())  # batch would be shed here ...
+    assert not f.must_wait(req())  # ... while interactive still goes straight through
+    ep.inflight = 8
+    assert f.must_wait(req())
+    with pytest.raises(ValueError):
+        FlowControlConfig.from_config({"enabled": True, "saturationDetector": {"maxInflightPerPod": -1}})

@@ -256,3 +256,46 @@ flowControl:
         assert out[-1].immediate_response.status.code == 429
     finally:
         await s.stop()
+
+
+async def test_sheddable_is_shed_while_interactive_waits_in_queue(tmp_path):
+    import asyncio
+    import time
+
+    cfg = tmp_path / "fc.yaml"
+    cfg.write_text(
+        """
+plugins:
+  - type: queue-scorer
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: queue-scorer
+        weight: 1
+saturationDetector:
+  metricsStalenessThresholdSeconds: 3600
+flowControl:
+  enabled: true
+  queueTtlSeconds: 5
+"""
+    )
+    s = SchedulerServer(ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, config=str(cfg)))
+    await s.start()
+    try:
+        for ep in s.pool.snapshot():
+            ep.metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
+        b = json.dumps({"model": "m", "prompt": "x"}).encode()
+        waiting = asyncio.create_task(exchange(s, [headers_msg("/v1/completions"), body_msg(b)]))
+        await asyncio.sleep(0.2)
+        assert s.flow.queued() == 1
+        # capacity appears, but the queued interactive request has not been released yet: batch must not take it
+        s.flow.notify = lambda: None  # freeze releases for the check
+        s.pool.get("127.0.0.1:1").metrics = PodMetrics(waiting=0, kv_usage=0.1, updated_at=time.monotonic())
+        out = await exchange(s, [headers_msg("/v1/completions", extra={"x-gateway-inference-priority": "-1"}), body_msg(b)])
+        assert out[-1].immediate_response.status.code == 429
+        del s.flow.notify
+        s.flow.notify()
+        out = await asyncio.wait_for(waiting, 5)
+        assert out[-1].WhichOneof("response") == "request_body"
+    finally:
+        await s.stop()
