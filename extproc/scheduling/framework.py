@@ -52,7 +52,6 @@ class Filter(Plugin, Protocol):
 class Scorer(Plugin, Protocol):
     def score(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[float]:
         """One score per candidate, in candidate order. Values outside 0..1 are clamped by the framework."""
-        ...
 
 
 @dataclass(slots=True)
@@ -65,7 +64,6 @@ class ScoredEndpoint:
 class Picker(Plugin, Protocol):
     def pick(self, cycle: CycleState, request: InferenceRequest, scored: list[ScoredEndpoint]) -> list[Endpoint]:
         """Ordered picks: the first is the target, the rest are fallbacks. Empty means no pick."""
-        ...
 
 
 @runtime_checkable
@@ -206,7 +204,6 @@ class ProfileHandler(Plugin, Protocol):
         results: dict[str, ProfileResult],
     ) -> list[SchedulingProfile]:
         """Profiles to run next given results so far; empty list ends the loop."""
-        ...
 
     def process_results(
         self, cycle: CycleState, request: InferenceRequest, results: dict[str, ProfileResult]
