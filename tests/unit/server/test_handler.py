@@ -216,13 +216,7 @@ async def test_routing_stream_reset_before_response_frees_pod(server):
     assert server.pool.get("127.0.0.1:2").inflight == 0
 
 
-async def test_flow_control_queues_until_capacity(tmp_path):
-    import asyncio
-    import time
-
-    cfg = tmp_path / "fc.yaml"
-    cfg.write_text(
-        """
+FLOW_CONFIG = """
 plugins:
   - type: queue-scorer
   - type: max-score-picker
@@ -237,65 +231,56 @@ flowControl:
   enabled: true
   queueTtlSeconds: 5
 """
-    )
-    s = SchedulerServer(ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, config=str(cfg)))
-    await s.start()
-    try:
-        for ep in s.pool.snapshot():
-            ep.metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
-        b = json.dumps({"model": "m", "prompt": "x"}).encode()
-        task = asyncio.create_task(exchange(s, [headers_msg("/v1/completions"), body_msg(b)]))
-        await asyncio.sleep(0.3)
-        assert not task.done() and s.flow.queued() == 1  # waiting, not rejected
-        s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=0, kv_usage=0.1, updated_at=time.monotonic())
-        out = await asyncio.wait_for(task, 5)
-        assert header_map(out[-1].request_body.response.header_mutation)["x-gateway-destination-endpoint"] == "127.0.0.1:3"
-        # sheddable traffic is never queued: 429 at once while saturated
-        s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
-        out = await exchange(s, [headers_msg("/v1/completions", extra={"x-gateway-inference-priority": "-1"}), body_msg(b)])
-        assert out[-1].immediate_response.status.code == 429
-    finally:
-        await s.stop()
 
 
-async def test_sheddable_is_shed_while_interactive_waits_in_queue(tmp_path):
-    import asyncio
+@pytest.fixture
+async def flow_server(tmp_path):
+    """A scheduler with flow control on and every pod saturated (fresh metrics)."""
     import time
 
     cfg = tmp_path / "fc.yaml"
-    cfg.write_text(
-        """
-plugins:
-  - type: queue-scorer
-schedulingProfiles:
-  - name: default
-    plugins:
-      - pluginRef: queue-scorer
-        weight: 1
-saturationDetector:
-  metricsStalenessThresholdSeconds: 3600
-flowControl:
-  enabled: true
-  queueTtlSeconds: 5
-"""
-    )
+    cfg.write_text(FLOW_CONFIG)
     s = SchedulerServer(ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, config=str(cfg)))
     await s.start()
-    try:
-        for ep in s.pool.snapshot():
-            ep.metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
-        b = json.dumps({"model": "m", "prompt": "x"}).encode()
-        waiting = asyncio.create_task(exchange(s, [headers_msg("/v1/completions"), body_msg(b)]))
-        await asyncio.sleep(0.2)
-        assert s.flow.queued() == 1
-        # capacity appears, but the queued interactive request has not been released yet: batch must not take it
-        s.flow.notify = lambda: None  # freeze releases for the check
-        s.pool.get("127.0.0.1:1").metrics = PodMetrics(waiting=0, kv_usage=0.1, updated_at=time.monotonic())
-        out = await exchange(s, [headers_msg("/v1/completions", extra={"x-gateway-inference-priority": "-1"}), body_msg(b)])
-        assert out[-1].immediate_response.status.code == 429
-        del s.flow.notify
-        s.flow.notify()
-        out = await asyncio.wait_for(waiting, 5)
-        assert out[-1].WhichOneof("response") == "request_body"
-    finally:
-        await s.stop()
+    for ep in s.pool.snapshot():
+        ep.metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
+    yield s
+    await s.stop()
+
+
+async def test_flow_control_queues_until_capacity(flow_server):
+    import asyncio
+    import time
+
+    s = flow_server
+    b = json.dumps({"model": "m", "prompt": "x"}).encode()
+    task = asyncio.create_task(exchange(s, [headers_msg("/v1/completions"), body_msg(b)]))
+    await asyncio.sleep(0.3)
+    assert not task.done() and s.flow.queued() == 1  # waiting, not rejected
+    s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=0, kv_usage=0.1, updated_at=time.monotonic())
+    out = await asyncio.wait_for(task, 5)
+    assert header_map(out[-1].request_body.response.header_mutation)["x-gateway-destination-endpoint"] == "127.0.0.1:3"
+    # sheddable traffic is never queued: 429 at once while saturated
+    s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
+    out = await exchange(s, [headers_msg("/v1/completions", extra={"x-gateway-inference-priority": "-1"}), body_msg(b)])
+    assert out[-1].immediate_response.status.code == 429
+
+
+async def test_sheddable_is_shed_while_interactive_waits_in_queue(flow_server):
+    import asyncio
+    import time
+
+    s = flow_server
+    b = json.dumps({"model": "m", "prompt": "x"}).encode()
+    waiting = asyncio.create_task(exchange(s, [headers_msg("/v1/completions"), body_msg(b)]))
+    await asyncio.sleep(0.2)
+    assert s.flow.queued() == 1
+    # capacity appears, but the queued interactive request has not been released yet: batch must not take it
+    s.flow.notify = lambda: None  # freeze releases for the check
+    s.pool.get("127.0.0.1:1").metrics = PodMetrics(waiting=0, kv_usage=0.1, updated_at=time.monotonic())
+    out = await exchange(s, [headers_msg("/v1/completions", extra={"x-gateway-inference-priority": "-1"}), body_msg(b)])
+    assert out[-1].immediate_response.status.code == 429
+    del s.flow.notify
+    s.flow.notify()
+    out = await asyncio.wait_for(waiting, 5)
+    assert out[-1].WhichOneof("response") == "request_body"
