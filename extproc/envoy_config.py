@@ -91,7 +91,7 @@ BUFFER_HEADROOM_BYTES = 1024 * 1024
 # Concurrent requests are long LLM streams: Envoy's default circuit breakers (1024) are too low.
 CIRCUIT_BREAKER_LIMIT = 100_000
 # Header names the scheduler may set or remove.
-MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|content-length|x-slo-.*)$"
+MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|x-prefiller-host-port|content-length|x-slo-.*)$"
 
 FailureMode = Literal["fail-open", "fail-close"]
 ResponseObserve = Literal["observability", "streamed", "none"]
