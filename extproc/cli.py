@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("extproc.config_cli", "check a plugin config (llm-d EndpointPickerConfig or extproc's): resolved profiles and plugins"),
     "envoy-config": ("extproc.envoy_config", "render a validated Envoy bootstrap for extproc"),
     "predictor": ("extproc.predictor.cli", "train / evaluate the TTFT/TPOT latency predictor"),
+    "batch": ("extproc.batch.cli", "the OpenAI Batch API beside the gateway (serve, status)"),
 }
 
 

@@ -245,7 +245,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         if request.target_model != request.model:
             request.body["model"] = request.target_model
             new_body = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
-        resp = codec.route_response(targets, request.request_id, from_body=True, body=new_body, headers=result.headers)
+        resp = codec.route_response(targets, st.flight.key, from_body=True, body=new_body, headers=result.headers)
         self.metrics.decisions.observe(time.perf_counter() - t0)
         if self.flow is not None and self.flow.queued():
             self.flow.notify()  # chain releases one at a time, each after the previous one is dispatched

@@ -188,6 +188,42 @@ async def test_observation_stream_finishes_flight(server):
     assert 'extproc_output_tokens_total{model="m"} 2.0' in text
 
 
+async def test_reused_client_request_id_keeps_two_flights(server):
+    """Two requests with the same client x-request-id are two flights with scheduler-drawn keys: neither
+    supersedes the other, and observing one finishes only that one."""
+    b = json.dumps({"model": "m", "prompt": "hello", "stream": True, "max_tokens": 2}).encode()
+    opened = []
+    for _ in range(2):
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        call = pb_grpc.ExternalProcessorStub(ch).Process()
+        await call.write(headers_msg("/v1/completions", extra={"x-request-id": "same-id"}))
+        await call.read()
+        await call.write(body_msg(b))
+        out = await call.read()
+        opened.append((ch, call, header_map(out.request_body.response.header_mutation)["x-extproc-request-id"]))
+    keys = [k for _, _, k in opened]
+    assert keys[0] != keys[1] and "same-id" not in keys
+    assert len(server.tracker) == 2 and sum(ep.inflight for ep in server.pool.snapshot()) == 2
+    # a client guessing the id it sent gets no flight
+    assert server.tracker.get("same-id") is None
+    sse = b'data: {"choices":[{"text":"a"}]}\n\ndata: [DONE]\n\n'
+    await exchange(
+        server,
+        [
+            headers_msg("/v1/completions", extra={"x-extproc-request-id": keys[1]}, observe=True),
+            resp_headers_msg(200, observe=True),
+            resp_body_msg(sse, end=True, observe=True),
+        ],
+    )
+    assert len(server.tracker) == 1 and server.tracker.get(keys[0]) is not None
+    assert sum(ep.inflight for ep in server.pool.snapshot()) == 1
+    text = server.metrics.exposition().decode()
+    assert 'outcome="superseded"' not in text
+    for ch, call, _ in opened:
+        await call.done_writing()
+        await ch.close()
+
+
 async def test_observation_stream_cut_counts_disconnect(server):
     b = json.dumps({"model": "m", "prompt": "hello", "stream": True}).encode()
     ch, call, rid = await open_routing(server, b)
