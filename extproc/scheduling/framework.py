@@ -315,11 +315,18 @@ class Scheduler:
     rng: random.Random = field(default_factory=random.Random)
     admitters: list[Admitter] = field(default_factory=list)
 
-    def schedule(self, request: InferenceRequest, cycle: CycleState | None = None) -> tuple[SchedulingResult, CycleState]:
+    def schedule(
+        self, request: InferenceRequest, cycle: CycleState | None = None, allowed: frozenset[str] | None = None
+    ) -> tuple[SchedulingResult, CycleState]:
+        """``allowed`` (conformance mode only) restricts the candidates to these addresses or bare hosts."""
         cycle = cycle or CycleState()
         candidates = list(self.pool.snapshot())
         if not candidates:
             raise SchedulingError(503, "no model-server endpoints are known", "no_endpoints")
+        if allowed is not None:
+            candidates = [e for e in candidates if e.address in allowed or e.host in allowed]
+            if not candidates:
+                raise SchedulingError(503, "no endpoint matches test-epp-endpoint-selection", "no_candidate")
         for admitter in self.admitters:
             admitter.admit(cycle, request, candidates)
         results: ProfileResults = {}

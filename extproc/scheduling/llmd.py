@@ -117,6 +117,12 @@ UNSUPPORTED: dict[str, str] = {
     "multicluster-prefix-cache-scorer": "multi-cluster routing is not implemented",
     "multicluster-approx-prefix-cache-producer": "multi-cluster routing is not implemented",
 }
+# Defaults the reference gives a type where ours differ: applied to llm-d.ai/v1alpha1 files when the parameter is
+# absent (the older GIE shape keeps extproc's defaults, which are GIE's).
+REFERENCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "active-request-scorer": {"idleThreshold": 0},
+    "token-load-scorer": {"queueThresholdTokens": 4194304},
+}
 PARSER_TYPES = frozenset({"openai-parser", "passthrough-parser", "vllm-http-parser"})
 PRODUCER_TYPES = frozenset({"approx-prefix-cache-producer", "precise-prefix-cache-producer"})
 REFERENCE_PREFIX_PARAMS = frozenset({"prefixMatchInfoProducerName", "matchLengthWeight", "matchLengthScaleTokens"})
@@ -307,6 +313,11 @@ def translate(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Origin], d
             out_specs.append({"type": new_type, "name": n, "parameters": new_params})
             origins[n] = Origin(n, t, new_type, note, written)
             continue
+        if api == "llm-d.ai/v1alpha1" and t in REFERENCE_DEFAULTS:
+            aliases = {"queueThresholdTokens": "maxTokens"}
+            for k, v in REFERENCE_DEFAULTS[t].items():
+                if k not in p and aliases.get(k) not in p:
+                    p[k] = v
         if t in ABSORBED:
             dropped.add(n)
             origins[n] = Origin(n, t, "", ABSORBED[t], written)

@@ -61,6 +61,7 @@ class ServeOptions:
     tls_client_ca: str | None = None
     grpc_max_concurrent_streams: int = 0
     seed: int | None = None
+    conformance: bool = False  # honour GIE's conformance header test-epp-endpoint-selection
 
 
 class SchedulerServer:
@@ -146,6 +147,7 @@ class SchedulerServer:
                 max_messages_per_stream=self.opts.max_messages_per_stream,
                 response_observe=self.opts.response_observe,
                 objectives=cfg.objectives,
+                conformance=self.opts.conformance,
             ),
             saturation,
             self.services,

@@ -41,6 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--ready-file", default=None, help="write {grpc_port, health_port, metrics_port, pid} as JSON here when serving")
+    p.add_argument(
+        "--conformance",
+        action="store_true",
+        help="conformance mode (GIE's conformance EPP): honour the request header test-epp-endpoint-selection "
+        "(restrict candidates to the listed IP or IP:port) and echo x-conformance-test-served-endpoint; off by default, "
+        "so clients cannot choose their destination",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed the pickers' random tie-breaks (tests, benchmarks)")
     p.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
     p.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -115,6 +122,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         seed=args.seed,
+        conformance=args.conformance,
     )
 
 

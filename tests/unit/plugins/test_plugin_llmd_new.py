@@ -222,3 +222,46 @@ def test_data_parallel_handler_is_single_profile(ctx: PluginContext) -> None:
     raw["plugins"][0]["parameters"]["primaryPort"] = 70000
     with pytest.raises(ConfigError, match="primaryPort"):
         build_config(raw, pool)
+
+
+# ------------------------------------------------------------------ reference parameter names on existing scorers
+def test_active_request_reference_formula(ctx: PluginContext) -> None:
+    pods = [make_endpoint(i) for i in range(3)]
+    for e, n in zip(pods, (0, 2, 4)):
+        e.inflight = n
+    ours = build("active-request-scorer", ctx)
+    assert ours.score(CycleState(), make_request(), pods) == [1.0, 0.5, 0.0]
+    ref = build("active-request-scorer", ctx, idleThreshold=2, maxBusyScore=0.5)
+    assert ref.score(CycleState(), make_request(), pods) == [1.0, 1.0, 0.0]
+    ref0 = build("active-request-scorer", ctx, idleThreshold=0, requestTimeout="2m")
+    assert ref0.score(CycleState(), make_request(), pods) == [1.0, 0.5, 0.0]
+    pods[0].inflight = 1
+    assert ref0.score(CycleState(), make_request(), pods) == [0.75, 0.5, 0.0]  # (4-1)/4, not min–max
+
+
+def test_token_load_and_running_reference_names(ctx: PluginContext) -> None:
+    t = build("token-load-scorer", ctx, queueThresholdTokens=100)
+    e = make_endpoint(0)
+    e.inflight_prefill_tokens = 25
+    assert t.score(CycleState(), make_request(), [e]) == [0.75]
+    with pytest.raises(ValueError, match="not both"):
+        build("token-load-scorer", ctx, queueThresholdTokens=1, maxTokens=1)
+    r = build("running-requests-size-scorer", ctx)
+    assert r.score(CycleState(), make_request(), [make_endpoint(0, running=1), make_endpoint(1, running=3)]) == [1.0, 0.0]
+
+
+def test_llmd_files_get_reference_defaults() -> None:
+    from extproc.scheduling.config import build_config
+
+    pool = EndpointPool(default_models=frozenset({"base-model"}))
+    raw = {"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig",
+           "plugins": [{"type": "active-request-scorer"}, {"type": "token-load-scorer"}],
+           "schedulingProfiles": [{"name": "d", "plugins": [{"pluginRef": "active-request-scorer"}, {"pluginRef": "token-load-scorer"}]}]}
+    cfg = build_config(raw, pool)
+    assert cfg.plugins["active-request-scorer"].idle_threshold == 0
+    assert cfg.plugins["token-load-scorer"].max_tokens == 4194304
+    raw.pop("apiVersion")
+    raw.pop("kind")
+    cfg = build_config(raw, pool)
+    assert cfg.plugins["active-request-scorer"].idle_threshold is None
+    assert cfg.plugins["token-load-scorer"].max_tokens == 65536
