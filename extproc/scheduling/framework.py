@@ -282,6 +282,14 @@ class ProfileHandler(Plugin, Protocol):
 
 
 @runtime_checkable
+class Admitter(Plugin, Protocol):
+    """Admission before any profile runs (e.g. ``probabilistic-admitter``): return to admit, raise
+    :class:`SchedulingError` (429 for load shedding) to reject. ``candidates`` are the pool's endpoints."""
+
+    def admit(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None: ...
+
+
+@runtime_checkable
 class Decider(Plugin, Protocol):
     """Decides per request whether an optional stage runs (e.g. ``deciders.prefill`` of the P/D handler).
 
@@ -305,12 +313,15 @@ class Scheduler:
     pre_request: list[PreRequest] = field(default_factory=list)
     observers: list[ResponseObserver] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
+    admitters: list[Admitter] = field(default_factory=list)
 
     def schedule(self, request: InferenceRequest, cycle: CycleState | None = None) -> tuple[SchedulingResult, CycleState]:
         cycle = cycle or CycleState()
         candidates = list(self.pool.snapshot())
         if not candidates:
             raise SchedulingError(503, "no model-server endpoints are known", "no_endpoints")
+        for admitter in self.admitters:
+            admitter.admit(cycle, request, candidates)
         results: ProfileResults = {}
         handler = self.handler
         for _ in range(16):  # bound the profile loop
