@@ -95,6 +95,25 @@ class _Band:
                 return q[0]
         return None
 
+    def pop(self, policy: Any | None) -> _Waiter | None:
+        """The next waiter: round robin over tenants, or the tenant a FairnessPolicy picks."""
+        if policy is None:
+            return self.pop_round_robin()
+        for tenant in [t for t, q in self.tenants.items() if not q]:
+            del self.tenants[tenant]
+        if not self.tenants:
+            return None
+        queues = {t: (len(q), q[0].enqueued) for t, q in self.tenants.items()}
+        tenant = policy.pick_tenant(queues, time.monotonic())
+        q = self.tenants.get(tenant)
+        if not q:  # a policy naming no waiting tenant: fall back to taking turns
+            return self.pop_round_robin()
+        w = q.popleft()
+        self.size -= 1
+        if not q:
+            del self.tenants[tenant]
+        return w
+
     def pop_round_robin(self) -> _Waiter | None:
         while self.tenants:
             tenant, q = next(iter(self.tenants.items()))
@@ -125,8 +144,16 @@ class _Band:
 
 
 class FlowController:
-    def __init__(self, cfg: FlowControlConfig, saturation: SaturationDetector, candidates: Callable[[str], Sequence[Endpoint]]) -> None:
+    def __init__(
+        self,
+        cfg: FlowControlConfig,
+        saturation: SaturationDetector,
+        candidates: Callable[[str], Sequence[Endpoint]],
+        fairness: dict[Any, Any] | None = None,
+    ) -> None:
+        """``fairness``: FairnessPolicy by band priority, ``"default"`` for every other band (None: round robin)."""
         self.cfg = cfg
+        self.fairness = dict(fairness or {})
         # the gate for non-sheddable requests: its own thresholds when configured, else the shared detector
         self.saturation = SaturationDetector.from_config(cfg.gate) if cfg.gate is not None else saturation
         self.candidates = candidates  # model → endpoints serving it
@@ -187,7 +214,7 @@ class FlowController:
                 continue
             if self.saturation.saturated(self.candidates(head.request.target_model)):
                 return  # strict priority: lower bands wait while a higher band is blocked
-            w = band.pop_round_robin()
+            w = band.pop(self.fairness.get(prio, self.fairness.get("default")))
             if w is not None and not w.future.done():
                 w.future.set_result(None)
                 self.released += 1

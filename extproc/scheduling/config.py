@@ -71,6 +71,7 @@ class SchedulerConfig:
     objectives: dict[str, int] = field(default_factory=dict)  # x-gateway-inference-objective → priority
     origins: dict[str, "llmd.Origin"] = field(default_factory=dict)  # plugin name → reference type / what runs
     feature_gates: dict[str, bool] = field(default_factory=dict)
+    fairness: dict[Any, Any] = field(default_factory=dict)  # flow-control band priority (or "default") → FairnessPolicy
 
 
 def builtin_config_path(name: str) -> str:
@@ -229,6 +230,22 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         if isinstance(pr_, bool) or not isinstance(pr_, int):
             raise ConfigError(path, None, f"objective '{o['name']}': priority must be an integer")
         objectives[str(o["name"])] = pr_
+    fairness: dict[Any, Any] = {}
+    fc = raw.get("flowControl") or {}
+    for where, ref in (fc.get("policyRefs") or {}).items():
+        if not where.endswith("fairnessPolicyRef"):
+            raise ConfigError(path, ref, f"flowControl.{where}: ordering policies are not configurable (bands are FIFO per fairness key)")
+        p = plugins.get(ref)
+        if p is None or "fairness_policy" not in roles.get(ref, frozenset()):
+            raise ConfigError(path, ref, f"flowControl.{where} must name a fairness policy plugin (e.g. program-aware-fairness)")
+        if where.startswith("defaultPriorityBand"):
+            fairness["default"] = p
+        elif where.startswith("priorityBands["):
+            idx = int(where[len("priorityBands[") : where.index("]")])
+            fairness[int(fc["bandPriorities"][idx])] = p
+        # defaultNegativePriorityBand: sheddable requests are never queued here, so nothing to order
+    if fairness and not fc.get("enabled"):
+        log.warning("a fairness policy is configured but flow control is off (featureGates: [flowControl] enables it)")
     for n, p in plugins.items():
         if n not in origins:  # implicit plugins (healthy/model filters, default picker)
             origins[n] = llmd.Origin(n, "", getattr(p, "type_name", type(p).__name__), "added implicitly")
@@ -239,6 +256,7 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         path=path,
         origins=origins,
         feature_gates=gates,
+        fairness=fairness,
         saturation=dict(raw.get("saturationDetector") or {}),
         flow_control=dict(raw.get("flowControl") or {}),
         objectives=objectives,

@@ -282,6 +282,15 @@ class ProfileHandler(Plugin, Protocol):
 
 
 @runtime_checkable
+class FairnessPolicy(Plugin, Protocol):
+    """Chooses which fairness key (tenant / program, ``x-gateway-inference-fairness-id``) of a flow-control band is
+    served next. ``queues`` maps each waiting key to (queue length, enqueue time of its head, ``time.monotonic()``).
+    Referenced from ``flowControl`` (``defaultPriorityBand.fairnessPolicyRef``); without one, keys take turns."""
+
+    def pick_tenant(self, queues: "dict[str, tuple[int, float]]", now: float) -> str: ...
+
+
+@runtime_checkable
 class Admitter(Plugin, Protocol):
     """Admission before any profile runs (e.g. ``probabilistic-admitter``): return to admit, raise
     :class:`SchedulingError` (429 for load shedding) to reject. ``candidates`` are the pool's endpoints."""

@@ -108,8 +108,6 @@ UNSUPPORTED: dict[str, str] = {
     "mm-embeddings-cache-scorer": "multimodal embeddings-cache affinity is not implemented (see mm-embeddings-cache-producer)",
     "burst-prefix-cache-producer": "burst co-location of prompt-sharing request groups (windowDurationMs batching) is not "
     "implemented; approx-prefix-cache-producer gives prefix affinity without the batch window",
-    "program-aware-fairness": "flow-control fairness policy plugins are not implemented: extproc's flow controller "
-    "round-robins fairness keys (x-gateway-inference-fairness-id) within each priority band",
     "soft-reflective-ceiling-policy": "flow-control usage-limit policy plugins are not implemented: extproc's flow "
     "controller gates dispatch on the saturation detector for every band alike",
     "request-attribute-reporter": "request-attribute-reporter (CEL expressions over the response written to envoy.lb "
@@ -516,6 +514,14 @@ def _flow_control(raw: Mapping[str, Any], gates: Mapping[str, bool], by_name: Ma
             bands.append((key, _mapping(fc[key], f"flowControl.{key}")))
     for i, b in enumerate(fc.get("priorityBands") or []):
         bands.append((f"priorityBands[{i}]", _mapping(b, f"flowControl.priorityBands[{i}]")))
+    prios = []
+    for i, b in enumerate(fc.get("priorityBands") or []):
+        pr = _mapping(b, f"flowControl.priorityBands[{i}]").get("priority")
+        if isinstance(pr, bool) or not isinstance(pr, int):
+            raise TranslationError(None, f"flowControl.priorityBands[{i}].priority must be an integer")
+        prios.append(pr)
+    if prios:
+        out["bandPriorities"] = prios
     for where, b in bands:
         for k in ("fairnessPolicyRef", "orderingPolicyRef"):
             ref = b.get(k)

@@ -124,7 +124,11 @@ class SchedulerServer:
         saturation = SaturationDetector.from_config(cfg.saturation)
         flow_cfg = FlowControlConfig.from_config(cfg.flow_control)
         pool = self.pool
-        self.flow = FlowController(flow_cfg, saturation, lambda model: [e for e in pool.snapshot() if model in e.models]) if flow_cfg.enabled else None
+        self.flow = (
+            FlowController(flow_cfg, saturation, lambda model: [e for e in pool.snapshot() if model in e.models], cfg.fairness)
+            if flow_cfg.enabled
+            else None
+        )
         if self.flow is not None:
             self.services["flow_control"] = self.flow
         on_complete = record_observation(self.metrics, cfg.scheduler)

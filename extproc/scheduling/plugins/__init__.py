@@ -14,6 +14,8 @@ _BUILTIN_MODULES = (
     "probabilistic_admitter",
     "topology",
     "gpu_attributes",
+    "multimodal_decider",
+    "program_aware",
     "queue",
     "kvcache",
     "running",

@@ -265,3 +265,105 @@ def test_llmd_files_get_reference_defaults() -> None:
     cfg = build_config(raw, pool)
     assert cfg.plugins["active-request-scorer"].idle_threshold is None
     assert cfg.plugins["token-load-scorer"].max_tokens == 65536
+
+
+# ------------------------------------------------------------------ always-disagg-multimodal-decider
+def test_multimodal_decider(ctx: PluginContext) -> None:
+    import json as _json
+
+    from extproc.api import parse_request
+    from extproc.plugin import Decider
+
+    d = build("always-disagg-multimodal-decider", ctx)
+    assert isinstance(d, Decider)
+
+    def chat(content: object) -> Any:
+        body = {"model": "base-model", "messages": [{"role": "user", "content": content}]}
+        return parse_request("/v1/chat/completions", _json.dumps(body).encode(), {})
+
+    assert d.disaggregate(CycleState(), chat("just text"), None) is False
+    assert d.disaggregate(CycleState(), chat([{"type": "text", "text": "hi"}]), None) is False
+    for t in ("image_url", "video_url", "input_audio"):
+        assert d.disaggregate(CycleState(), chat([{"type": "text", "text": "look"}, {"type": t, t: {"url": "x"}}]), None) is True
+    assert d.disaggregate(CycleState(), make_request(), None) is False  # completions: no messages
+
+
+# ------------------------------------------------------------------ program-aware-fairness
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _obs(prompt: int, output: int) -> Any:
+    from extproc.plugin import Observation
+
+    return Observation("r", "10.0.0.1:8000", "base-model", prompt, 0.0, output_tokens=output)
+
+
+def test_program_aware_least_attained_service(ctx: PluginContext) -> None:
+    from extproc.scheduling.plugins.program_aware import ProgramAwareFairness
+
+    clock = _Clock()
+    p = ProgramAwareFairness(clock=clock, half_life_s=60.0)
+    heavy = make_request(headers={"x-gateway-inference-fairness-id": "heavy"})
+    light = make_request(headers={"x-llm-d-inference-fairness-id": "light"})  # llm-d's header name works too
+    p.on_complete(heavy, _obs(1000, 500))  # 1000 + 2 × 500 = 2000
+    p.on_complete(light, _obs(10, 5))  # 20
+    assert p.service("heavy") == 2000 and p.service("light") == 20
+    now = clock.t
+    # equal head waits: the least served program goes first
+    assert p.pick_tenant({"heavy": (3, now - 1), "light": (1, now - 1)}, now) == "light"
+    # head wait breaks ties between equally served programs (both unknown → service 0)
+    assert p.pick_tenant({"a": (1, now - 5), "b": (1, now - 1)}, now) == "a"
+    clock.t += 60.0
+    assert p.service("heavy") == pytest.approx(1000.0)  # one half-life later
+    for _ in range(3):
+        p.on_complete(light, _obs(0, 0))
+    p2 = build("program-aware-fairness", ctx, lasHalfLifeSeconds=0, evictionTtlSeconds=10, evictionSweepSeconds=1)
+    p2.on_complete(heavy, _obs(1, 0))
+    with pytest.raises(ValueError):
+        build("program-aware-fairness", ctx, strategy="drr")
+
+
+async def test_program_aware_orders_flow_control_releases() -> None:
+    import asyncio
+
+    from extproc.admission.flow_control import FlowControlConfig, FlowController
+    from extproc.admission.saturation import SaturationDetector
+    from extproc.scheduling.plugins.program_aware import ProgramAwareFairness
+
+    pod = make_endpoint(0, waiting=100, updated_at=1e12)  # saturated
+    policy = ProgramAwareFairness()
+    policy.on_complete(make_request(headers={"x-gateway-inference-fairness-id": "heavy"}), _obs(5000, 1000))
+    fc = FlowController(FlowControlConfig(enabled=True, tick_s=3600), SaturationDetector(), lambda m: [pod], {"default": policy})
+    order: list[str] = []
+
+    async def wait(tenant: str) -> None:
+        await fc.wait(make_request(headers={"x-gateway-inference-fairness-id": tenant}))
+        order.append(tenant)
+
+    tasks = [asyncio.create_task(wait(t)) for t in ("heavy", "heavy", "light")]
+    await asyncio.sleep(0.01)
+    assert fc.queued() == 3 and order == []
+    pod.metrics = PodMetrics(waiting=0, updated_at=1e12)
+    for _ in range(3):
+        fc.notify()
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    await fc.stop()
+    assert order[0] == "light"  # round robin would have served the first 'heavy' first
+
+
+def test_sample_program_aware_wires_fairness() -> None:
+    from pathlib import Path
+
+    from extproc.scheduling.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "fixtures" / "llmd-configs" / "deploy" / "sim-program-aware-config.yaml"
+    cfg = load_config(str(path), EndpointPool(), {})
+    assert cfg.flow_control["enabled"] is True
+    assert cfg.fairness["default"] is cfg.plugins["program-aware-fairness"]
+    assert cfg.plugins["program-aware-fairness"] in cfg.scheduler.observers
