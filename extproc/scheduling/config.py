@@ -72,6 +72,8 @@ class SchedulerConfig:
     origins: dict[str, "llmd.Origin"] = field(default_factory=dict)  # plugin name → reference type / what runs
     feature_gates: dict[str, bool] = field(default_factory=dict)
     fairness: dict[Any, Any] = field(default_factory=dict)  # flow-control band priority (or "default") → FairnessPolicy
+    usage_limit: Any = None  # flow-control UsageLimitPolicy (flowControl.usageLimitPolicyPluginRef)
+    band_priorities: list[int] = field(default_factory=list)  # configured flow-control bands
 
 
 def builtin_config_path(name: str) -> str:
@@ -244,7 +246,13 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
             idx = int(where[len("priorityBands[") : where.index("]")])
             fairness[int(fc["bandPriorities"][idx])] = p
         # defaultNegativePriorityBand: sheddable requests are never queued here, so nothing to order
-    if fairness and not fc.get("enabled"):
+    usage_limit = None
+    ul = fc.get("usageLimitPolicyPluginRef")
+    if ul:
+        usage_limit = plugins.get(ul)
+        if usage_limit is None or "usage_limit_policy" not in roles.get(ul, frozenset()):
+            raise ConfigError(path, ul, "flowControl.usageLimitPolicyPluginRef must name a usage-limit policy plugin (e.g. soft-reflective-ceiling-policy)")
+    if (fairness or usage_limit is not None) and not fc.get("enabled"):
         log.warning("a fairness policy is configured but flow control is off (featureGates: [flowControl] enables it)")
     for n, p in plugins.items():
         if n not in origins:  # implicit plugins (healthy/model filters, default picker)
@@ -257,6 +265,8 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         origins=origins,
         feature_gates=gates,
         fairness=fairness,
+        usage_limit=usage_limit,
+        band_priorities=list(fc.get("bandPriorities") or []),
         saturation=dict(raw.get("saturationDetector") or {}),
         flow_control=dict(raw.get("flowControl") or {}),
         objectives=objectives,

@@ -291,6 +291,15 @@ class FairnessPolicy(Plugin, Protocol):
 
 
 @runtime_checkable
+class UsageLimitPolicy(Plugin, Protocol):
+    """Flow-control dispatch ceilings by band rank (``flowControl.usageLimitPolicyPluginRef``): given the pool
+    saturation level (1.0 = at the detector's thresholds) and the number of priority bands, one ceiling per band,
+    highest priority first; a band is held while saturation ≥ its ceiling."""
+
+    def compute_limits(self, saturation: float, bands: int) -> list[float]: ...
+
+
+@runtime_checkable
 class Admitter(Plugin, Protocol):
     """Admission before any profile runs (e.g. ``probabilistic-admitter``): return to admit, raise
     :class:`SchedulingError` (429 for load shedding) to reject. ``candidates`` are the pool's endpoints."""

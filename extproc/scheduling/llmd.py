@@ -108,8 +108,6 @@ UNSUPPORTED: dict[str, str] = {
     "mm-embeddings-cache-scorer": "multimodal embeddings-cache affinity is not implemented (see mm-embeddings-cache-producer)",
     "burst-prefix-cache-producer": "burst co-location of prompt-sharing request groups (windowDurationMs batching) is not "
     "implemented; approx-prefix-cache-producer gives prefix affinity without the batch window",
-    "soft-reflective-ceiling-policy": "flow-control usage-limit policy plugins are not implemented: extproc's flow "
-    "controller gates dispatch on the saturation detector for every band alike",
     "request-attribute-reporter": "request-attribute-reporter (CEL expressions over the response written to envoy.lb "
     "metadata) is not implemented",
     "multicluster-prefix-cache-scorer": "multi-cluster routing is not implemented",

@@ -125,7 +125,14 @@ class SchedulerServer:
         flow_cfg = FlowControlConfig.from_config(cfg.flow_control)
         pool = self.pool
         self.flow = (
-            FlowController(flow_cfg, saturation, lambda model: [e for e in pool.snapshot() if model in e.models], cfg.fairness)
+            FlowController(
+                flow_cfg,
+                saturation,
+                lambda model: [e for e in pool.snapshot() if model in e.models],
+                cfg.fairness,
+                cfg.usage_limit,
+                [*cfg.band_priorities, *cfg.objectives.values()],
+            )
             if flow_cfg.enabled
             else None
         )

@@ -16,6 +16,7 @@ _BUILTIN_MODULES = (
     "gpu_attributes",
     "multimodal_decider",
     "program_aware",
+    "soft_reflective_ceiling",
     "queue",
     "kvcache",
     "running",

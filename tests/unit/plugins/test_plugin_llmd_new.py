@@ -367,3 +367,57 @@ def test_sample_program_aware_wires_fairness() -> None:
     assert cfg.flow_control["enabled"] is True
     assert cfg.fairness["default"] is cfg.plugins["program-aware-fairness"]
     assert cfg.plugins["program-aware-fairness"] in cfg.scheduler.observers
+
+
+# ------------------------------------------------------------------ soft-reflective-ceiling-policy
+def test_soft_reflective_ceilings(ctx: PluginContext) -> None:
+    p = build("soft-reflective-ceiling-policy", ctx)
+    assert p.compute_limits(0.9, 1) == [1.0]
+    assert p.compute_limits(0.2, 3) == [1.0, 1.0, 1.0]  # below every reflective ceiling (0.9, 0.8)
+    assert p.compute_limits(1.2, 3) == [1.0, 0.0, 0.0]
+    # s = 0.75 with 3 bands: band 1 reflective 0.625 and band 2 0.25 are both reached → alternate, period 3
+    seen = [p.compute_limits(0.75, 3) for _ in range(6)]
+    assert all(c[0] == 1.0 for c in seen)
+    assert [c[1] for c in seen].count(1.0) == 2 and all(c[1] == c[2] for c in seen)
+    with pytest.raises(ValueError):
+        build("soft-reflective-ceiling-policy", ctx, anything=1)
+
+
+def test_saturation_level() -> None:
+    from extproc.admission.saturation import SaturationDetector
+
+    det = SaturationDetector(queue_depth_threshold=10, kv_cache_util_threshold=0.8, metrics_staleness_s=1e18)
+    pods = [make_endpoint(0, waiting=5, kv_usage=0.2, updated_at=1.0), make_endpoint(1, waiting=0, kv_usage=0.8, updated_at=1.0), make_endpoint(2)]
+    assert det.level(pods, now=2.0) == pytest.approx((0.5 + 1.0) / 2)  # the never-scraped pod is unknown, left out
+
+
+async def test_soft_reflective_holds_low_band_while_high_passes() -> None:
+    import asyncio
+
+    from extproc.admission.flow_control import FlowControlConfig, FlowController
+    from extproc.admission.saturation import SaturationDetector
+    from extproc.scheduling.plugins.soft_reflective_ceiling import SoftReflectiveCeilingPolicy
+
+    pod = make_endpoint(0, waiting=9, updated_at=1e12)  # level 9/10 = 0.9: not saturated (below QD 10)
+    det = SaturationDetector(queue_depth_threshold=10, kv_cache_util_threshold=0.8, metrics_staleness_s=1e18)
+    fc = FlowController(FlowControlConfig(enabled=True, tick_s=3600), det, lambda m: [pod], usage_limit=SoftReflectiveCeilingPolicy(), known_priorities=[10, 0])
+    high = make_request(headers={"x-gateway-inference-priority": "10"})
+    low = make_request()
+    assert fc.must_wait(high) is False  # band 0: open below saturation 1
+    # band 1 of 2: reflective ceiling 1 − 0.9 = 0.1 reached → alternating with period 9: held on most calls
+    held = sum(fc.must_wait(low) for _ in range(9))
+    assert held == 8
+    pod.metrics = PodMetrics(waiting=0, updated_at=1e12)
+    assert fc.must_wait(low) is False
+    await fc.stop()
+
+
+def test_sample_soft_reflective_wires_policy() -> None:
+    from pathlib import Path
+
+    from extproc.scheduling.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "fixtures" / "llmd-configs" / "deploy" / "soft-reflective-ceiling-epp-config.yaml"
+    cfg = load_config(str(path), EndpointPool(), {})
+    assert cfg.flow_control["enabled"] is True
+    assert cfg.usage_limit is cfg.plugins["soft-reflective-ceiling-policy"]
