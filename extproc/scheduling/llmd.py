@@ -103,9 +103,6 @@ ABSORBED: dict[str, str] = {
 }
 # Reference types we cannot honour (yet): the load fails naming the plugin and this reason.
 UNSUPPORTED: dict[str, str] = {
-    "mm-embeddings-cache-producer": "multimodal embeddings-cache affinity is not implemented: extproc's request parser "
-    "does not extract image/audio items, so there is no multimodal cache state to produce or score",
-    "mm-embeddings-cache-scorer": "multimodal embeddings-cache affinity is not implemented (see mm-embeddings-cache-producer)",
     "burst-prefix-cache-producer": "burst co-location of prompt-sharing request groups (windowDurationMs batching) is not "
     "implemented; approx-prefix-cache-producer gives prefix affinity without the batch window",
     "request-attribute-reporter": "request-attribute-reporter (CEL expressions over the response written to envoy.lb "

@@ -17,6 +17,7 @@ _BUILTIN_MODULES = (
     "multimodal_decider",
     "program_aware",
     "soft_reflective_ceiling",
+    "mm_cache",
     "queue",
     "kvcache",
     "running",

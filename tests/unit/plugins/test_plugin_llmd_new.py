@@ -421,3 +421,34 @@ def test_sample_soft_reflective_wires_policy() -> None:
     cfg = load_config(str(path), EndpointPool(), {})
     assert cfg.flow_control["enabled"] is True
     assert cfg.usage_limit is cfg.plugins["soft-reflective-ceiling-policy"]
+
+
+# ------------------------------------------------------------------ mm-embeddings-cache producer + scorer
+def test_mm_embeddings_cache_affinity(ctx: PluginContext) -> None:
+    import json as _json
+
+    from extproc.api import parse_request
+
+    prod = build("mm-embeddings-cache-producer", ctx, cacheSizeInMBPerServer=4)  # 2 entries per pod
+    scorer = build("mm-embeddings-cache-scorer", ctx)
+
+    def chat(*urls: str) -> Any:
+        content = [{"type": "text", "text": "describe"}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        body = {"model": "base-model", "messages": [{"role": "user", "content": content}]}
+        return parse_request("/v1/chat/completions", _json.dumps(body).encode(), {})
+
+    pods = [make_endpoint(i) for i in range(2)]
+    assert scorer.score(CycleState(), chat("a", "b"), pods) == [0.0, 0.0]
+    c = CycleState()
+    req = chat("a", "b", "a")  # the repeated item counts once
+    scorer.score(c, req, pods)
+    prod.pre_request(c, req, result_for(pods[1]))
+    assert scorer.score(CycleState(), chat("a", "b"), pods) == [0.0, 1.0]
+    assert scorer.score(CycleState(), chat("a", "z"), pods) == [0.0, 0.5]
+    assert scorer.score(CycleState(), make_request(), pods) == [0.0, 0.0]  # no items
+    c = CycleState()
+    req = chat("c", "d")
+    scorer.score(c, req, pods)
+    prod.pre_request(c, req, result_for(pods[1]))  # LRU of 2 entries: a and b evicted
+    assert scorer.score(CycleState(), chat("a", "b"), pods) == [0.0, 0.0]
+    assert build("mm-embeddings-cache-producer", ctx, cacheSizeInMB=2048).entries_per_pod == 1024
