@@ -18,6 +18,7 @@ _BUILTIN_MODULES = (
     "program_aware",
     "soft_reflective_ceiling",
     "mm_cache",
+    "burst_prefix",
     "queue",
     "kvcache",
     "running",
