@@ -104,8 +104,6 @@ ABSORBED: dict[str, str] = {
 }
 # Reference types we cannot honour (yet): the load fails naming the plugin and this reason.
 UNSUPPORTED: dict[str, str] = {
-    "request-attribute-reporter": "request-attribute-reporter (CEL expressions over the response written to envoy.lb "
-    "metadata) is not implemented",
     "multicluster-prefix-cache-scorer": "multi-cluster routing is not implemented",
     "multicluster-approx-prefix-cache-producer": "multi-cluster routing is not implemented",
 }

@@ -19,6 +19,7 @@ _BUILTIN_MODULES = (
     "soft_reflective_ceiling",
     "mm_cache",
     "burst_prefix",
+    "request_attribute_reporter",
     "queue",
     "kvcache",
     "running",

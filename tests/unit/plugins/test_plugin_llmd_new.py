@@ -508,3 +508,18 @@ def test_burst_prefix_min_colocate_and_params(ctx: PluginContext) -> None:
         build("burst-prefix-cache", ctx, windowDurationMs=0)
     with pytest.raises(ValueError, match="maxPerReplica"):
         build("burst-prefix-cache", ctx, maxPerReplica=0)
+
+
+# ------------------------------------------------------------------ request-attribute-reporter
+def test_request_attribute_reporter(ctx: PluginContext) -> None:
+    r = build("request-attribute-reporter", ctx, attributes=[
+        {"key": {"name": "cost"}, "expression": "usage.completion_tokens", "condition": "has(usage.completion_tokens)"},
+        {"key": {"namespace": "my.ns", "name": "total"}, "expression": "(has(usage.prompt_tokens) ? usage.prompt_tokens : 0) + 1"},
+        {"key": {"name": "bad"}, "expression": "usage.prompt_tokens > 1"},  # boolean, not an integer: not reported
+    ])  # fmt: skip
+    assert r.report(make_request(), {"prompt_tokens": 4, "completion_tokens": 7}) == [("envoy.lb", "cost", 7), ("my.ns", "total", 5)]
+    assert r.report(make_request(), {}) == [("my.ns", "total", 1)]
+    with pytest.raises(ValueError, match="invalid CEL"):
+        build("request-attribute-reporter", ctx, attributes=[{"key": {"name": "x"}, "expression": "usage."}])
+    with pytest.raises(ValueError, match="non-empty"):
+        build("request-attribute-reporter", ctx, attributes=[])
