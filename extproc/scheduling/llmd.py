@@ -239,8 +239,16 @@ def _precise_params(producer: Mapping[str, Any], pname: str) -> dict[str, Any]:
         port = _int(_mapping(kve.get("podDiscoveryConfig"), "podDiscoveryConfig", pname), "socketPort", 5557, pname, 1)
         ev["endpointTemplate"] = f"tcp://{{host}}:{port}"  # subscribe to each discovered pod's publisher
     elif kve.get("zmqEndpoint"):
-        ev["endpointTemplate"] = str(kve["zmqEndpoint"])
-        ev["bind"] = True  # the reference binds this endpoint; pods connect to it
+        # The reference binds one endpoint that every pod publishes to (events told apart by topic); extproc runs one
+        # subscriber per pod, so a single shared bind cannot be honoured. Say so loudly; the pods' publishers are
+        # given with --kv-events (or discoverPods), else the scorer matches approximately.
+        log.warning(
+            "kvEventsConfig.zmqEndpoint (one endpoint all pods publish to) is not supported: extproc subscribes to "
+            "each pod's publisher; give them with --kv-events or kvEventsConfig.discoverPods",
+            extra={"plugin": pname, "zmqEndpoint": kve["zmqEndpoint"]},
+        )
+        out["_note"] = (f"kvEventsConfig.zmqEndpoint {kve['zmqEndpoint']} NOT used (shared bind endpoint unsupported): "
+                        "per-pod publishers come from --kv-events or discoverPods, else approximate matching")
     if topic and ev:
         ev["topic"] = str(topic)
     if ev:
@@ -422,7 +430,11 @@ def _prefix_scorer(name: str, params: Mapping[str, Any], producers: Mapping[str,
         raise TranslationError(name, f"parameters {sorted({**ours, **extra})} do not apply to the producer '{pname}'")
     if prod["type"] == "burst-prefix-cache-producer":
         return "burst-prefix-cache", dict(prod["parameters"]), f"burst co-location configured by producer '{pname}' (online placement, no batch window)"
-    return "precise-prefix-cache", _precise_params(prod["parameters"], pname), f"precise KV-event index configured by producer '{pname}'"
+    params = _precise_params(prod["parameters"], pname)
+    note = f"precise KV-event index configured by producer '{pname}'"
+    if "_note" in params:
+        note += "; " + params.pop("_note")
+    return "precise-prefix-cache", params, note
 
 
 def detector_params(spec: Mapping[str, Any]) -> dict[str, Any]:
