@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.extproc-installed
 
-.PHONY: demo test test-fast setup real-vllm aiperf bench clean
+.PHONY: demo test test-fast setup real-vllm aiperf postgres bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || (echo "python3 -m venv failed: installing python3-venv" && apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV))
@@ -25,7 +25,10 @@ real-vllm:
 aiperf:
 	bash scripts/aiperf_setup.sh
 
-test: $(STAMP) real-vllm aiperf
+postgres:
+	bash scripts/postgres_setup.sh
+
+test: $(STAMP) real-vllm aiperf postgres
 	bash scripts/run_tests.sh
 
 test-fast: $(STAMP)

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("extproc.bench.cli", "routing-quality and overhead benchmarks, side by side with peers"),
     "envoy-config": ("extproc.envoy_config", "render a validated Envoy bootstrap for extproc"),
     "predictor": ("extproc.predictor.cli", "train / evaluate the TTFT/TPOT latency predictor"),
+    "batch": ("extproc.batch.cli", "the OpenAI Batch API beside the gateway (serve, status)"),
 }
 
 

@@ -34,7 +34,7 @@ from extproc.bench.setups import SetupSpec, config_available
 from extproc.bench.workloads import MODEL, Workload
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
 from extproc.predictor.features import set_clock
-from extproc.scheduling.framework import Observation, SchedulingError
+from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, SchedulingError
 from extproc.server.tracker import Flight
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class _Gateway:
             raise SchedulingError(429, "the fleet is saturated and this request is sheddable (priority < 0)", "saturated")
         result, cycle = self.scheduler.schedule(req)
         primary = result.primary
-        feats = cycle.data.get("predictor_features")
+        feats = cycle.data.get(PREDICTOR_FEATURES)
         flight = self.tracker.dispatch(req, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
         self.scheduler.dispatched(cycle, req, result)
         return flight
