@@ -13,9 +13,9 @@ Shapes follow the GIE / llm-d benchmarking workloads (see /docs/benchmarks.md fo
 - ``multi-turn``: chat sessions over a few shared system prompts; each turn resends the whole history.
 - ``multi-lora``: ShareGPT-like lengths, four adapters with a 50/30/15/5 traffic split.
 - ``heterogeneous``: ShareGPT-like chat with moderate prefix sharing, meant for a fleet of fast and slow pods.
-- ``three-vendor``: the same chat traffic on a fleet that mixes NVIDIA (H100, L40S), AMD (MI300X, vLLM ROCm) and
-  Intel (Gaudi 3, vLLM HPU) pods, after IBM/Red Hat/NxtGen's three-vendor sovereign cluster (llm-d blog, 2026);
-  the shipped warm-start model never saw the MI300X and Gaudi 3 profiles.
+- ``three-vendor``: the same chat traffic on a fleet that mixes AMD (2 × MI300X, vLLM ROCm), Intel (2 × Gaudi 3,
+  vLLM HPU) and NVIDIA (4 × L40S, the lower-cost tier) pods, after IBM/Red Hat/NxtGen's three-vendor sovereign
+  cluster (llm-d blog, 2026): the whole premium tier is hardware the shipped warm-start model never saw.
 - ``long-prompts``: 100–200 KB bodies (documents with questions), few documents shared by many requests.
 - ``bursty``: shared-prefix traffic arriving in bursts (on/off), the thundering-herd case.
 """
@@ -334,7 +334,7 @@ def gen_heterogeneous(rng: random.Random, stages: list[Stage]) -> tuple[list[Wor
     return reqs, _params(p), {"fleet": "llama3-8b-h100:4,llama3-8b-l40s:4"}
 
 
-THREE_VENDOR_FLEET = "llama3-8b-h100:2,llama3-8b-l40s:2,llama3-8b-mi300x:2,llama3-8b-gaudi3:2"
+THREE_VENDOR_FLEET = "llama3-8b-mi300x:2,llama3-8b-gaudi3:2,llama3-8b-l40s:4"
 
 
 def gen_three_vendor(rng: random.Random, stages: list[Stage]) -> tuple[list[WorkloadRequest], dict[str, Any], dict[str, Any]]:
