@@ -10,6 +10,9 @@ A plugin is a plain class with a ``type_name`` (its registry name, the ``type:``
 - :class:`PreRequest` — ``pre_request(cycle, request, result)`` once the request is dispatched
 - :class:`ResponseObserver` — ``on_complete(request, observation)`` when it finishes
 - :class:`ProfileHandler` — chooses the profiles of a cycle and combines their results
+- :class:`Admitter` — ``admit(cycle, request, candidates)`` before any profile runs; raises to reject (429)
+- :class:`FairnessPolicy` — ``pick_tenant(queues, now)``: which fairness key of a flow-control band goes next
+- :class:`UsageLimitPolicy` — ``compute_limits(saturation, bands)``: per-band dispatch ceilings of flow control
 - :class:`Decider` — a per-request yes/no for an optional stage of a profile handler (``deciders.prefill``)
 - :class:`Service` — a shared background service (started and stopped by the server)
 
@@ -32,6 +35,9 @@ from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
 from extproc.scheduling.framework import (
     PEER_ENDPOINT,
+    Admitter,
+    FairnessPolicy,
+    UsageLimitPolicy,
     PREDICTOR_FEATURES,
     PREFIX_BLOCK_SIZE,
     PREFIX_CACHED_TOKENS,
@@ -93,6 +99,9 @@ ROLES: dict[str, type] = {
     "observer": ResponseObserver,
     "profile_handler": ProfileHandler,
     "decider": Decider,
+    "admitter": Admitter,
+    "fairness_policy": FairnessPolicy,
+    "usage_limit_policy": UsageLimitPolicy,
 }
 PROFILE_ROLES = ("filter", "scorer", "picker")  # roles that can be placed in a scheduling profile
 
@@ -124,6 +133,9 @@ __all__ = [
     "ResponseObserver",
     "ProfileHandler",
     "Decider",
+    "Admitter",
+    "FairnessPolicy",
+    "UsageLimitPolicy",
     "Service",
     "ROLES",
     "PROFILE_ROLES",

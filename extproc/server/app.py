@@ -62,6 +62,7 @@ class ServeOptions:
     tls_client_ca: str | None = None
     grpc_max_concurrent_streams: int = 0
     seed: int | None = None
+    conformance: bool = False  # honour GIE's conformance header test-epp-endpoint-selection
 
 
 class SchedulerServer:
@@ -127,7 +128,18 @@ class SchedulerServer:
         saturation = SaturationDetector.from_config(cfg.saturation)
         flow_cfg = FlowControlConfig.from_config(cfg.flow_control)
         pool = self.pool
-        self.flow = FlowController(flow_cfg, saturation, lambda model: [e for e in pool.snapshot() if model in e.models]) if flow_cfg.enabled else None
+        self.flow = (
+            FlowController(
+                flow_cfg,
+                saturation,
+                lambda model: [e for e in pool.snapshot() if model in e.models],
+                cfg.fairness,
+                cfg.usage_limit,
+                [*cfg.band_priorities, *cfg.objectives.values()],
+            )
+            if flow_cfg.enabled
+            else None
+        )
         if self.flow is not None:
             self.services["flow_control"] = self.flow
         on_complete = record_observation(self.metrics, cfg.scheduler)
@@ -150,6 +162,7 @@ class SchedulerServer:
                 max_messages_per_stream=self.opts.max_messages_per_stream,
                 response_observe=self.opts.response_observe,
                 objectives=cfg.objectives,
+                conformance=self.opts.conformance,
             ),
             saturation,
             self.services,

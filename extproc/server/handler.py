@@ -48,6 +48,25 @@ class HandlerSettings:
     max_header_bytes: int = 64 * 1024
     response_observe: str = "observability"  # observability | streamed | none
     objectives: dict[str, int] = field(default_factory=dict)
+    conformance: bool = False  # honour the GIE conformance header test-epp-endpoint-selection
+
+
+def parse_endpoint_selection(value: str) -> frozenset[str]:
+    """``test-epp-endpoint-selection``: comma list of ``IP`` or ``IP:port`` (IPv6 in brackets) → the set of
+    addresses and bare hosts a candidate may match (llm-d-router pkg/epp/framework/plugins/scheduling/test)."""
+    out: set[str] = set()
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            out.add(f"{host}{rest}" if rest.startswith(":") else host)
+        elif item.count(":") == 1:
+            out.add(item)
+        else:
+            out.add(item)
+    return frozenset(out)
 
 
 class _Stream:
@@ -231,8 +250,13 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
 
     def _dispatch(self, st: _Stream, request: Any, t0: float) -> Any:
         model = request.target_model
+        allowed = None
+        if self.settings.conformance:
+            sel = request.headers.get(codec.HDR_CONFORMANCE_SELECTION)
+            if sel is not None:
+                allowed = parse_endpoint_selection(sel)
         try:
-            result, cycle = self.scheduler.schedule(request)
+            result, cycle = self.scheduler.schedule(request, allowed=allowed)
         except SchedulingError as e:
             return self._reject(st, e.status, e.message, e.error_type, e.code, model=model)
         targets = [ep.address for ep in result.targets]
@@ -266,7 +290,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                 f.endpoint.scrape_failures += 1  # upstream trouble: hint the health logic
             if rh.end_of_stream or self.settings.response_observe == "none":
                 self.tracker.finish(f, "ok" if 0 < status < 400 else f"status_{status}")
-        return codec.response_headers_continue(st.served)
+        return codec.response_headers_continue(st.served, self.settings.conformance)
 
     # ------------------------------------------------------------------ observation stream
     def _observe(self, st: _Stream, req: Any) -> None:

@@ -3,8 +3,11 @@ invalid input with an error file, expiry with partial results, cancel, metrics."
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -57,6 +60,12 @@ async def test_files_and_batches_endpoints_and_errors() -> None:
         assert done.in_progress_at and done.finalizing_at and done.completed_at and done.output_file_id
         with pytest.raises(openai.ConflictError):
             await c.batches.cancel(done.id)
+        # the CLI progress view, through Envoy
+        st = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "extproc", "batch", "status", done.id, "--url", gw.url], capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0, st.stderr
+        assert "completed" in st.stdout and "3/3" in st.stdout and done.output_file_id in st.stdout
+        st = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "extproc", "batch", "status", "batch_nope", "--url", gw.url], capture_output=True, text=True, timeout=60)
+        assert st.returncode != 0 and "404" in st.stderr
         out = (await c.files.content(done.output_file_id)).text
         line = json.loads(out.splitlines()[0])
         assert set(line) == {"id", "custom_id", "response", "error"} and line["error"] is None

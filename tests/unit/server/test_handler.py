@@ -387,3 +387,29 @@ async def test_profile_handler_headers_are_set_and_client_copies_stripped(peer_s
     hm = header_map(out[1].request_body.response.header_mutation)
     assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:2"
     assert hm["x-test-peer-host-port"] == "127.0.0.1:3"
+
+
+@pytest.mark.parametrize("conformance", [False, True])
+async def test_conformance_header_only_in_conformance_mode(conformance):
+    s = SchedulerServer(
+        ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, conformance=conformance)
+    )
+    await s.start()
+    try:
+        for ep in s.pool.snapshot():
+            ep.metrics = PodMetrics(waiting=0 if ep.port == 2 else 10, updated_at=1e12)
+        b = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 3}).encode()
+        out = await exchange(s, [headers_msg("/v1/completions", extra={"test-epp-endpoint-selection": "127.0.0.1:3, 10.9.9.9"}), body_msg(b), resp_headers_msg(200, end=True)])
+        hm = header_map(out[1].request_body.response.header_mutation)
+        rh = header_map(out[2].response_headers.response.header_mutation)
+        if conformance:
+            assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:3"  # restricted although pod 2 is idle
+            assert rh["x-conformance-test-served-endpoint"] == "127.0.0.1:3"
+        else:
+            assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:2"  # the header is ignored
+            assert "x-conformance-test-served-endpoint" not in rh
+        if conformance:
+            out = await exchange(s, [headers_msg("/v1/completions", extra={"test-epp-endpoint-selection": "10.9.9.9"}), body_msg(b)])
+            assert out[1].immediate_response.status.code == 503
+    finally:
+        await s.stop()
