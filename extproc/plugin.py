@@ -13,6 +13,7 @@ A plugin is a plain class with a ``type_name`` (its registry name, the ``type:``
 - :class:`Admitter` — ``admit(cycle, request, candidates)`` before any profile runs; raises to reject (429)
 - :class:`FairnessPolicy` — ``pick_tenant(queues, now)``: which fairness key of a flow-control band goes next
 - :class:`UsageLimitPolicy` — ``compute_limits(saturation, bands)``: per-band dispatch ceilings of flow control
+- :class:`ResponseReporter` — ``report(request, usage)``: dynamic metadata for the proxy when a response ends
 - :class:`Decider` — a per-request yes/no for an optional stage of a profile handler (``deciders.prefill``)
 - :class:`Service` — a shared background service (started and stopped by the server)
 
@@ -38,6 +39,7 @@ from extproc.scheduling.framework import (
     Admitter,
     FairnessPolicy,
     UsageLimitPolicy,
+    ResponseReporter,
     PREDICTOR_FEATURES,
     PREFIX_BLOCK_SIZE,
     PREFIX_CACHED_TOKENS,
@@ -102,6 +104,7 @@ ROLES: dict[str, type] = {
     "admitter": Admitter,
     "fairness_policy": FairnessPolicy,
     "usage_limit_policy": UsageLimitPolicy,
+    "response_reporter": ResponseReporter,
 }
 PROFILE_ROLES = ("filter", "scorer", "picker")  # roles that can be placed in a scheduling profile
 
@@ -136,6 +139,7 @@ __all__ = [
     "Admitter",
     "FairnessPolicy",
     "UsageLimitPolicy",
+    "ResponseReporter",
     "Service",
     "ROLES",
     "PROFILE_ROLES",

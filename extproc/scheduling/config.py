@@ -222,7 +222,8 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
     pre = [p for n, p in plugins.items() if "pre_request" in roles.get(n, frozenset())]
     obs = [p for n, p in plugins.items() if "observer" in roles.get(n, frozenset())]
     adm = [p for n, p in plugins.items() if "admitter" in roles.get(n, frozenset())]
-    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs, admitters=adm)
+    rep = [p for n, p in plugins.items() if "response_reporter" in roles.get(n, frozenset())]
+    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs, admitters=adm, reporters=rep)
 
     objectives: dict[str, int] = {}
     for o in raw.get("objectives") or []:

@@ -300,6 +300,15 @@ class UsageLimitPolicy(Plugin, Protocol):
 
 
 @runtime_checkable
+class ResponseReporter(Plugin, Protocol):
+    """Values reported to the proxy when a response ends (``request-attribute-reporter``): from the response's
+    ``usage`` object, a list of (metadata namespace, key, value) the server returns as ext_proc dynamic metadata.
+    Runs off the decision path, once per request, when the response body ends (``--response-observe streamed``)."""
+
+    def report(self, request: InferenceRequest, usage: dict[str, Any]) -> list[tuple[str, str, Any]]: ...
+
+
+@runtime_checkable
 class Admitter(Plugin, Protocol):
     """Admission before any profile runs (e.g. ``probabilistic-admitter``): return to admit, raise
     :class:`SchedulingError` (429 for load shedding) to reject. ``candidates`` are the pool's endpoints."""
@@ -332,6 +341,7 @@ class Scheduler:
     observers: list[ResponseObserver] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
     admitters: list[Admitter] = field(default_factory=list)
+    reporters: list[ResponseReporter] = field(default_factory=list)
 
     def schedule(
         self, request: InferenceRequest, cycle: CycleState | None = None, allowed: frozenset[str] | None = None

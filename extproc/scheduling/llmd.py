@@ -100,13 +100,10 @@ ABSORBED: dict[str, str] = {
     "these thresholds",
     "approx-prefix-cache-producer": "the index of the prefix-cache-scorer that names it",
     "precise-prefix-cache-producer": "the KV-event index of the precise-prefix-cache scorer that names it",
+    "burst-prefix-cache-producer": "the group placement of the burst-prefix-cache scorer that names it",
 }
 # Reference types we cannot honour (yet): the load fails naming the plugin and this reason.
 UNSUPPORTED: dict[str, str] = {
-    "burst-prefix-cache-producer": "burst co-location of prompt-sharing request groups (windowDurationMs batching) is not "
-    "implemented; approx-prefix-cache-producer gives prefix affinity without the batch window",
-    "request-attribute-reporter": "request-attribute-reporter (CEL expressions over the response written to envoy.lb "
-    "metadata) is not implemented",
     "multicluster-prefix-cache-scorer": "multi-cluster routing is not implemented",
     "multicluster-approx-prefix-cache-producer": "multi-cluster routing is not implemented",
 }
@@ -117,7 +114,7 @@ REFERENCE_DEFAULTS: dict[str, dict[str, Any]] = {
     "token-load-scorer": {"queueThresholdTokens": 4194304},
 }
 PARSER_TYPES = frozenset({"openai-parser", "passthrough-parser", "vllm-http-parser"})
-PRODUCER_TYPES = frozenset({"approx-prefix-cache-producer", "precise-prefix-cache-producer"})
+PRODUCER_TYPES = frozenset({"approx-prefix-cache-producer", "precise-prefix-cache-producer", "burst-prefix-cache-producer"})
 REFERENCE_PREFIX_PARAMS = frozenset({"prefixMatchInfoProducerName", "matchLengthWeight", "matchLengthScaleTokens"})
 
 # approx-prefix-cache-producer defaults (llm-d-router .../dataproducer/approximateprefix/README.md)
@@ -422,7 +419,9 @@ def _prefix_scorer(name: str, params: Mapping[str, Any], producers: Mapping[str,
         base.update(extra)
         return "prefix-cache-scorer", base, f"approximate prefix index configured by producer '{pname}'"
     if ours or extra:
-        raise TranslationError(name, f"parameters {sorted({**ours, **extra})} do not apply to the precise producer '{pname}'")
+        raise TranslationError(name, f"parameters {sorted({**ours, **extra})} do not apply to the producer '{pname}'")
+    if prod["type"] == "burst-prefix-cache-producer":
+        return "burst-prefix-cache", dict(prod["parameters"]), f"burst co-location configured by producer '{pname}' (online placement, no batch window)"
     return "precise-prefix-cache", _precise_params(prod["parameters"], pname), f"precise KV-event index configured by producer '{pname}'"
 
 

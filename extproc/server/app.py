@@ -22,7 +22,7 @@ from extproc.admission.saturation import SaturationDetector
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
 from extproc.observe.metrics import SchedulerMetrics
-from extproc.scheduling.config import SchedulerConfig, load_config
+from extproc.scheduling.config import ConfigError, SchedulerConfig, load_config
 from extproc.server.handler import ExtProcHandler, HandlerSettings, observation_outcome_counter, record_observation
 from extproc.server.tracker import FlightTracker
 
@@ -118,6 +118,13 @@ class SchedulerServer:
                 rng = getattr(plugin, "rng", None)
                 if isinstance(rng, _random.Random):
                     rng.seed(self.opts.seed + i)
+        if self.config.scheduler.reporters and self.opts.response_observe != "streamed":
+            names = ", ".join(r.name for r in self.config.scheduler.reporters)
+            raise ConfigError(
+                self.config.path, names,
+                "reports from the response body need --response-observe streamed (and an Envoy config rendered with it); "
+                f"this server runs with --response-observe {self.opts.response_observe}",
+            )  # fmt: skip
         for prof in self.config.scheduler.profiles.values():
             prof.plugin_timer = self.metrics.plugin_timer
         return self.config

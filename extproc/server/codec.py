@@ -116,9 +116,20 @@ def request_body_continue() -> pb.ProcessingResponse:
     return r
 
 
-def response_body_continue() -> pb.ProcessingResponse:
+def response_body_continue(metadata: list[tuple[str, str, object]] | None = None) -> pb.ProcessingResponse:
+    """CONTINUE for a response body chunk, optionally with dynamic metadata (namespace, key, value) for Envoy."""
     r = pb.ProcessingResponse()
     r.response_body.response.SetInParent()
+    if metadata:
+        md = r.dynamic_metadata
+        for ns, key, value in metadata:
+            f = md.fields[ns].struct_value.fields[key]
+            if isinstance(value, bool):
+                f.bool_value = value
+            elif isinstance(value, (int, float)):
+                f.number_value = float(value)
+            else:
+                f.string_value = str(value)
     return r
 
 

@@ -18,6 +18,8 @@ _BUILTIN_MODULES = (
     "program_aware",
     "soft_reflective_ceiling",
     "mm_cache",
+    "burst_prefix",
+    "request_attribute_reporter",
     "queue",
     "kvcache",
     "running",

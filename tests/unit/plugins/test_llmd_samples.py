@@ -16,8 +16,6 @@ from extproc.scheduling.config import ConfigError, build_config, load_config
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "llmd-configs").glob("*/*.yaml"))
 # Samples whose plugins are not available yet, with the plugin and the reason the load must name.
 PENDING: dict[str, tuple[str, str]] = {
-    "epp-burst-prefix-cache-config.yaml": ("burst-prefix-cache-producer", "batch window"),
-    "request-attribute-reporter-config.yaml": ("total-tokens-cost-reporter", "CEL"),
 }
 # P/D plugins (disagg-profile-handler and its deciders) come with the P/D work (issue 13): until they are
 # registered these samples must fail naming one of them.

@@ -452,3 +452,74 @@ def test_mm_embeddings_cache_affinity(ctx: PluginContext) -> None:
     prod.pre_request(c, req, result_for(pods[1]))  # LRU of 2 entries: a and b evicted
     assert scorer.score(CycleState(), chat("a", "b"), pods) == [0.0, 0.0]
     assert build("mm-embeddings-cache-producer", ctx, cacheSizeInMB=2048).entries_per_pod == 1024
+
+
+# ------------------------------------------------------------------ burst-prefix-cache (burst-prefix-cache-producer)
+def test_burst_prefix_groups_fill_then_spill(ctx: PluginContext) -> None:
+    from extproc.scheduling.plugins.burst_prefix import BurstPrefixCacheScorer
+
+    clock = _Clock()
+    s = BurstPrefixCacheScorer(window_ms=100, max_per_replica=2, block_tokens=16, clock=clock)
+    pods = [make_endpoint(i) for i in range(3)]
+    prompt = "the same rollout prompt " * 20
+
+    def route(p: str, pick: int | None = None) -> list[float]:
+        c = CycleState()
+        req = make_request(p)
+        scores = s.score(c, req, pods)
+        chosen = pods[pick] if pick is not None else pods[max(range(3), key=lambda i: scores[i])]
+        s.pre_request(c, req, result_for(chosen))
+        return scores
+
+    assert route(prompt, pick=1) == [0.0, 0.0, 0.0]  # first of the group: no affinity, placed by other scorers
+    assert route(prompt) == [0.0, 1.0, 0.0]  # joins pod 1 (now 2 of the group there = maxPerReplica)
+    spill = route(prompt)
+    assert spill[1] == 0.0 and sum(spill) == 1.0  # pod 1 full: spill to a least-loaded unused pod
+    assert route("a different prompt entirely " * 20) == [0.0, 0.0, 0.0]
+    clock.t += 0.2  # window over: the group is forgotten
+    assert route(prompt, pick=2) == [0.0, 0.0, 0.0]
+    assert route("tiny") == [0.0, 0.0, 0.0]  # shorter than a block: no prefix, no affinity
+
+
+def test_burst_prefix_min_colocate_and_params(ctx: PluginContext) -> None:
+    from extproc.scheduling.plugins.burst_prefix import BurstPrefixCacheScorer
+
+    s = BurstPrefixCacheScorer(block_tokens=16, min_colocate_blocks=2, clock=_Clock())
+    pods = [make_endpoint(i) for i in range(2)]
+    shared = "x" * 200
+    for text, pod in ((shared + "first suffix" * 10, 0), ("unrelated " * 30, 1), ("unrelated too " * 30, 1)):
+        c = CycleState()
+        req = make_request(text)
+        s.score(c, req, pods)
+        s.pre_request(c, req, result_for(pods[pod]))
+    # shares 3 leading blocks (≥ 2) with the group on pod 0, which holds 1 of 4 (< fair share 2): joins it
+    assert s.score(CycleState(), make_request(shared + "other suffix" * 10), pods) == [1.0, 0.0]
+    c = CycleState()
+    req = make_request(shared + "third suffix" * 10)
+    s.score(c, req, pods)
+    s.pre_request(c, req, result_for(pods[0]))
+    c = CycleState()
+    req = make_request(shared + "fourth suffix" * 10)
+    s.score(c, req, pods)
+    s.pre_request(c, req, result_for(pods[0]))
+    # pod 0 now holds 3 of 6 (fair share ceil(6/2) = 3): no longer joined, balance wins
+    assert s.score(CycleState(), make_request(shared + "fifth suffix" * 10), pods) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="windowDurationMs"):
+        build("burst-prefix-cache", ctx, windowDurationMs=0)
+    with pytest.raises(ValueError, match="maxPerReplica"):
+        build("burst-prefix-cache", ctx, maxPerReplica=0)
+
+
+# ------------------------------------------------------------------ request-attribute-reporter
+def test_request_attribute_reporter(ctx: PluginContext) -> None:
+    r = build("request-attribute-reporter", ctx, attributes=[
+        {"key": {"name": "cost"}, "expression": "usage.completion_tokens", "condition": "has(usage.completion_tokens)"},
+        {"key": {"namespace": "my.ns", "name": "total"}, "expression": "(has(usage.prompt_tokens) ? usage.prompt_tokens : 0) + 1"},
+        {"key": {"name": "bad"}, "expression": "usage.prompt_tokens > 1"},  # boolean, not an integer: not reported
+    ])  # fmt: skip
+    assert r.report(make_request(), {"prompt_tokens": 4, "completion_tokens": 7}) == [("envoy.lb", "cost", 7), ("my.ns", "total", 5)]
+    assert r.report(make_request(), {}) == [("my.ns", "total", 1)]
+    with pytest.raises(ValueError, match="invalid CEL"):
+        build("request-attribute-reporter", ctx, attributes=[{"key": {"name": "x"}, "expression": "usage."}])
+    with pytest.raises(ValueError, match="non-empty"):
+        build("request-attribute-reporter", ctx, attributes=[])
