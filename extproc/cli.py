@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("extproc.bench.cli", "routing-quality and overhead benchmarks, side by side with peers"),
     "envoy-config": ("extproc.envoy_config", "render a validated Envoy bootstrap for extproc"),
     "predictor": ("extproc.predictor.cli", "train / evaluate the TTFT/TPOT latency predictor"),
+    "pd-sidecar": ("extproc.sidecar.cli", "decode-side P/D proxy: prefill leg on x-prefiller-host-port, then local decode"),
 }
 
 

@@ -15,6 +15,10 @@ Shapes follow the GIE / llm-d benchmarking workloads (see /docs/benchmarks.md fo
 - ``heterogeneous``: ShareGPT-like chat with moderate prefix sharing, meant for a fleet of fast and slow pods.
 - ``long-prompts``: 100–200 KB bodies (documents with questions), few documents shared by many requests.
 - ``bursty``: shared-prefix traffic arriving in bursts (on/off), the thundering-herd case.
+- ``pd``: long prompts, short outputs (the llm-d P/D guide's ISL/OSL 5000/250 fits the simulated Llama-3-8B's
+  8k context as is): documents shared by a few requests each plus a unique question, so part of a prompt may be
+  cached on the decode pod (what the prefix-based P/D decider looks at). P/D setups split the same fleet into
+  ``pd_prefill`` prefill pods and the rest decode pods.
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ class Workload:
     fleet: str = ""  # fleet the workload is meant for (FleetSpec.fleet syntax), "" = homogeneous default
     loras: tuple[str, ...] = ()
     kv_blocks: int | None = None  # per-pod KV blocks the workload is sized for (None = profile default)
+    pd_prefill: int = 0  # P/D setups: how many of the fleet's pods are prefill-role (0 = half)
 
     def stage_requests(self, stage: int) -> list[WorkloadRequest]:
         return [r for r in self.requests if r.stage == stage]
@@ -370,6 +375,27 @@ def gen_long_prompts(rng: random.Random, stages: list[Stage]) -> tuple[list[Work
     return out, _params(p), {}
 
 
+@dataclass(slots=True, frozen=True)
+class PDParams:
+    documents: int = 64
+    document_tokens: int = 4_000  # shared part: ~4k of the ~5k prompt
+    question_min: int = 200
+    question_max: int = 2_000  # unique part: the non-cached tokens when the document is cached
+    output_tokens: int = 250
+    pd_prefill: int = 4  # of the default 8-pod fleet
+
+
+def gen_pd(rng: random.Random, stages: list[Stage]) -> tuple[list[WorkloadRequest], dict[str, Any], dict[str, Any]]:
+    p = PDParams()
+    docs = [f"[document {d}]\n" + text(rng, p.document_tokens) for d in range(p.documents)]
+    out = []
+    for i, (stage, t) in enumerate(poisson_arrivals(rng, stages)):
+        d = rng.randrange(p.documents)
+        q = f"Question {i}: " + text(rng, rng.randint(p.question_min, p.question_max))
+        out.append(WorkloadRequest(i, stage, t, "completions", MODEL, p.output_tokens, parts=(docs[d], q), group=d))
+    return out, _params(p), {"pd_prefill": p.pd_prefill}
+
+
 def _params(p: Any) -> dict[str, Any]:
     return {k: getattr(p, k) for k in p.__slots__}
 
@@ -383,6 +409,7 @@ WORKLOADS: dict[str, Generator] = {
     "heterogeneous": gen_heterogeneous,
     "long-prompts": gen_long_prompts,
     "bursty": gen_bursty,
+    "pd": gen_pd,
 }
 
 # Default stages: Poisson rates stepped up to and past the saturation of an 8-pod simulated fleet.
@@ -393,6 +420,7 @@ DEFAULT_STAGES: dict[str, str] = {
     "heterogeneous": "4:20,8:20,16:20,24:20",
     "long-prompts": "0.5:20,1:20,2:20,3:20",
     "bursty": "4:20,8:20,16:20,24:20",
+    "pd": "4:30,8:30,12:30",
 }
 
 
@@ -413,4 +441,5 @@ def generate(name: str, stages: Sequence[Stage] | None = None, seed: int = 0) ->
         fleet=str(fleet.get("fleet", "")),
         loras=tuple(fleet.get("loras", ())),
         kv_blocks=fleet.get("kv_blocks"),
+        pd_prefill=int(fleet.get("pd_prefill", 0)),
     )
