@@ -58,7 +58,8 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SERVED_HEADER = "x-gateway-destination-endpoint-served"
 SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
 REQUEST_ID_HEADER = "x-extproc-request-id"
-SPOOFABLE_HEADERS: tuple[str, ...] = (DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER)
+PREFILL_HEADER = "x-prefiller-host-port"  # P/D: the prefill pod, set by the disagg-profile-handler
+SPOOFABLE_HEADERS: tuple[str, ...] = (DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER, PREFILL_HEADER)
 LB_METADATA_NAMESPACE = "envoy.lb"
 
 EXTPROC_CLUSTER = "extproc"
@@ -86,7 +87,7 @@ BUFFER_HEADROOM_BYTES = 1024 * 1024
 # Concurrent requests are long LLM streams: Envoy's default circuit breakers (1024) are too low.
 CIRCUIT_BREAKER_LIMIT = 100_000
 # Header names the scheduler may set or remove.
-MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|content-length|x-slo-.*)$"
+MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|content-length|x-slo-.*|x-prefiller-host-port)$"
 
 FailureMode = Literal["fail-open", "fail-close"]
 ResponseObserve = Literal["observability", "streamed", "none"]

@@ -377,12 +377,12 @@ def gen_long_prompts(rng: random.Random, stages: list[Stage]) -> tuple[list[Work
 
 @dataclass(slots=True, frozen=True)
 class PDParams:
-    documents: int = 64
-    document_tokens: int = 4_000  # shared part: ~4k of the ~5k prompt
+    documents: int = 1000  # few repeats: most prompts are cold, as in the reference's random 5000/250 prompts
+    document_tokens: int = 4_500  # shared part of the ~5k-token prompt
     question_min: int = 200
-    question_max: int = 2_000  # unique part: the non-cached tokens when the document is cached
+    question_max: int = 1_000  # unique part: the non-cached tokens when the document is cached
     output_tokens: int = 250
-    pd_prefill: int = 4  # of the default 8-pod fleet
+    pd_prefill: int = 6  # of the default 8-pod fleet: prefill is ~95% of the work at ISL/OSL 5000/250
 
 
 def gen_pd(rng: random.Random, stages: list[Stage]) -> tuple[list[WorkloadRequest], dict[str, Any], dict[str, Any]]:
@@ -420,7 +420,7 @@ DEFAULT_STAGES: dict[str, str] = {
     "heterogeneous": "4:20,8:20,16:20,24:20",
     "long-prompts": "0.5:20,1:20,2:20,3:20",
     "bursty": "4:20,8:20,16:20,24:20",
-    "pd": "4:30,8:30,12:30",
+    "pd": "20:30,30:30,40:30",
 }
 
 

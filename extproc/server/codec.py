@@ -19,7 +19,9 @@ HDR_DESTINATION = "x-gateway-destination-endpoint"
 HDR_SERVED = "x-gateway-destination-endpoint-served"
 HDR_SUBSET = "x-gateway-destination-endpoint-subset"
 HDR_REQUEST_ID = "x-extproc-request-id"
-ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET)
+HDR_PREFILLER = "x-prefiller-host-port"  # P/D: the prefill pod (set only by the disagg-profile-handler)
+# Headers a client may never send upstream: stripped from every request, whatever the config
+ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET, HDR_PREFILLER)
 LB_NAMESPACE = "envoy.lb"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

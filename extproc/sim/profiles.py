@@ -184,6 +184,30 @@ _L70_H100_TP4 = Profile(
         "KV: per GPU 0.9 x 80 GiB - 35.3 GB - 4 GB = 38 GB / 80 KiB = 464k tokens -> 29,000 blocks of 16"
     ),
 )
+# Llama-3-8B at TP=4 on H100 (the llm-d P/D guide's decode pods are TP4): per GPU a quarter of the weights and of
+# every token's FLOPs and KV, plus the all-reduces (2 per layer) every step.
+_L8_H100_TP4 = Profile(
+    name="llama3-8b-h100-tp4",
+    model="meta-llama/Meta-Llama-3-8B-Instruct",
+    accelerator="4xH100-SXM-80GB (TP=4)",
+    b0_ms=3.1,
+    b1_ms=0.0092,
+    b2_ms=0.025,
+    a0_ms=1.0,
+    max_num_seqs=1024,
+    max_num_batched_tokens=8192,
+    num_gpu_blocks=120_000,
+    block_size=16,
+    max_model_len=8192,
+    tensor_parallel=4,
+    sources=(
+        "b0: 16.06 GB / 4 = 4.0 GB weights per GPU at 2.5 TB/s = 1.6 ms + 64 all-reduces per step over NVLink "
+        "(~1.5 ms) = 3.1 ms; b1: 0.032 ms / 4 + 15% tensor-parallel communication = 0.0092 ms; "
+        "b2: (0.032 ms FLOPs + 0.054 ms KV read at 1k context) / 4 + 15% = 0.025 ms; "
+        "KV: per GPU 0.9 x 80 GiB - 4 GB weights - 3 GB activations = 65 GB / 32 KiB per token per GPU "
+        "= 2M tokens -> capped at 120,000 blocks of 16 (1.9M tokens)"
+    ),
+)
 _TINY_CPU = Profile(
     name="tiny-cpu",
     model="tiny",
@@ -212,7 +236,7 @@ _TINY_CPU = Profile(
     ),
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (_L8_H100, _L8_A100, _L8_L40S, _L70_H100_TP4, _TINY_CPU)}
+PROFILES: dict[str, Profile] = {p.name: p for p in (_L8_H100, _L8_A100, _L8_L40S, _L70_H100_TP4, _L8_H100_TP4, _TINY_CPU)}
 
 
 def get_profile(name_or_path: str) -> Profile:
