@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", nargs="?", choices=["run", "overhead"], default="run",
                    help="'run' (default): routing-quality benchmark; 'overhead': proxy + scheduler cost")
     p.add_argument("--workload", default="shared-prefix",
-                   help="shared-prefix | multi-turn | multi-lora | heterogeneous | long-prompts | bursty")
+                   help="shared-prefix | multi-turn | multi-lora | heterogeneous | three-vendor | long-prompts | bursty")
     p.add_argument("--fleet", default=None,
                    help="N pods of llama3-8b-h100, or profile:N,profile:M (default: the workload's fleet, else 8)")
     p.add_argument("--setups", default=None,
@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-failure-rate", type=float, default=0.0, help="P/D: probability that a KV transfer fails")
     p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail",
                    help="P/D: decode pods' vLLM kv_load_failure_policy")
+    p.add_argument("--warm-start", default=None, metavar="FILE",
+                   help="start predictor configs from this latency-model file ('builtin': the packaged one); default: cold, learned online")
+    p.add_argument("--non-streaming", action="store_true", help="send every request without 'stream' (default: streaming)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--aiperf", action="store_true",
@@ -122,6 +125,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "total_requests": len(wl.requests),
         "pd": {"prefill_pods": pd_prefill, "link": args.link, "kv_failure_rate": args.kv_failure_rate,
                "kv_load_failure_policy": args.kv_load_failure_policy} if any(s.pd for s in setups) else None,
+        "warm_start": args.warm_start,
+        "streaming": not args.non_streaming,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if args.virtual:
@@ -132,11 +137,12 @@ def run_bench(args: argparse.Namespace) -> int:
         except (ValueError, KeyError) as e:
             print(f"extproc bench: bad --fleet: {e}", file=sys.stderr)
             return 2
-        runs = virtual.run_setups(wl, setups, fl, seed=args.seed, show_progress=not args.no_progress, pd_prefill=pd_prefill)
+        runs = virtual.run_setups(wl, setups, fl, seed=args.seed, show_progress=not args.no_progress,
+                                  warm_start=args.warm_start, stream=not args.non_streaming, pd_prefill=pd_prefill)
     else:
         from extproc.bench import runner
 
-        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed)
+        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed, args.warm_start, not args.non_streaming)
         runs = asyncio.run(runner.run_setups(wl, setups, fo, args.out, repeat=args.repeat, show_progress=not args.no_progress))
     report = rep.build_report(meta, [(s.rate, s.duration) for s in wl.stages], runs)
     if getattr(args, "aiperf", False):

@@ -3,9 +3,12 @@ engine model (``extproc.sim.engine.Engine``), with no sockets and no sleeps.
 
 Per pod, the loop runs engine steps back to back while the engine has work (a step's tokens exist at its end);
 every ``scrape_interval`` virtual seconds it refreshes each ``Endpoint.metrics`` from the engine (waiting,
-running, KV use, LoRA state, prefix counters), as the real scraper does from ``/metrics``. The router side keeps
-``inflight`` counts like the ext_proc server, calls ``schedule`` → ``dispatched`` at arrival and ``completed``
-with an ``Observation`` at the end. Network and proxy latency are zero: TTFT is queueing + prefill on the pod.
+running, KV use, LoRA state, prefix counters), as the real scraper does from ``/metrics``. The router side is
+``_Gateway``: the server's decision and observation path minus the sockets — admission, ``schedule``, the
+``FlightTracker`` (the server's in-flight accounting, on the virtual clock), body chunks per engine step through
+``Flight.on_body_chunk``, ``finish`` → the scheduler's observers. A predictor config's trainer runs inline on the
+virtual clock (same retrain schedule every run) and starts cold unless a warm-start file is given. Network and
+proxy latency are zero: TTFT is queueing + prefill on the pod.
 
 Envoy-only setups are modelled in-process: ROUND_ROBIN cycles the pods; LEAST_REQUEST is Envoy's default
 power-of-two-choices over active requests. Peer routers (own Rust proxies) cannot run in virtual time.
@@ -18,12 +21,14 @@ request the scheduler splits (``x-prefiller-host-port`` in the result's headers)
 runs it: a prefill leg (``max_tokens`` 1) on the prefill pod; when it finishes, the decode leg on the decode pod
 with the prompt's KV arriving after the transfer time of ``extproc.sim.kvtransfer`` (only the blocks the decode
 pod's prefix cache lacks are moved), failing with the fleet's failure rate and policy. Both legs count in the
-pods' in-flight accounting; the client's TTFT is the decode pod's first token.
+tracker's in-flight accounting (the prefill pod until its leg ends); the client's TTFT is the decode pod's first
+token.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import random
 import time
@@ -36,8 +41,9 @@ from extproc.bench.report import RequestResult, SetupRun
 from extproc.bench.setups import SetupSpec, config_available
 from extproc.bench.workloads import MODEL, Workload
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
-from extproc.predictor.features import observe_chunk, set_clock
-from extproc.scheduling.framework import Observation, SchedulingError
+from extproc.predictor.features import set_clock
+from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, SchedulingError
+from extproc.server.tracker import Flight
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +63,19 @@ class FleetLayout:
     kv_blocks: int | None = None
     loras: tuple[str, ...] = ()
     time_scale: float = 1.0  # as the real fleet's --time-scale (to compare with a real-time run)
-    roles: tuple[str, ...] = ()  # P/D: llm-d.ai/role per pod ("" = aggregated fleet)
+    roles: tuple[str, ...] = ()  # P/D: llm-d.ai/role per pod (empty = aggregated fleet)
     link: str = "rdma-400g"
     kv_failure_rate: float = 0.0
     kv_load_failure_policy: str = "fail"
 
     @property
     def labels(self) -> dict[str, dict[str, str]]:
+        from extproc.sim.profiles import get_profile
+
+        # what a real pod exposes (its accelerator, its role label), never the simulator's profile name
         out: dict[str, dict[str, str]] = {}
         for i, (prof, addr) in enumerate(self.pods):
-            lab = {"pod-class": prof}
+            lab = {"accelerator": get_profile(prof).accelerator}
             if self.roles:
                 lab["llm-d.ai/role"] = self.roles[i]
             out[addr] = lab
@@ -110,21 +119,18 @@ def layout(
 
 @dataclass(slots=True)
 class _Live:
-    """A request in flight on a virtual pod."""
+    """A request in flight on a virtual pod: the bench's view (arrival, stage) plus the server's ``Flight``."""
 
     wr_index: int
     stage: int
     arrival: float
-    prompt_tokens: int
-    max_tokens: int
-    endpoint: Endpoint
-    request: Any  # InferenceRequest
-    obs: Observation
+    flight: Flight
     first: float = 0.0
     out_tokens: int = 0
     ids: list[int] | None = None
-    prefill_ep: Endpoint | None = None  # P/D: the prefill leg's pod
+    max_tokens: int = 0
     lora: str | None = None
+    prefill_pod: str = ""  # P/D: the pod that ran (or runs) the prefill leg
 
 
 @dataclass(slots=True)
@@ -186,6 +192,114 @@ def _feed_kv_events(plugins: dict[str, Any], clock: Callable[[], float]) -> Call
     return feed
 
 
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+_TOKEN_CHUNK = _sse({"choices": [{"index": 0, "text": "x"}]})
+
+
+class _Gateway:
+    """The server's request path minus the sockets, on virtual time.
+
+    Decision side (as ``ExtProcHandler._schedule``/``_dispatch``): admission (sheddable requests get 429 while
+    the fleet is saturated, the same ``SaturationDetector`` and config), ``Scheduler.schedule``, the tracker's
+    ``dispatch`` with the chosen pod's predictor feature row, ``Scheduler.dispatched``. Response side (as the
+    observation stream): response headers, one body chunk per engine step that produced tokens for a stream
+    (``Flight.on_body_chunk``: first-token time, the step-phase features, chunk count), the usage block and
+    ``[DONE]`` (or, non-streaming, the whole body at the end), then ``FlightTracker.finish`` → the scheduler's
+    observers (prefix index, latency predictor) — the production accounting, fed virtual timestamps. Envoy-only
+    setups use the same tracker for in-flight counts (LEAST_REQUEST reads them)."""
+
+    def __init__(self, setup: SetupSpec, pool: EndpointPool, endpoints: list[Endpoint], seed: int,
+                 clock: Callable[[], float], warm_start: str | None) -> None:
+        from extproc.admission.saturation import SaturationDetector
+        from extproc.predictor.service import RUNTIME_KEY, SERVICE_KEY, WARM_START_KEY, PredictorRuntime
+        from extproc.server.tracker import FlightTracker
+
+        self.scheduler: Any = None
+        self.envoy: _EnvoyLB | None = None
+        self.plugins: dict[str, Any] = {}
+        self.saturation = SaturationDetector()
+        self.predictor: Any = None
+        if setup.kind == "envoy":
+            self.envoy = _EnvoyLB(setup.lb_policy or "ROUND_ROBIN", endpoints, seed)
+        elif setup.kind == "extproc":
+            from extproc.scheduling.config import load_config
+
+            assert setup.config is not None
+            services: dict[str, Any] = {RUNTIME_KEY: PredictorRuntime(clock=clock), WARM_START_KEY: warm_start or ""}
+            cfg = load_config(setup.config, pool, services)
+            self.scheduler = cfg.scheduler
+            self.scheduler.rng.seed(seed)
+            self.plugins = cfg.plugins
+            for i, plugin in enumerate(cfg.plugins.values()):  # pickers' tie-breaks: same seed → same picks
+                rng = getattr(plugin, "rng", None)
+                if isinstance(rng, random.Random):
+                    rng.seed(seed * 1009 + i)
+            self.saturation = SaturationDetector.from_config(cfg.saturation)
+            self.predictor = services.get(SERVICE_KEY)
+            if self.predictor is not None:
+                self.predictor.start_sync()
+        else:
+            raise ValueError(f"setup {setup.name} ({setup.kind}) cannot run in virtual time")
+        self.pool = pool
+        self.tracker = FlightTracker(self._completed, clock=clock)
+
+    def _completed(self, request: Any, obs: Observation) -> None:
+        if self.scheduler is not None:
+            self.scheduler.completed(request, obs)
+
+    def decide(self, req: Any) -> Flight:
+        """Admit, schedule and dispatch one parsed request; raises SchedulingError with the client's status.
+        A P/D split leaves the prefill pod in ``flight.prefill_endpoint`` (accounted until its leg ends)."""
+        if self.envoy is not None:
+            return self.tracker.dispatch(req, self.envoy.pick())
+        model = req.target_model
+        if req.sheddable and self.saturation.saturated([e for e in self.pool.snapshot() if model in e.models]):
+            raise SchedulingError(429, "the fleet is saturated and this request is sheddable (priority < 0)", "saturated")
+        result, cycle = self.scheduler.schedule(req)
+        primary = result.primary
+        feats = cycle.data.get(PREDICTOR_FEATURES)
+        paddr = result.headers.get(PREFILL_HEADER) if result.headers else None
+        prefill = self.pool.get(paddr) if paddr else None
+        flight = self.tracker.dispatch(req, primary, feats.get(primary.address) if isinstance(feats, dict) else None, prefill)
+        self.scheduler.dispatched(cycle, req, result)
+        return flight
+
+    @staticmethod
+    def tokens(flight: Flight, now: float, first: bool) -> None:
+        """The body chunk of one engine step that produced tokens for this request."""
+        if first:
+            flight.on_response_headers(200)
+        if flight.request.stream:
+            flight.on_body_chunk(_TOKEN_CHUNK, now)
+
+    def finish(self, flight: Flight, now: float, out_tokens: int) -> None:
+        usage = {"usage": {"completion_tokens": out_tokens}}
+        if flight.request.stream:
+            flight.on_body_chunk(_sse(usage) + b"data: [DONE]\n\n", now)
+        else:
+            flight.on_body_chunk(json.dumps(usage).encode(), now)
+        self.tracker.finish(flight, "ok")
+
+    def predictor_marks(self) -> tuple[int, int, int, int]:
+        """(decisions, fallback decisions, retrains, samples) so far, to split the predictor's counters per stage."""
+        p = self.predictor
+        if p is None:
+            return (0, 0, 0, 0)
+        st = p.stats()
+        return (int(st["predictions"]) + int(st["fallbacks"]), int(st["fallbacks"]), int(st["retrains"]), int(st["samples"]))
+
+    def close(self) -> dict[str, Any] | None:
+        """Stop the predictor; its report block (None when the config has no predictor)."""
+        if self.predictor is None:
+            return None
+        rep = self.predictor.report()
+        self.predictor.stop_sync()
+        return rep  # type: ignore[no-any-return]
+
+
 def run_virtual(
     workload: Workload,
     setup: SetupSpec,
@@ -194,16 +308,21 @@ def run_virtual(
     seed: int = 0,
     scrape_interval: float = 0.05,
     progress: Callable[[int], None] | None = None,
+    warm_start: str | None = None,
+    stream: bool = True,
 ) -> VirtualResult:
-    """Replay ``workload`` through ``setup`` on a virtual fleet. Deterministic for a given seed."""
+    """Replay ``workload`` through ``setup`` on a virtual fleet. Deterministic for a given seed.
+
+    ``warm_start``: a latency-model file for predictor configs (None: the predictor starts cold and learns
+    online). ``stream``: send streaming requests (False: non-streaming, as most SDK calls and batch jobs)."""
     from extproc.sim.engine import Engine, SimRequest
     from extproc.sim.profiles import get_profile
     from extproc.sim.tokenizer import get_tokenizer
 
-    wall0 = time.perf_counter()
-    tok = get_tokenizer()
     from extproc.sim.kvtransfer import get_link, transfer_seconds
 
+    wall0 = time.perf_counter()
+    tok = get_tokenizer()
     link = get_link(fleet.link)
     kv_rng = random.Random(f"kv:{seed}")
     pool = EndpointPool(default_models=frozenset((MODEL, *fleet.loras)))
@@ -216,28 +335,13 @@ def run_virtual(
             prof = prof.replace(num_gpu_blocks=fleet.kv_blocks)
         pods[addr] = _Pod(ep, Engine(prof, seed=seed * 7919 + i, time_scale=fleet.time_scale, record_kv_events=setup.kv_events))
 
-    scheduler = None
-    envoy: _EnvoyLB | None = None
+    now = 0.0
+    gw = _Gateway(setup, pool, endpoints, seed, lambda: now, warm_start)
     kv_feed: Callable[[str, list[Any]], None] | None = None
-    if setup.kind == "envoy":
-        envoy = _EnvoyLB(setup.lb_policy or "ROUND_ROBIN", endpoints, seed)
-    elif setup.kind == "extproc":
-        from extproc.scheduling.config import load_config
-
-        assert setup.config is not None
-        cfg = load_config(setup.config, pool)
-        scheduler = cfg.scheduler
-        scheduler.rng.seed(seed)
-        for i, plugin in enumerate(cfg.plugins.values()):  # pickers' tie-breaks: same seed → same picks
-            rng = getattr(plugin, "rng", None)
-            if isinstance(rng, random.Random):
-                rng.seed(seed * 1009 + i)
-        if setup.kv_events:
-            kv_feed = _feed_kv_events(cfg.plugins, lambda: now)
-            if kv_feed is None:
-                raise ValueError(f"config {setup.config!r} has no KV-block index to feed events to")
-    else:
-        raise ValueError(f"setup {setup.name} ({setup.kind}) cannot run in virtual time")
+    if setup.kv_events:
+        kv_feed = _feed_kv_events(gw.plugins, lambda: now)
+        if kv_feed is None:
+            raise ValueError(f"config {setup.config!r} has no KV-block index to feed events to")
     random.seed(seed)  # plugins that use the module RNG (tie-breaks) stay deterministic
 
     def scrape(now_mono: float) -> None:
@@ -277,13 +381,13 @@ def run_virtual(
 
     bounds = [b for _, b in workload.stage_bounds()]
     stage_marks: list[tuple[float, float]] = [counters()]
+    pred_marks: list[tuple[int, int, int, int]] = [gw.predictor_marks()]
     live: dict[str, _Live] = {}
     prefill_legs: dict[str, _Live] = {}  # P/D: prefill-leg request id → the request
     results: list[RequestResult | None] = [None] * len(workload.requests)
     remaining = len(workload.requests)
     done = 0
     steps = 0
-    now = 0.0
     next_bound = 0
 
     def finish_failed(wr_index: int, stage: int, at: float, status: int, error: str) -> None:
@@ -303,7 +407,7 @@ def run_virtual(
         seq += 1
 
     def kick(pod: _Pod, at: float) -> None:
-        """New work on ``pod``: start a step now unless one is running (an idle wait for a KV transfer is cut)."""
+        """New work on ``pod``: start a step now unless one runs (an idle wait for a KV transfer is cut short)."""
         if not pod.stepping:
             start_step(pod, at)
         elif pod.pending is not None and pod.pending.idle:
@@ -315,76 +419,63 @@ def run_virtual(
 
     def start_decode_leg(lv: _Live, block_ids: list[int], at: float) -> None:
         """The sidecar's decode leg: the prompt's KV comes from the prefill pod over ``link``."""
-        pod = pods[lv.endpoint.address]
+        pod = pods[lv.flight.endpoint.address]
         eng = pod.engine
         ids = lv.ids or []
-        tokens = min(len(block_ids) * eng.profile.block_size, max(len(ids) - 1, 0))
-        local = eng.cached_prefix_tokens(ids, lv.lora)
         prof = eng.profile
+        tokens = min(len(block_ids) * prof.block_size, max(len(ids) - 1, 0))
+        local = eng.cached_prefix_tokens(ids, lv.lora)
         secs = transfer_seconds(tokens - local, prof.kv_bytes_per_token // prof.tensor_parallel, link) * fleet.time_scale
         failed = fleet.kv_failure_rate > 0 and kv_rng.random() < fleet.kv_failure_rate
-        eng.add_request(SimRequest(lv.request.request_id, ids, lv.max_tokens, lora=lv.lora, arrival=at, remote_tokens=tokens,
-                                   ready_at=at + secs, remote_failed=failed, failure_policy=fleet.kv_load_failure_policy))
+        eng.add_request(SimRequest(lv.flight.request.request_id, ids, lv.max_tokens, lora=lv.lora, arrival=at,
+                                   remote_tokens=tokens, ready_at=at + secs, remote_failed=failed,
+                                   failure_policy=fleet.kv_load_failure_policy))
         kick(pod, at)
 
     def deliver(pod: _Pod, res: Any) -> None:
-        """Hand a finished step's outputs to the requests (and the KV-event index)."""
+        """Hand a finished step's outputs to the requests (and its KV events to the index)."""
         nonlocal remaining, done
         if kv_feed is not None and res.kv_events:
             # vLLM records a step's KV events while scheduling it and publishes them once the step returns
             kv_feed(pod.endpoint.address, res.kv_events)
         for out in res.outputs:
             leg = prefill_legs.get(out.request_id)
-            if leg is not None:  # P/D prefill leg: its one token is the sidecar's signal to start the decode leg
+            if leg is not None:  # P/D prefill leg: its one token is the sidecar's cue for the decode leg
                 if out.finished:
                     del prefill_legs[out.request_id]
-                    pep = leg.prefill_ep
-                    assert pep is not None
-                    pep.inflight -= 1
-                    pep.inflight_prefill_tokens -= leg.prompt_tokens
+                    leg.flight.release_prefill()
                     start_decode_leg(leg, out.block_ids or [], now)
                 continue
             lv = live.get(out.request_id)
             if lv is None:
                 continue
-            ep = lv.endpoint
-            if out.finish_reason == "error":  # a failed KV transfer with kv_load_failure_policy=fail
+            if out.finish_reason == "error":  # a failed KV transfer under kv_load_failure_policy=fail
                 del live[out.request_id]
-                ep.inflight -= 1
-                ep.inflight_prefill_tokens -= lv.prompt_tokens
-                lv.obs.complete_ts = now
-                lv.obs.status = 500
-                lv.obs.error = "kv_transfer_failed"
-                if scheduler is not None:
-                    scheduler.completed(lv.request, lv.obs)
+                lv.flight.on_response_headers(500)
+                gw.tracker.finish(lv.flight, "status_500")
                 finish_failed(lv.wr_index, lv.stage, lv.arrival, 500, "kv_transfer_failed: KV load from the prefill pod failed")
                 continue
-            if out.first_token:
-                lv.first = now
-                lv.obs.first_token_ts = now
-                ep.inflight_prefill_tokens -= lv.prompt_tokens
-                ep.inflight_decode_tokens += lv.max_tokens
-            lv.out_tokens = out.num_output_tokens
+            if out.num_output_tokens > lv.out_tokens:
+                first = out.first_token
+                if first:
+                    lv.first = now
+                lv.out_tokens = out.num_output_tokens
+                gw.tokens(lv.flight, now, first)
             if out.finished:
                 del live[out.request_id]
-                ep.inflight -= 1
-                ep.inflight_decode_tokens -= lv.max_tokens
-                lv.obs.complete_ts = now
-                lv.obs.output_tokens = lv.out_tokens
-                lv.obs.status = 200
-                if scheduler is not None:
-                    scheduler.completed(lv.request, lv.obs)
+                gw.finish(lv.flight, now, lv.out_tokens)
+                ttft = lv.first if stream else now  # the client's first byte
                 results[lv.wr_index] = RequestResult(
                     lv.wr_index,
                     lv.stage,
                     lv.arrival,
                     True,
                     status=200,
-                    ttft_ms=(lv.first - lv.arrival) * 1000.0,
+                    ttft_ms=(ttft - lv.arrival) * 1000.0,
                     e2e_ms=(now - lv.arrival) * 1000.0,
                     output_tokens=lv.out_tokens,
-                    pod=ep.address,
-                    prefill_pod=lv.prefill_ep.address if lv.prefill_ep is not None else "",
+                    pod=lv.flight.endpoint.address,
+                    prefill_pod=lv.prefill_pod,
                 )
                 remaining -= 1
                 done += 1
@@ -398,59 +489,44 @@ def run_virtual(
             now, _, kind, data = heapq.heappop(events)
             while next_bound < len(bounds) - 1 and now >= bounds[next_bound]:
                 stage_marks.append(counters())
+                pred_marks.append(gw.predictor_marks())
                 next_bound += 1
             if kind == _ARRIVAL:
                 wr = workload.requests[data]
-                raw = wr.body_bytes(stream=True)
+                raw = wr.body_bytes(stream=stream)
                 req = parse_request(wr.path, raw, wr.headers(), request_id=f"bench-{wr.index}")
                 if wr.api == "chat":
                     ids = tok.encode_chat([{"role": r, "content": c} for r, c in wr.messages])
                 else:
                     ids = tok.encode(wr.prompt())
                 req.prompt_token_ids = ids if setup.kv_events else None
-                cycle = None
-                result = None
                 try:
-                    if envoy is not None:
-                        ep = envoy.pick()
-                    else:
-                        assert scheduler is not None
-                        result, cycle = scheduler.schedule(req)
-                        ep = result.primary
+                    flight = gw.decide(req)
                 except SchedulingError as e:
                     finish_failed(wr.index, wr.stage, now, e.status, e.message)
                     continue
-                pod = pods[ep.address]
+                pod = pods[flight.endpoint.address]
                 lora = wr.model if wr.model in fleet.loras else None
-                pep: Endpoint | None = None
-                if result is not None:
-                    phost = getattr(result, "headers", {}).get(PREFILL_HEADER)
-                    if phost:
-                        pep = pool.get(phost)
+                pep = flight.prefill_endpoint
+                target = pods[pep.address] if pep is not None else pod
                 try:
-                    if pep is not None:
-                        pods[pep.address].engine.add_request(
+                    if pep is not None:  # P/D: the sidecar's prefill leg first
+                        target.engine.add_request(
                             SimRequest(req.request_id + PREFILL_SUFFIX, ids, 1, lora=lora, arrival=now, remote_decode=True)
                         )
                     else:
                         pod.engine.add_request(SimRequest(req.request_id, ids, wr.max_tokens, lora=lora, arrival=now))
-                except ValueError as e:
+                except ValueError as e:  # the pod refuses it (too long): a 400 from the pod, as in real time
+                    flight.on_response_headers(400)
+                    gw.tracker.finish(flight, "status_400")
                     finish_failed(wr.index, wr.stage, now, 400, str(e))
                     continue
-                if scheduler is not None and result is not None and cycle is not None:
-                    scheduler.dispatched(cycle, req, result)
-                ep.inflight += 1
-                ep.inflight_prefill_tokens += len(ids)
-                obs = Observation(req.request_id, ep.address, wr.model, len(ids), dispatch_ts=now)
-                lv = _Live(wr.index, wr.stage, now, len(ids), wr.max_tokens, ep, req, obs, ids=ids, prefill_ep=pep, lora=lora)
+                lv = _Live(wr.index, wr.stage, now, flight, ids=ids, max_tokens=wr.max_tokens, lora=lora,
+                           prefill_pod=pep.address if pep is not None else "")
                 live[req.request_id] = lv
                 if pep is not None:
-                    pep.inflight += 1
-                    pep.inflight_prefill_tokens += len(ids)
                     prefill_legs[req.request_id + PREFILL_SUFFIX] = lv
-                    kick(pods[pep.address], now)
-                else:
-                    kick(pod, now)
+                kick(target, now)
             elif kind == _STEP_END:
                 pod, token = data
                 if token != pod.token or not pod.stepping:
@@ -467,9 +543,17 @@ def run_virtual(
                 seq += 1
     finally:
         set_clock(prev_clock)
+        while len(pred_marks) < len(bounds) + 1:
+            pred_marks.append(gw.predictor_marks())
+        predictor = gw.close()
     while len(stage_marks) < len(bounds):
         stage_marks.append(counters())
     stage_marks.append(counters())
+    if predictor is not None:
+        predictor["stages"] = [
+            {"decisions": b[0] - a[0], "fallback_decisions": b[1] - a[1], "retrains": b[2] - a[2], "samples": b[3] - a[3]}
+            for a, b in zip(pred_marks, pred_marks[1:])
+        ]
     prefix: list[tuple[float, float] | None] = []
     for i in range(len(bounds)):
         h0, q0 = stage_marks[i]
@@ -478,7 +562,10 @@ def run_virtual(
     if progress is not None and done % 100:
         progress(done % 100)
     out = [r for r in results if r is not None]
-    return VirtualResult(out, prefix, now, time.perf_counter() - wall0, steps)
+    extra: dict[str, Any] = {}
+    if predictor is not None:
+        extra["predictor"] = predictor
+    return VirtualResult(out, prefix, now, time.perf_counter() - wall0, steps, extra)
 
 
 def virtual_availability(setup: SetupSpec) -> str | None:
@@ -496,6 +583,8 @@ def run_setups(
     *,
     seed: int = 0,
     show_progress: bool = True,
+    warm_start: str | None = None,
+    stream: bool = True,
     pd_prefill: int = 0,
 ) -> list[SetupRun]:
     """Run every setup on a fresh virtual fleet (cold caches) with the same trace. P/D setups get the same pods
@@ -515,7 +604,8 @@ def run_setups(
             task = prog.add_task(f"[virtual] {s.name}", total=len(workload.requests))
             try:
                 fl = fleet.split(pd_prefill) if s.pd else fleet
-                vr = run_virtual(workload, s, fl, seed=seed, progress=lambda n, t=task: prog.advance(t, n))
+                vr = run_virtual(workload, s, fl, seed=seed, progress=lambda n, t=task: prog.advance(t, n),
+                                 warm_start=warm_start, stream=stream)
             except Exception as e:  # one broken setup must not lose the others' results
                 log.exception("virtual setup failed", extra={"setup": s.name})
                 runs.append(SetupRun(s.name, "failed", f"{type(e).__name__}: {e}"))
@@ -527,10 +617,12 @@ def run_setups(
                 cfg["model"] = "in-process model of Envoy's load balancer"
             else:
                 cfg["config"] = s.config
+            if "predictor" in vr.extra:
+                cfg["predictor"] = vr.extra["predictor"]
             if s.pd:
                 cfg.update(pd_roles={a: r for (_, a), r in zip(fl.pods, fl.roles)}, link=fl.link,
-                           kv_failure_rate=fl.kv_failure_rate, kv_load_failure_policy=fl.kv_load_failure_policy)
-                cfg["prefill_pods"] = sum(1 for r in fl.roles if r == "prefill")
-                cfg["split_requests"] = sum(1 for r in vr.results if r.prefill_pod)
+                           kv_failure_rate=fl.kv_failure_rate, kv_load_failure_policy=fl.kv_load_failure_policy,
+                           prefill_pods=sum(1 for r in fl.roles if r == "prefill"),
+                           split_requests=sum(1 for r in vr.results if r.prefill_pod))
             runs.append(SetupRun(s.name, "ok", config=cfg, results=vr.results, prefix=vr.prefix))
     return runs

@@ -6,7 +6,7 @@
     async with SimFleet(spec) as fleet:
         fleet.endpoints     # ["127.0.0.1:port", ...]
         fleet.pods          # [SimPod, ...]: .address .profile .engine .kv_events_endpoint .replay_endpoint .topic
-        fleet.labels        # {address: {"pod-class": profile name}} (+ "llm-d.ai/role" in a P/D fleet)
+        fleet.labels        # {address: {"accelerator": the profile's accelerator}} (+ "llm-d.ai/role" in a P/D fleet)
 
 P/D: ``FleetSpec(pods=8, prefill_pods=4)`` makes the first 4 pods prefill-role and the rest decode-role, every
 pod with vLLM's NixlConnector (kv_role kv_both) over ``link``; see ``extproc.sim.kvtransfer``.
@@ -105,9 +105,11 @@ class SimFleet:
 
     @property
     def labels(self) -> dict[str, dict[str, str]]:
+        # what a real pod exposes: its hardware (the node's accelerator label), not the simulator's profile name;
+        # in a P/D fleet also its llm-d.ai/role
         out: dict[str, dict[str, str]] = {}
         for p in self.pods:
-            lab = {"pod-class": p.profile.name}
+            lab = {"accelerator": p.profile.accelerator}
             if p.kv_connector:
                 lab[ROLE_LABEL] = p.role
             out[p.address] = lab
