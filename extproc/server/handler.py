@@ -88,6 +88,9 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         self.services = services if services is not None else {}
         self._req_counters: dict[tuple[str, int], Any] = {}
         self.tokenizers = self.services.get("tokenizers")
+        scraper = self.services.get("scraper")
+        # adaptive scraping: a pod we just sent a request to is scraped at the active rate again
+        self._touch = getattr(scraper, "touch", None)
 
     # ------------------------------------------------------------------ gRPC entry point
     async def Process(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
@@ -237,6 +240,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         feats = cycle.data.get("predictor_features")
         st.flight = self.tracker.dispatch(request, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
         st.served = primary.address
+        if self._touch is not None:
+            self._touch(primary)
         self.scheduler.dispatched(cycle, request, result)
         new_body = None
         if request.target_model != request.model:
