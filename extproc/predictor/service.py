@@ -29,16 +29,16 @@ from extproc.predictor.features import N_FEATURES, PodClassCodes, build_matrix
 from extproc.predictor.model import LatencyModel, Prediction
 from extproc.predictor.persistence import load_initial_model, save_model, state_model_path
 from extproc.predictor.trainer import ProcessTrainer, ThreadTrainer, TrainerConfig, TrainResult
-from extproc.scheduling.framework import CycleState, Observation
+from extproc.scheduling.framework import PREDICTOR_FEATURES, PREFIX_SCORES, CycleState, Observation
 
 log = logging.getLogger(__name__)
 
 # Cycle keys (shared with the plugins and the server).
 CYCLE_CACHE = "predictor_cache"
-CYCLE_FEATURES = "predictor_features"
+CYCLE_FEATURES = PREDICTOR_FEATURES
 CYCLE_TTFT = "predicted_ttft_ms"
 CYCLE_TPOT = "predicted_tpot_ms"
-CYCLE_PREFIX = "prefix_scores"
+CYCLE_PREFIX = PREFIX_SCORES
 CYCLE_FALLBACK = "predictor_fallback"
 
 SERVICE_KEY = "predictor"

@@ -28,6 +28,7 @@ import yaml
 
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.scheduling import registry
+from extproc.plugin import roles_of
 from extproc.scheduling.framework import (
     Filter,
     Picker,
@@ -37,9 +38,9 @@ from extproc.scheduling.framework import (
     Scheduler,
     SchedulingProfile,
     Scorer,
-    SingleProfileHandler,
     WeightedScorer,
 )
+from extproc.scheduling.plugins.profile_handlers import SingleProfileHandler
 
 IMPLICIT_FILTERS = ("healthy-filter", "model-filter")
 DEFAULT_PICKER = "max-score-picker"
@@ -132,41 +133,53 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         raise ConfigError(path, None, "'schedulingProfiles' must list at least one profile")
     if not isinstance(profile_specs, list):
         raise ConfigError(path, None, "'schedulingProfiles' must be a list")
+    roles: dict[str, frozenset[str]] = {}
+    for pname_, p in plugins.items():
+        try:
+            roles[pname_] = roles_of(p)
+        except TypeError as e:
+            raise ConfigError(path, pname_, str(e)) from None
+    handlers = [n for n, r in roles.items() if "profile_handler" in r]
+    if len(handlers) > 1:
+        raise ConfigError(path, handlers[1], f"a config takes one profile handler, found {', '.join(handlers)}")
+    handler: ProfileHandler | None = plugins[handlers[0]] if handlers else None
     profiles: dict[str, SchedulingProfile] = {}
-    handler: ProfileHandler | None = None
-    for p in plugins.values():
-        if isinstance(p, ProfileHandler) and hasattr(p, "process_results"):
-            handler = p
     for spec in profile_specs:
         if not isinstance(spec, dict) or not spec.get("name"):
             raise ConfigError(path, None, "each scheduling profile needs a 'name'")
         pname = spec["name"]
+        if pname in profiles:
+            raise ConfigError(path, None, f"duplicate scheduling profile '{pname}'")
         filters: list[Filter] = []
         scorers: list[WeightedScorer] = []
         picker: Picker | None = None
-        for ref in spec.get("plugins") or []:
+        refs = spec.get("plugins") or []
+        if not isinstance(refs, list):
+            raise ConfigError(path, None, f"profile '{pname}': 'plugins' must be a list")
+        for ref in refs:
             if not isinstance(ref, dict) or "pluginRef" not in ref:
                 raise ConfigError(path, None, f"profile '{pname}': each entry needs a 'pluginRef'")
             pr = ref["pluginRef"]
             if pr not in plugins:
                 raise ConfigError(path, pr, f"profile '{pname}' refers to an undefined plugin")
             plugin = plugins[pr]
-            used = False
-            if hasattr(plugin, "filter") and callable(plugin.filter):
+            r = roles[pr]
+            placed = False
+            if "filter" in r:
                 filters.append(plugin)
-                used = True
-            if hasattr(plugin, "score") and callable(plugin.score):
+                placed = True
+            if "scorer" in r:
                 w = ref.get("weight", 1)
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
                     raise ConfigError(path, pr, f"weight must be a number >= 0, got {w!r}")
                 scorers.append(WeightedScorer(plugin, float(w)))
-                used = True
-            if hasattr(plugin, "pick") and callable(plugin.pick):
+                placed = True
+            if "picker" in r:
                 if picker is not None:
                     raise ConfigError(path, pr, f"profile '{pname}' has two pickers ('{picker.name}' and '{pr}')")
                 picker = plugin
-                used = True
-            if not used:
+                placed = True
+            if not placed:
                 raise ConfigError(path, pr, "is not a filter, scorer or picker and cannot be placed in a profile")
         present = {getattr(f, "type_name", "") for f in filters}
         front = [implicit(t) for t in IMPLICIT_FILTERS if t not in present]
@@ -176,10 +189,19 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         profiles[pname] = SchedulingProfile(pname, filters, scorers, picker)
 
     if handler is None:
+        if len(profiles) > 1:
+            raise ConfigError(
+                path, None, f"{len(profiles)} scheduling profiles need a profile handler plugin "
+                "(header-profile-handler, disagg-profile-handler)"
+            )
         handler = SingleProfileHandler(profile=next(iter(profiles)))
-    pre = [p for p in plugins.values() if hasattr(p, "pre_request") and callable(p.pre_request)]
-    obs = [p for p in plugins.values() if hasattr(p, "on_complete") and callable(p.on_complete)]
-    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs)  # type: ignore[arg-type]
+    try:
+        handler.configure(profiles)
+    except ValueError as e:
+        raise ConfigError(path, handler.name, str(e)) from None
+    pre = [p for n, p in plugins.items() if "pre_request" in roles.get(n, frozenset())]
+    obs = [p for n, p in plugins.items() if "observer" in roles.get(n, frozenset())]
+    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs)
 
     objectives: dict[str, int] = {}
     for o in raw.get("objectives") or []:

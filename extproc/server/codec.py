@@ -59,13 +59,18 @@ def route_response(
     from_body: bool,
     body: bytes | None = None,
     remove: tuple[str, ...] = (),
+    headers: dict[str, str] | None = None,
 ) -> pb.ProcessingResponse:
-    """The routing answer: header + ``envoy.lb`` metadata (comma list = ordered fallbacks), optionally a new body."""
+    """The routing answer: header + ``envoy.lb`` metadata (comma list = ordered fallbacks), optionally a new body
+    and extra upstream request headers (the profile handler's, e.g. ``x-prefiller-host-port``)."""
     r = pb.ProcessingResponse()
     cr = r.request_body.response if from_body else r.request_headers.response
     hm = cr.header_mutation
     _set(hm, HDR_DESTINATION, targets[0])
     _set(hm, HDR_REQUEST_ID, request_id)
+    if headers:
+        for k, v in headers.items():
+            _set(hm, k, v)
     if remove:
         hm.remove_headers.extend(remove)
     if body is not None:

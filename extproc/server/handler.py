@@ -31,7 +31,7 @@ from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, error_body, parse_request
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.observe.metrics import SchedulerMetrics
-from extproc.scheduling.framework import Observation, Scheduler, SchedulingError
+from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, Scheduler, SchedulingError
 from extproc.server import codec
 from extproc.server.tracker import Flight, FlightTracker
 
@@ -91,6 +91,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         scraper = self.services.get("scraper")
         # adaptive scraping: a pod we just sent a request to is scraped at the active rate again
         self._touch = getattr(scraper, "touch", None)
+        # headers a client may never set: the routing headers and those the profile handler sets upstream
+        self._strip = tuple(dict.fromkeys(codec.ROUTING_HEADERS + scheduler.owned_headers))
 
     # ------------------------------------------------------------------ gRPC entry point
     async def Process(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
@@ -159,9 +161,11 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         st.request_id = st.headers.get("x-request-id", "")
         if size > self.settings.max_header_bytes:
             return self._reject(st, 431, f"request headers of {size} bytes exceed the limit of {self.settings.max_header_bytes}", "invalid_request_error", "headers_too_large")
+        for h in self._strip:
+            st.headers.pop(h, None)
         if rh.end_of_stream:
             return self._on_bodyless(st)
-        return codec.request_headers_continue()
+        return codec.request_headers_continue(self._strip)
 
     def _on_bodyless(self, st: _Stream) -> Any:
         path = st.path.split("?", 1)[0].rstrip("/")
@@ -225,7 +229,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         try:
             await self.flow.wait(request)
         except SchedulingError as e:
-            return self._reject(st, e.status, e.message, "rate_limit_error" if e.status == 429 else "service_unavailable", e.code, model=request.target_model)
+            return self._reject(st, e.status, e.message, e.error_type, e.code, model=request.target_model)
         return self._dispatch(st, request, time.perf_counter())
 
     def _dispatch(self, st: _Stream, request: Any, t0: float) -> Any:
@@ -233,11 +237,10 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         try:
             result, cycle = self.scheduler.schedule(request)
         except SchedulingError as e:
-            etype = "rate_limit_error" if e.status == 429 else ("NotFoundError" if e.status == 404 else "service_unavailable")
-            return self._reject(st, e.status, e.message, etype, e.code, model=model)
+            return self._reject(st, e.status, e.message, e.error_type, e.code, model=model)
         targets = [ep.address for ep in result.targets]
         primary = result.primary
-        feats = cycle.data.get("predictor_features")
+        feats = cycle.data.get(PREDICTOR_FEATURES)
         st.flight = self.tracker.dispatch(request, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
         st.served = primary.address
         if self._touch is not None:
@@ -247,7 +250,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         if request.target_model != request.model:
             request.body["model"] = request.target_model
             new_body = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
-        resp = codec.route_response(targets, request.request_id, from_body=True, body=new_body)
+        resp = codec.route_response(targets, st.flight.key, from_body=True, body=new_body, headers=result.headers)
         self.metrics.decisions.observe(time.perf_counter() - t0)
         if self.flow is not None and self.flow.queued():
             self.flow.notify()  # chain releases one at a time, each after the previous one is dispatched

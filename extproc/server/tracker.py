@@ -4,6 +4,10 @@ Every dispatched request gets one ``Flight``. It is finished exactly once, which
 end of the response stream, an error status, the client disconnecting, a stream that ends without ``[DONE]``,
 or — as a last resort against leaks — a TTL sweep. Finishing decrements the pod's in-flight counters and hands
 the ``Observation`` to the scheduler's response observers (prefix index, latency predictor, ...).
+
+Flights are keyed by a random id the scheduler draws (``Flight.key``), never by the client's ``x-request-id``:
+the key travels to Envoy as ``x-extproc-request-id`` (Envoy strips any client-supplied copy before routing),
+and the observation stream finds its flight by it. Two requests with the same client id are two flights.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable
 
@@ -28,6 +33,7 @@ _TAIL_BYTES = 4096
 
 class Flight:
     __slots__ = (
+        "key",
         "request",
         "endpoint",
         "obs",
@@ -41,7 +47,10 @@ class Flight:
         "response_started",
     )
 
-    def __init__(self, request: InferenceRequest, endpoint: Endpoint, obs: Observation, decode_tokens: int) -> None:
+    def __init__(
+        self, request: InferenceRequest, endpoint: Endpoint, obs: Observation, decode_tokens: int, key: str = ""
+    ) -> None:
+        self.key = key or secrets.token_hex(12)  # 96 random bits: not chosen, not guessable by a client
         self.request = request
         self.endpoint = endpoint
         self.obs = obs
@@ -119,21 +128,22 @@ class FlightTracker:
             features=features,
         )
         f = Flight(request, endpoint, obs, decode)
-        old = self._flights.pop(request.request_id, None)
-        if old is not None:  # same id reused by a client: finish the old one cleanly
-            self._finish(old, "superseded")
-        self._flights[request.request_id] = f
+        while f.key in self._flights:  # never in practice (96 random bits); keeps keys unique regardless
+            f.key = secrets.token_hex(12)
+        self._flights[f.key] = f
         endpoint.inflight += 1
         endpoint.inflight_prefill_tokens += prompt_tokens
         return f
 
-    def get(self, request_id: str) -> Flight | None:
-        return self._flights.get(request_id)
+    def get(self, key: str) -> Flight | None:
+        """The flight whose :attr:`Flight.key` is ``key`` (the ``x-extproc-request-id`` of the observation stream)."""
+        return self._flights.get(key)
 
     def finish(self, flight: Flight, outcome: str) -> None:
         if flight.finished:
             return
-        self._flights.pop(flight.request.request_id, None)
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
         self._finish(flight, outcome)
 
     def _finish(self, f: Flight, outcome: str) -> None:

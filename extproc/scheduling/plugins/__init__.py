@@ -6,6 +6,8 @@ from importlib import import_module
 # built-in module is a hard error.
 _BUILTIN_MODULES = (
     "filters",
+    "profile_handlers",
+    "role_filters",
     "queue",
     "kvcache",
     "running",

@@ -21,12 +21,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
+from extproc.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Observation,
+    PluginContext,
+    check_keys,
+    get_float,
+    register,
+)
 from extproc.predictor.service import SERVICE_PARAM_KEYS, PredictorService
-from extproc.scheduling.framework import CycleState, Observation
-from extproc.scheduling.plugins._params import check_keys, get_float
-from extproc.scheduling.registry import PluginContext, register
 
 NEUTRAL = 0.0
 

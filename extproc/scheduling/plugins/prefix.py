@@ -20,7 +20,9 @@ request for the model does not get a free one-block match for every request.
 
 Per-cycle outputs for other plugins (the latency predictor): ``cycle.data["prefix_scores"]`` ({address: score}
 for every candidate), ``cycle.data["prefix_matched_blocks"]`` ({address: matched blocks}),
-``cycle.data["prefix_total_blocks"]`` and ``cycle.data["prefix_block_size"]``.
+``cycle.data["prefix_total_blocks"]``, ``cycle.data["prefix_block_size"]`` and
+``PREFIX_CACHED_TOKENS`` ({address: matched bytes / 4}, the estimated prompt tokens a pod holds; the P/D decider
+reads it). The keys are the shared ``CycleKey`` constants of :mod:`extproc.plugin`.
 """
 
 from __future__ import annotations
@@ -32,11 +34,23 @@ from typing import Any, ClassVar
 
 import xxhash
 
-from extproc.api import CHARS_PER_TOKEN, InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState, SchedulingResult
-from extproc.scheduling.plugins._params import check_keys, get_bool, get_int
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import (
+    PREFIX_BLOCK_SIZE,
+    PREFIX_CACHED_TOKENS,
+    PREFIX_MATCHED_BLOCKS,
+    PREFIX_SCORES,
+    PREFIX_TOTAL_BLOCKS,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginContext,
+    SchedulingResult,
+    check_keys,
+    get_bool,
+    get_int,
+    register,
+)
+from extproc.api import CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +60,10 @@ DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 SERVICE_KEY = "prefix_index"
 
 # cycle.data keys shared with other plugins (the latency predictor reads them).
-CYCLE_SCORES = "prefix_scores"
-CYCLE_MATCHED = "prefix_matched_blocks"
-CYCLE_TOTAL = "prefix_total_blocks"
-CYCLE_BLOCK_SIZE = "prefix_block_size"
+CYCLE_SCORES = PREFIX_SCORES
+CYCLE_MATCHED = PREFIX_MATCHED_BLOCKS
+CYCLE_TOTAL = PREFIX_TOTAL_BLOCKS
+CYCLE_BLOCK_SIZE = PREFIX_BLOCK_SIZE
 
 _xxh64 = xxhash.xxh64_intdigest
 
@@ -285,12 +299,15 @@ class PrefixCacheScorer:
             zeros = [0.0] * len(candidates)
             data[CYCLE_SCORES] = dict.fromkeys([e.address for e in candidates], 0.0)
             data[CYCLE_MATCHED] = {}
+            data[PREFIX_CACHED_TOKENS] = {}
             return zeros
         inv = 1.0 / total
         get = matched.get
         scores = [get(e.address, 0) * inv for e in candidates]
         data[CYCLE_SCORES] = {e.address: s for e, s in zip(candidates, scores)}
         data[CYCLE_MATCHED] = matched
+        tok = self.block_size / CHARS_PER_TOKEN
+        data[PREFIX_CACHED_TOKENS] = {a: int(b * tok) for a, b in matched.items()}
         return scores
 
     def _capacity_for(self, ep: Endpoint) -> int:

@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState
-from extproc.scheduling.plugins._params import check_keys
-from extproc.scheduling.plugins.queue import min_max_lower_is_better
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginContext,
+    check_keys,
+    min_max_lower_is_better,
+    register,
+)
 
 
 @register

@@ -30,13 +30,21 @@ from typing import Any, ClassVar
 import numpy as np
 from prometheus_client import Counter
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
+from extproc.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginContext,
+    SchedulingError,
+    ScoredEndpoint,
+    check_keys,
+    get_float,
+    get_int,
+    get_seed,
+    register,
+)
 from extproc.predictor.service import CYCLE_PREFIX, SERVICE_PARAM_KEYS, PredictorService
-from extproc.scheduling.framework import CycleState, ScoredEndpoint, SchedulingError
-from extproc.scheduling.plugins._params import check_keys, get_float, get_int, get_seed
 from extproc.scheduling.plugins.latency import blend_normalised
-from extproc.scheduling.registry import PluginContext, register
 
 log = logging.getLogger(__name__)
 
