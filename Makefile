@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.extproc-installed
 
-.PHONY: demo test test-fast setup real-vllm aiperf bench clean
+.PHONY: demo test test-fast setup real-vllm aiperf system-packages bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || (echo "python3 -m venv failed: installing python3-venv" && apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV))
@@ -25,7 +25,11 @@ real-vllm:
 aiperf:
 	bash scripts/aiperf_setup.sh
 
-test: $(STAMP) real-vllm aiperf
+# Debian packages the tests need (wrk for the overhead benchmark)
+system-packages:
+	bash scripts/system_packages.sh
+
+test: $(STAMP) system-packages real-vllm aiperf
 	bash scripts/run_tests.sh
 
 test-fast: $(STAMP)

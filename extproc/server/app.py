@@ -16,6 +16,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FlowControlConfig, FlowController
 from extproc.admission.saturation import SaturationDetector
@@ -23,6 +24,7 @@ from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
 from extproc.observe.metrics import SchedulerMetrics
 from extproc.scheduling.config import SchedulerConfig, load_config
+from extproc.server.accesslog import ALS_METHOD, AccessLogReceiver
 from extproc.server.handler import ExtProcHandler, HandlerSettings, observation_outcome_counter, record_observation
 from extproc.server.tracker import FlightTracker
 
@@ -56,6 +58,7 @@ class ServeOptions:
     max_body_bytes: int = 8 * 1024 * 1024
     max_messages_per_stream: int = 100_000
     response_observe: str = "observability"
+    observe_budget: float = 200.0  # observability mode: observed requests per second (< 0: all)
     kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
     tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
     predictor_state_dir: str | None = None
@@ -96,6 +99,7 @@ class SchedulerServer:
         self.services["scraper"] = self.scraper  # the handler tells it which pods just got a request
         self.tracker: FlightTracker | None = None
         self.handler: ExtProcHandler | None = None
+        self.access_log: AccessLogReceiver | None = None
         self.flow: FlowController | None = None
         self._grpc: grpc.aio.Server | None = None
         self._native: Any = None  # extproc.server.h2grpc.NativeGrpcServer
@@ -160,12 +164,16 @@ class SchedulerServer:
                 max_body_bytes=self.opts.max_body_bytes,
                 max_messages_per_stream=self.opts.max_messages_per_stream,
                 response_observe=self.opts.response_observe,
+                observe_budget=self.opts.observe_budget,
                 objectives=cfg.objectives,
             ),
             saturation,
             self.services,
             self.flow,
         )
+        # end of request for every routed request comes from Envoy's access log (observability mode)
+        self.access_log = AccessLogReceiver(self.tracker)
+        self.handler.access_log = self.access_log
         # shared services created by plugins (KV-event manager, predictor, ...) start here
         for name, svc in list(self.services.items()):
             if svc is self.scraper:
@@ -220,7 +228,16 @@ class SchedulerServer:
         async def process(call: Any) -> None:
             await handler.Process(None, call)  # type: ignore[arg-type]
 
-        return {f"/{EXT_PROC_SERVICE}/Process": Method(ext_pb.ProcessingRequest.FromString, process)}
+        receiver = self.access_log
+        assert receiver is not None
+
+        async def access_logs(call: Any) -> None:
+            await call.write(await receiver.StreamAccessLogs(None, call))  # type: ignore[arg-type]
+
+        return {
+            f"/{EXT_PROC_SERVICE}/Process": Method(ext_pb.ProcessingRequest.FromString, process),
+            ALS_METHOD: Method(als_pb2.StreamAccessLogsMessage.FromString, access_logs),
+        }
 
     async def _start_native(self) -> None:
         from extproc.server.h2grpc import NativeGrpcServer
@@ -246,6 +263,7 @@ class SchedulerServer:
             options.append(("grpc.max_concurrent_streams", self.opts.grpc_max_concurrent_streams))
         self._grpc = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.handler, self._grpc)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self._grpc)
         addr = f"{self.opts.host}:{self.opts.grpc_port}"
         self.grpc_port = self._grpc.add_secure_port(addr, creds) if creds else self._grpc.add_insecure_port(addr)
         if not self.grpc_port:

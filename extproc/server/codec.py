@@ -19,6 +19,7 @@ HDR_DESTINATION = "x-gateway-destination-endpoint"
 HDR_SERVED = "x-gateway-destination-endpoint-served"
 HDR_SUBSET = "x-gateway-destination-endpoint-subset"
 HDR_REQUEST_ID = "x-extproc-request-id"
+HDR_OBSERVE = "x-extproc-observe"  # set on sampled requests: selects the route with the observation filter on
 ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET)
 LB_NAMESPACE = "envoy.lb"
 

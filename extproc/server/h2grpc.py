@@ -392,7 +392,8 @@ class H2Connection(asyncio.Protocol):
             return
         if not call._on_data(payload, bool(flags & END_STREAM)):
             self._end_call(call, RESOURCE_EXHAUSTED, "received message larger than max")
-            self._queue(_frame(RST_STREAM, 0, sid, _HDR.pack(CANCEL)))
+            # response complete before the request: RST_STREAM NO_ERROR tells the client to stop sending (RFC 9113 8.1)
+            self._queue(_frame(RST_STREAM, 0, sid, _HDR.pack(NO_ERROR)))
             call._reset = True
             call._wake()
 
