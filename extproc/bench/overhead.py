@@ -251,6 +251,8 @@ def decision_latency(pods: int, requests: int = 2000, seed: int = 0) -> dict[str
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "observability-all": ("observability", ("--observe-budget", "-1")),  # observation stream on every request
     "observability-grpcio": ("observability", ("--grpc-server", "grpcio")),
+    # what observability mode was before (grpcio, the observation stream on every request)
+    "observability-all-grpcio": ("observability", ("--grpc-server", "grpcio", "--observe-budget", "-1")),
     "none-grpcio": ("none", ("--grpc-server", "grpcio")),
     "observability-fixed-scrape": ("observability", ("--scrape-adaptive", "off")),
 }
@@ -268,7 +270,7 @@ class OverheadOptions:
     decision_pods: list[int] = field(default_factory=lambda: [8, 32, 128, 512])
     out_dir: str = "bench-out"
     variants: list[str] = field(default_factory=list)
-    live_decisions: int = 2000  # decisions measured with the data layer live, per pod count
+    live_decisions: int = 1000  # decisions measured with the data layer live (200/s), per pod count
 
 
 def resolve_client(requested: str) -> tuple[str, str | None]:
@@ -372,7 +374,7 @@ async def _proxy_runs(opts: OverheadOptions, client: str, pods_n: int) -> dict[s
     return {"pods": pods_n, "runs": rows, "idle_cores": idle_cores, "decision_live": live}
 
 
-async def decision_latency_live(endpoints: list[str], requests: int = 2000, rate: float = 1000.0, seed: int = 0) -> dict[str, Any]:
+async def decision_latency_live(endpoints: list[str], requests: int = 1000, rate: float = 200.0, seed: int = 0) -> dict[str, Any]:
     """Decision latency of the default profile *with the data layer live*: the same scraper ``extproc serve`` runs
     polls ``endpoints`` on this event loop while decisions arrive at ``rate`` per second (each dispatch touches its
     pod and holds one in-flight slot for 50 ms, so pods are active as under load). ``p50_us``/``p99_us``: the

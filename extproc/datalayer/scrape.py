@@ -7,11 +7,12 @@ Cost is what matters at hundreds of pods (docs/design.md "Data layer"; measured 
   split into lines. It replaced ``prometheus_client``'s text parser (kept as the oracle in the tests).
 - **A raw keep-alive HTTP/1.1 client.** One connection per pod (an ``asyncio.Protocol``), a pre-built request,
   ``Content-Length`` and chunked bodies; about a tenth of aiohttp's per-request CPU.
-- **Adaptive intervals.** A pod is scraped every ``interval_s`` while it is *active*: it has requests in
-  flight by our own accounting, we dispatched to it since its last scrape, or its last scrape changed something.
-  An idle pod whose metrics did not change is scraped ever less often (doubling) up to ``idle_interval_s``, which
-  stays below the saturation detector's staleness bound, so idle pods never look stale. Between scrapes the
-  in-flight counters (``Endpoint.inflight``, updated on every dispatch and completion) carry the signal.
+- **Adaptive intervals.** A pod is scraped every ``interval_s`` while its values change (a busy vLLM pod's
+  running/waiting/KV gauges change at every scrape) or its scrapes fail; a pod whose values did not change is
+  scraped ever less often (doubling) up to ``idle_interval_s``, which stays below the saturation detector's
+  staleness bound, so it never looks stale. Between scrapes the in-flight counters (``Endpoint.inflight`` and
+  the token counters, updated on every dispatch and completion) carry the load signal, and a pod that gets a
+  request from us after an idle spell (``touch``) is scraped within ``interval_s``.
 - **A budget.** At most ``max_scrapes_per_s`` scrapes start per second across the pool; when more are due, the
   most overdue go first. This caps the data layer's CPU however large the pool is.
 
@@ -367,7 +368,7 @@ class PodClient:
 
 @dataclass(slots=True)
 class ScrapeSettings:
-    interval_s: float = 0.05  # active pods (in flight, just dispatched to, or changing)
+    interval_s: float = 0.05  # pods whose values change (or just got traffic after an idle spell)
     timeout_s: float = 1.0
     unhealthy_after: int = 5  # consecutive failures before a pod is filtered out
     models_interval_s: float = 5.0
@@ -380,7 +381,7 @@ ScrapeHook = Callable[[Endpoint, bool, float], None]  # (endpoint, ok, seconds) 
 
 
 class _PodState:
-    __slots__ = ("ep", "client", "interval", "due", "busy", "next_models", "dispatched", "removed")
+    __slots__ = ("ep", "client", "interval", "due", "busy", "next_models", "last_touch", "removed")
 
     def __init__(self, ep: Endpoint, base: float) -> None:
         self.ep = ep
@@ -389,7 +390,7 @@ class _PodState:
         self.due = 0.0
         self.busy = False
         self.next_models = 0.0
-        self.dispatched = False  # we sent it a request since its last scrape
+        self.last_touch = -1e9  # time.monotonic() of our last dispatch to it
         self.removed = False
 
 
@@ -440,17 +441,20 @@ class MetricsScraper:
         self._heap.clear()
 
     def touch(self, ep: Endpoint) -> None:
-        """We dispatched a request to ``ep``: scrape it at the active rate from now on (cheap; hot path)."""
+        """We dispatched a request to ``ep`` (hot path: a dict lookup and a compare). A pod that had no traffic from
+        us for ``idle_interval_s`` is scraped within ``interval_s``; after that its rate follows whether its values
+        change (a busy vLLM pod's do at every scrape)."""
         st = self._pods.get(ep.address)
-        if st is None or st.dispatched:
+        if st is None:
             return
-        st.dispatched = True
+        now = time.monotonic()
+        last, st.last_touch = st.last_touch, now
+        if now - last < self.settings.idle_interval_s:
+            return
         base = self.settings.interval_s
-        if st.interval > base:
-            st.interval = base
-            now = time.monotonic()
-            if st.due > now + base and not st.busy:
-                self._schedule(st, now + base)
+        st.interval = base
+        if st.due > now + base and not st.busy and self._started:
+            self._schedule(st, now + base)
 
     def _state(self, ep: Endpoint) -> _PodState:
         st = self._pods.get(ep.address)
@@ -485,12 +489,12 @@ class MetricsScraper:
             ep.healthy = True
             ep.scrape_failures = 0
             ep.last_error = ""
-        # next interval: active (in flight, dispatched to, changed, failing) → base; idle and unchanged → back off
-        if not s.adaptive or changed or not ok or ep.inflight > 0 or st.dispatched:
+        # next interval: changing or failing → base; unchanged → back off (our in-flight counters carry the load
+        # signal meanwhile; touch() brings a pod that just got traffic after an idle spell back to the base rate)
+        if not s.adaptive or changed or not ok:
             st.interval = s.interval_s
         else:
             st.interval = min(st.interval * 2.0, max(s.idle_interval_s, s.interval_s))
-        st.dispatched = False
         if self.on_scrape is not None:
             self.on_scrape(ep, ok, time.monotonic() - t0)
         return ok

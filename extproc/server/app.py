@@ -58,7 +58,7 @@ class ServeOptions:
     max_body_bytes: int = 8 * 1024 * 1024
     max_messages_per_stream: int = 100_000
     response_observe: str = "observability"
-    observe_budget: float = 200.0  # observability mode: observed requests per second (< 0: all)
+    observe_budget: float = 50.0  # observability mode: observed requests per second (< 0: all)
     kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
     tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
     predictor_state_dir: str | None = None

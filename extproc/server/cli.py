@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request bodies above this get 413")
     p.add_argument("--max-messages-per-stream", type=int, default=100_000)
     p.add_argument("--response-observe", choices=["observability", "streamed", "none"], default="observability", help="how the Envoy config sends response data (must match envoy-config)")
-    p.add_argument("--observe-budget", type=float, default=200.0, help="observability mode: requests per second that also get the observation stream (TTFT, tokens); the access log finishes the rest; -1 = every request")
+    p.add_argument("--observe-budget", type=float, default=50.0, help="observability mode: requests per second that also get the observation stream (TTFT, tokens); the access log finishes the rest; -1 = every request")
     p.add_argument("--kv-events", default=None, help="JSON file or inline JSON: {address: {endpoint, replay, topic}} (the simulator's ready line works too)")
     p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")
     p.add_argument("--predictor-state", default=None, help="directory where the latency predictor saves/loads its live model")

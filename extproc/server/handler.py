@@ -51,7 +51,7 @@ class HandlerSettings:
     response_observe: str = "observability"  # observability | streamed | none
     # observability mode: requests per second that also get the observation stream (the rest are finished by the
     # access log); < 0 = every request (server/accesslog.py)
-    observe_budget: float = 200.0
+    observe_budget: float = 50.0
     objectives: dict[str, int] = field(default_factory=dict)
 
 

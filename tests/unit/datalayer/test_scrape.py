@@ -198,10 +198,12 @@ def test_fast_parser_matches_prometheus_client_on_the_simulator_exposition() -> 
 
 async def test_adaptive_intervals_back_off_when_idle_and_return_on_dispatch() -> None:
     hits = {"n": 0}
+    state = {"change": False}
 
     async def metrics(request):
         hits["n"] += 1
-        return web.Response(body=VLLM_TEXT, content_type="text/plain")
+        body = VLLM_TEXT.replace(b"} 7.0", b"} %d.0" % hits["n"]) if state["change"] else VLLM_TEXT
+        return web.Response(body=body, content_type="text/plain")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
@@ -221,11 +223,15 @@ async def test_adaptive_intervals_back_off_when_idle_and_return_on_dispatch() ->
         assert 3 <= idle <= 15, idle
         ep = pool.get(addr)
         assert ep.metrics_age() < 0.7  # never stale beyond the idle ceiling
-        ep.inflight = 1  # our own accounting says it is busy: active rate
-        scraper.touch(ep)
         hits["n"] = 0
-        await asyncio.sleep(0.5)
-        assert hits["n"] >= 12, hits["n"]
+        scraper.touch(ep)  # traffic after an idle spell: scraped again within the base interval
+        await asyncio.sleep(0.1)
+        assert hits["n"] >= 1, hits["n"]
+        # values changing at every scrape (a busy pod): the base rate
+        state["change"] = True
+        hits["n"] = 0
+        await asyncio.sleep(0.8)
+        assert hits["n"] >= 15, hits["n"]
     finally:
         await scraper.stop()
         await runner.cleanup()
