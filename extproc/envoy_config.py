@@ -77,6 +77,8 @@ ORIGINAL_DST_CLUSTER = "extproc_original_dst"
 OVERRIDE_HOST_CLUSTER = "extproc_pool"
 FALLBACK_CLUSTER = "extproc_fallback"
 BACKENDS_CLUSTER = "backends"
+BATCH_CLUSTER = "extproc_batch"
+BATCH_PATHS: tuple[str, ...] = ("/v1/files", "/v1/batches")  # the OpenAI Batch API, served by ``extproc batch serve``
 LISTENER_NAME = "extproc_listener"
 
 NO_DESTINATION_BODY = json.dumps(
@@ -153,6 +155,7 @@ class EnvoyConfigOptions:
     # observability mode: end of request from Envoy's gRPC access log (batched) and the observation filter only on
     # the requests the scheduler samples (x-extproc-observe); False: the observation filter on every request
     access_log: bool = True
+    batch: HostPort | None = None  # ``extproc batch serve``: /v1/files and /v1/batches go there, past ext_proc
 
     def __post_init__(self) -> None:
         if self.failure_mode not in ("fail-open", "fail-close"):
@@ -753,6 +756,30 @@ def _access_logs(opts: EnvoyConfigOptions) -> list[Any]:
     ]
 
 
+def _batch_routes(opts: EnvoyConfigOptions) -> list[Any]:
+    """``/v1/files`` and ``/v1/batches`` (and their sub-paths) → the batch service, with ext_proc disabled on
+    them: the scheduler never parses uploads; each batch line comes back through the inference routes."""
+    from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteMatch
+    from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ExtProcPerRoute
+
+    if opts.batch is None:
+        return []
+    off: dict[str, Any] = {}
+    if opts.extproc is not None:
+        off["extproc"] = _any(ExtProcPerRoute(disabled=True))
+        if opts.response_observe == "observability":
+            off["extproc-observe"] = _any(ExtProcPerRoute(disabled=True))
+    return [
+        Route(
+            name=f"batch_{path.rsplit('/', 1)[-1]}",
+            match=RouteMatch(path_separated_prefix=path),
+            route=RouteAction(cluster=BATCH_CLUSTER, timeout=_td(opts.route_timeout_s), idle_timeout=_td(opts.stream_idle_timeout_s)),
+            typed_per_filter_config=off,
+        )
+        for path in BATCH_PATHS
+    ]
+
+
 def _envoy_only_routes(opts: EnvoyConfigOptions) -> list[Any]:
     from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteMatch
 
@@ -777,9 +804,10 @@ def _http_filters(opts: EnvoyConfigOptions) -> list[Any]:
 
 
 def _clusters(opts: EnvoyConfigOptions) -> list[Any]:
+    batch = [_static_cluster(BATCH_CLUSTER, [opts.batch], opts)] if opts.batch is not None else []
     if opts.extproc is None:
-        return [_static_cluster(BACKENDS_CLUSTER, opts.endpoints, opts, lb_policy=opts.lb_policy)]
-    clusters = [_extproc_cluster(opts)]
+        return [_static_cluster(BACKENDS_CLUSTER, opts.endpoints, opts, lb_policy=opts.lb_policy), *batch]
+    clusters = [_extproc_cluster(opts), *batch]
     clusters.append(_override_host_cluster(opts) if opts.fallback_retries else _original_dst_cluster(opts))
     if opts.fallback_endpoints:
         clusters.append(
@@ -812,7 +840,7 @@ def _listener(opts: EnvoyConfigOptions) -> Any:
                 VirtualHost(
                     name="extproc",
                     domains=["*"],
-                    routes=_routes(opts) if opts.extproc is not None else _envoy_only_routes(opts),
+                    routes=_batch_routes(opts) + (_routes(opts) if opts.extproc is not None else _envoy_only_routes(opts)),
                 )
             ],
         ),
@@ -868,6 +896,7 @@ def _options(
     endpoints: Sequence[str | HostPort] | str = (),
     fallback_endpoints: Sequence[str | HostPort] | str = (),
     admin: str | HostPort = "127.0.0.1:0",
+    batch: str | HostPort | None = None,
     **kwargs: Any,
 ) -> EnvoyConfigOptions:
     def hp(v: str | HostPort) -> HostPort:
@@ -884,6 +913,7 @@ def _options(
         endpoints=hps(endpoints),
         fallback_endpoints=hps(fallback_endpoints),
         admin=hp(admin),
+        batch=None if not batch else hp(batch),
         **kwargs,
     )
 
@@ -925,7 +955,7 @@ def render_include(
         "early_header_mutation_extensions": [_to_dict(_early_header_mutation())],
         "local_reply_config": _to_dict(local_reply_config()),
         "http_filters": [_to_dict(f) for f in _http_filters(opts)],
-        "routes": [_to_dict(r) for r in _routes(opts)],
+        "routes": [_to_dict(r) for r in _batch_routes(opts) + _routes(opts)],
         # observability mode: the HCM's access_log (end of request for requests outside the observation sample)
         "access_log": [_to_dict(a) for a in _access_logs(opts)],
         "clusters": [_to_dict(c) for c in _clusters(opts)],
@@ -1148,6 +1178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="observability mode without Envoy's gRPC access log: the observation stream on every request (costlier)",
     )
     parser.add_argument("--admin", default="127.0.0.1:0", help="admin HOST:PORT (port 0 = free)")
+    parser.add_argument("--batch", default=None, metavar="HOST:PORT", help="route /v1/files and /v1/batches to this `extproc batch serve`")
     parser.add_argument("--include", action="store_true", help="print the include snippet instead of a bootstrap")
     parser.add_argument("--format", choices=("yaml", "json"), default="yaml")
     parser.add_argument("--out", default=None, help="write to this file instead of stdout")
@@ -1180,6 +1211,7 @@ def run(args: argparse.Namespace) -> int:
         "fallback_retries": args.fallback_retries,
         "fallback_health_path": args.fallback_health_path,
         "access_log": not args.no_access_log,
+        "batch": args.batch,
     }
     try:
         if args.extproc_tls_ca or args.extproc_tls_cert or args.extproc_tls_key or args.extproc_tls_sni:

@@ -19,6 +19,7 @@ no picker. Errors are ``ConfigError`` with the file, the plugin and the reason.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,7 +28,7 @@ from typing import Any
 import yaml
 
 from extproc.datalayer.endpoint import EndpointPool
-from extproc.scheduling import registry
+from extproc.scheduling import llmd, registry
 from extproc.plugin import roles_of
 from extproc.scheduling.framework import (
     Filter,
@@ -41,6 +42,8 @@ from extproc.scheduling.framework import (
     WeightedScorer,
 )
 from extproc.scheduling.plugins.profile_handlers import SingleProfileHandler
+
+log = logging.getLogger(__name__)
 
 IMPLICIT_FILTERS = ("healthy-filter", "model-filter")
 DEFAULT_PICKER = "max-score-picker"
@@ -66,6 +69,11 @@ class SchedulerConfig:
     saturation: dict[str, Any] = field(default_factory=dict)
     flow_control: dict[str, Any] = field(default_factory=dict)
     objectives: dict[str, int] = field(default_factory=dict)  # x-gateway-inference-objective → priority
+    origins: dict[str, "llmd.Origin"] = field(default_factory=dict)  # plugin name → reference type / what runs
+    feature_gates: dict[str, bool] = field(default_factory=dict)
+    fairness: dict[Any, Any] = field(default_factory=dict)  # flow-control band priority (or "default") → FairnessPolicy
+    usage_limit: Any = None  # flow-control UsageLimitPolicy (flowControl.usageLimitPolicyPluginRef)
+    band_priorities: list[int] = field(default_factory=list)  # configured flow-control bands
 
 
 def builtin_config_path(name: str) -> str:
@@ -98,6 +106,11 @@ def load_config(name_or_path: str, pool: EndpointPool, services: dict[str, Any] 
 def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None = None, path: str = "<inline>") -> SchedulerConfig:
     if not isinstance(raw, dict):
         raise ConfigError(path, None, "top level must be a mapping with 'plugins' and 'schedulingProfiles'")
+    original = raw
+    try:
+        raw, origins, gates = llmd.translate(raw)
+    except llmd.TranslationError as e:
+        raise ConfigError(path, e.plugin, e.reason) from None
     registry.load_builtin_plugins()
     registry.load_entry_points()
     # the caller's services dict is shared on purpose: plugins register shared services (prefix index, KV-event
@@ -139,6 +152,7 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
             roles[pname_] = roles_of(p)
         except TypeError as e:
             raise ConfigError(path, pname_, str(e)) from None
+    reference = llmd.is_reference_file(original)
     handlers = [n for n, r in roles.items() if "profile_handler" in r]
     if len(handlers) > 1:
         raise ConfigError(path, handlers[1], f"a config takes one profile handler, found {', '.join(handlers)}")
@@ -180,12 +194,18 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
                 picker = plugin
                 placed = True
             if not placed:
+                if reference:  # llm-d-router's SchedulerProfile.AddPlugins ignores such plugins
+                    log.info("plugin in a profile is not a filter, scorer or picker: ignored as the reference does",
+                             extra={"profile": pname, "plugin": pr})
+                    continue
                 raise ConfigError(path, pr, "is not a filter, scorer or picker and cannot be placed in a profile")
         present = {getattr(f, "type_name", "") for f in filters}
         front = [implicit(t) for t in IMPLICIT_FILTERS if t not in present]
         filters = front + filters
         if picker is None:
-            picker = implicit(DEFAULT_PICKER)
+            # the reference's loader adds the first picker the file defines, else max-score-picker
+            any_picker = next((plugins[n] for n, r in roles.items() if "picker" in r), None) if reference else None
+            picker = any_picker if any_picker is not None else implicit(DEFAULT_PICKER)
         profiles[pname] = SchedulingProfile(pname, filters, scorers, picker)
 
     if handler is None:
@@ -201,7 +221,9 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         raise ConfigError(path, handler.name, str(e)) from None
     pre = [p for n, p in plugins.items() if "pre_request" in roles.get(n, frozenset())]
     obs = [p for n, p in plugins.items() if "observer" in roles.get(n, frozenset())]
-    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs)
+    adm = [p for n, p in plugins.items() if "admitter" in roles.get(n, frozenset())]
+    rep = [p for n, p in plugins.items() if "response_reporter" in roles.get(n, frozenset())]
+    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs, admitters=adm, reporters=rep)
 
     objectives: dict[str, int] = {}
     for o in raw.get("objectives") or []:
@@ -211,11 +233,41 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         if isinstance(pr_, bool) or not isinstance(pr_, int):
             raise ConfigError(path, None, f"objective '{o['name']}': priority must be an integer")
         objectives[str(o["name"])] = pr_
+    fairness: dict[Any, Any] = {}
+    fc = raw.get("flowControl") or {}
+    for where, ref in (fc.get("policyRefs") or {}).items():
+        if not where.endswith("fairnessPolicyRef"):
+            raise ConfigError(path, ref, f"flowControl.{where}: ordering policies are not configurable (bands are FIFO per fairness key)")
+        p = plugins.get(ref)
+        if p is None or "fairness_policy" not in roles.get(ref, frozenset()):
+            raise ConfigError(path, ref, f"flowControl.{where} must name a fairness policy plugin (e.g. program-aware-fairness)")
+        if where.startswith("defaultPriorityBand"):
+            fairness["default"] = p
+        elif where.startswith("priorityBands["):
+            idx = int(where[len("priorityBands[") : where.index("]")])
+            fairness[int(fc["bandPriorities"][idx])] = p
+        # defaultNegativePriorityBand: sheddable requests are never queued here, so nothing to order
+    usage_limit = None
+    ul = fc.get("usageLimitPolicyPluginRef")
+    if ul:
+        usage_limit = plugins.get(ul)
+        if usage_limit is None or "usage_limit_policy" not in roles.get(ul, frozenset()):
+            raise ConfigError(path, ul, "flowControl.usageLimitPolicyPluginRef must name a usage-limit policy plugin (e.g. soft-reflective-ceiling-policy)")
+    if (fairness or usage_limit is not None) and not fc.get("enabled"):
+        log.warning("a fairness policy is configured but flow control is off (featureGates: [flowControl] enables it)")
+    for n, p in plugins.items():
+        if n not in origins:  # implicit plugins (healthy/model filters, default picker)
+            origins[n] = llmd.Origin(n, "", getattr(p, "type_name", type(p).__name__), "added implicitly")
     return SchedulerConfig(
         scheduler=sched,
         plugins=plugins,
-        raw=raw,
+        raw=original,
         path=path,
+        origins=origins,
+        feature_gates=gates,
+        fairness=fairness,
+        usage_limit=usage_limit,
+        band_priorities=list(fc.get("bandPriorities") or []),
         saturation=dict(raw.get("saturationDetector") or {}),
         flow_control=dict(raw.get("flowControl") or {}),
         objectives=objectives,

@@ -23,7 +23,7 @@ from extproc.admission.saturation import SaturationDetector
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
 from extproc.observe.metrics import SchedulerMetrics
-from extproc.scheduling.config import SchedulerConfig, load_config
+from extproc.scheduling.config import ConfigError, SchedulerConfig, load_config
 from extproc.server.accesslog import ALS_METHOD, AccessLogReceiver
 from extproc.server.handler import ExtProcHandler, HandlerSettings, observation_outcome_counter, record_observation
 from extproc.server.tracker import FlightTracker
@@ -70,6 +70,7 @@ class ServeOptions:
     # TLS always uses grpcio.
     grpc_server: str = "native"
     seed: int | None = None
+    conformance: bool = False  # honour GIE's conformance header test-epp-endpoint-selection
 
 
 class SchedulerServer:
@@ -132,6 +133,13 @@ class SchedulerServer:
                 rng = getattr(plugin, "rng", None)
                 if isinstance(rng, _random.Random):
                     rng.seed(self.opts.seed + i)
+        if self.config.scheduler.reporters and self.opts.response_observe != "streamed":
+            names = ", ".join(r.name for r in self.config.scheduler.reporters)
+            raise ConfigError(
+                self.config.path, names,
+                "reports from the response body need --response-observe streamed (and an Envoy config rendered with it); "
+                f"this server runs with --response-observe {self.opts.response_observe}",
+            )  # fmt: skip
         for prof in self.config.scheduler.profiles.values():
             prof.plugin_timer = self.metrics.plugin_timer
         return self.config
@@ -142,7 +150,18 @@ class SchedulerServer:
         saturation = SaturationDetector.from_config(cfg.saturation)
         flow_cfg = FlowControlConfig.from_config(cfg.flow_control)
         pool = self.pool
-        self.flow = FlowController(flow_cfg, saturation, lambda model: [e for e in pool.snapshot() if model in e.models]) if flow_cfg.enabled else None
+        self.flow = (
+            FlowController(
+                flow_cfg,
+                saturation,
+                lambda model: [e for e in pool.snapshot() if model in e.models],
+                cfg.fairness,
+                cfg.usage_limit,
+                [*cfg.band_priorities, *cfg.objectives.values()],
+            )
+            if flow_cfg.enabled
+            else None
+        )
         if self.flow is not None:
             self.services["flow_control"] = self.flow
         on_complete = record_observation(self.metrics, cfg.scheduler)
@@ -166,6 +185,7 @@ class SchedulerServer:
                 response_observe=self.opts.response_observe,
                 observe_budget=self.opts.observe_budget,
                 objectives=cfg.objectives,
+                conformance=self.opts.conformance,
             ),
             saturation,
             self.services,

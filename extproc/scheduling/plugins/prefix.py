@@ -47,6 +47,7 @@ from extproc.plugin import (
     SchedulingResult,
     check_keys,
     get_bool,
+    get_float,
     get_int,
     register,
 )
@@ -58,6 +59,7 @@ DEFAULT_BLOCK_SIZE = 64  # bytes of prompt per hash block: 16 tokens × 4 chars
 DEFAULT_MAX_PREFIX_BLOCKS = 256
 DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 SERVICE_KEY = "prefix_index"
+SCORER_SERVICE_KEY = "prefix_scorer"
 
 # cycle.data keys shared with other plugins (the latency predictor reads them).
 CYCLE_SCORES = PREFIX_SCORES
@@ -247,7 +249,7 @@ def shared_index(ctx: PluginContext, capacity: int) -> PrefixIndex:
 @register
 class PrefixCacheScorer:
     type_name: ClassVar[str] = "prefix-cache-scorer"
-    __slots__ = ("name", "block_size", "max_blocks", "auto_tune", "index", "_state_key")
+    __slots__ = ("name", "block_size", "max_blocks", "auto_tune", "index", "_state_key", "length_weight", "length_scale")
 
     def __init__(
         self,
@@ -256,6 +258,8 @@ class PrefixCacheScorer:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS,
         auto_tune: bool = False,
+        length_weight: float = 0.0,
+        length_scale_tokens: int = 8192,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"parameter 'blockSize' must be > 0, got {block_size}")
@@ -265,13 +269,18 @@ class PrefixCacheScorer:
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.auto_tune = auto_tune
+        self.length_weight = length_weight
+        self.length_scale = length_scale_tokens
         self.index = index if index is not None else PrefixIndex()
         # Scorers with the same hashing parameters share one cycle entry (hash and match once per request).
         self._state_key = f"prefix_state:{block_size}:{max_blocks}:{id(self.index)}"
 
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "PrefixCacheScorer":
-        check_keys(params, ("blockSize", "hashBlockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune"))
+        check_keys(
+            params,
+            ("blockSize", "hashBlockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune", "matchLengthWeight", "matchLengthScaleTokens"),
+        )
         if "blockSize" in params and "hashBlockSize" in params:
             raise ValueError("give 'blockSize' or its alias 'hashBlockSize', not both")
         bs_key = "hashBlockSize" if "hashBlockSize" in params else "blockSize"
@@ -279,7 +288,17 @@ class PrefixCacheScorer:
         max_blocks = get_int(params, "maxPrefixBlocksToMatch", DEFAULT_MAX_PREFIX_BLOCKS, minimum=1)
         capacity = get_int(params, "lruCapacityPerServer", DEFAULT_LRU_CAPACITY_PER_SERVER, minimum=1)
         auto_tune = get_bool(params, "autoTune", False)
-        return cls(name, shared_index(ctx, capacity), block_size, max_blocks, auto_tune)
+        inst = cls(
+            name,
+            shared_index(ctx, capacity),
+            block_size,
+            max_blocks,
+            auto_tune,
+            get_float(params, "matchLengthWeight", 0.0, minimum=0.0, maximum=1.0),
+            get_int(params, "matchLengthScaleTokens", 8192, minimum=1),
+        )
+        ctx.services.setdefault(SCORER_SERVICE_KEY, inst)  # the config's first prefix scorer (prefix-cache-affinity-filter reads it)
+        return inst
 
     def _state(self, cycle: CycleState, request: InferenceRequest) -> tuple[list[int], dict[str, int]]:
         st = cycle.data.get(self._state_key)
@@ -304,6 +323,10 @@ class PrefixCacheScorer:
         inv = 1.0 / total
         get = matched.get
         scores = [get(e.address, 0) * inv for e in candidates]
+        w = self.length_weight
+        if w:  # the reference's match-length term: w · min(1, matched tokens / scale)² + (1 − w) · ratio
+            k = self.block_size / CHARS_PER_TOKEN / self.length_scale
+            scores = [w * min(1.0, get(e.address, 0) * k) ** 2 + (1.0 - w) * r for e, r in zip(candidates, scores)]
         data[CYCLE_SCORES] = {e.address: s for e, s in zip(candidates, scores)}
         data[CYCLE_MATCHED] = matched
         tok = self.block_size / CHARS_PER_TOKEN

@@ -29,6 +29,7 @@ from extproc.plugin import (
     SchedulingProfile,
     SchedulingResult,
     check_keys,
+    get_int,
     register,
 )
 
@@ -124,3 +125,27 @@ class HeaderProfileHandler:
 
     def process_results(self, cycle: CycleState, request: InferenceRequest, results: ProfileResults) -> SchedulingResult:
         return _single_result(results)
+
+
+@register
+class DataParallelProfileHandler(SingleProfileHandler):
+    """``data-parallel-profile-handler`` (deprecated in the reference, accepted): one profile. The reference routes
+    to ``podIP:primaryPort`` and names the chosen rank in ``X-Data-Parallel-Endpoint``; its documented migration is
+    ``single-profile-handler`` with a proxy that routes to the rank's own port, which is what Envoy does here with
+    ``x-gateway-destination-endpoint`` (each rank is its own endpoint). ``primaryPort`` (1–65535, default 8000) is
+    validated and otherwise unused."""
+
+    type_name: ClassVar[str] = "data-parallel-profile-handler"
+    __slots__ = ("primary_port",)
+
+    def __init__(self, name: str = "data-parallel-profile-handler", primary_port: int = 8000) -> None:
+        super().__init__(name)
+        self.primary_port = primary_port
+
+    @classmethod
+    def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "DataParallelProfileHandler":
+        check_keys(params, ("primaryPort",))
+        port = get_int(params, "primaryPort", 8000, minimum=1)
+        if port > 65535:
+            raise ValueError(f"parameter 'primaryPort' must be in 1..65535, got {port}")
+        return cls(name, port)

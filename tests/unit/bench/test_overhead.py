@@ -187,9 +187,9 @@ async def test_extproc_serve_scrapes_fake_pods_and_routes_through_them(observe: 
 @needs_envoy
 async def test_wrk_run_against_fake_pods_reports_requests() -> None:
     if shutil.which("wrk") is None:
-        # `make test` installs it (scripts/system_packages.sh); under CI a missing prerequisite is a failure
+        # `make test` installs it (scripts/system_deps.sh); under CI a missing prerequisite is a failure
         if os.environ.get("CI"):
-            pytest.fail("wrk is not installed (Debian package `wrk`; make test runs scripts/system_packages.sh)")
+            pytest.fail("wrk is not installed (Debian package `wrk`; make test runs scripts/system_deps.sh)")
         pytest.skip("wrk not installed (apt-get install -y wrk)")
     async with FakePods(1) as pods:
         r = await overhead.run_wrk(f"http://{pods.endpoints[0]}", 2, 1.0)
