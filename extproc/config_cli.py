@@ -102,6 +102,8 @@ def report(path: str) -> dict[str, Any]:
         "profiles": profiles,
         "admitters": [a.name for a in sched.admitters],
         "plugins": plugins,
+        "fairness": {str(k): getattr(v, "name", str(v)) for k, v in cfg.fairness.items()},
+        "usageLimitPolicy": getattr(cfg.usage_limit, "name", None),
         "saturationDetector": cfg.saturation,
         "flowControl": cfg.flow_control,
     }
@@ -130,6 +132,10 @@ def _print_text(r: dict[str, Any]) -> None:
             print(f"      INACTIVE: {e['inactive']}")
         if e.get("effective_parameters"):
             print(f"      effective: {json.dumps(e['effective_parameters'], sort_keys=True)}")
+    if r["fairness"]:
+        print(f"flow-control fairness: {', '.join(f'band {k}: {v}' for k, v in r['fairness'].items())}")
+    if r["usageLimitPolicy"]:
+        print(f"flow-control usage limit: {r['usageLimitPolicy']}")
     if r["saturationDetector"]:
         print(f"saturation detector: {json.dumps(r['saturationDetector'], sort_keys=True)}")
     if r["flowControl"]:

@@ -11,6 +11,9 @@ A plugin is a plain class with a ``type_name`` (its registry name, the ``type:``
 - :class:`ResponseObserver` — ``on_complete(request, observation)`` when it finishes
 - :class:`ProfileHandler` — chooses the profiles of a cycle and combines their results
 - :class:`Admitter` — ``admit(cycle, request, candidates)`` before any profile runs; raises to reject (429)
+- :class:`FairnessPolicy` — ``pick_tenant(queues, now)``: which fairness key of a flow-control band goes next
+- :class:`UsageLimitPolicy` — ``compute_limits(saturation, bands)``: per-band dispatch ceilings of flow control
+- :class:`ResponseReporter` — ``report(request, usage)``: dynamic metadata for the proxy when a response ends
 - :class:`Decider` — a per-request yes/no for an optional stage of a profile handler (``deciders.prefill``)
 - :class:`Service` — a shared background service (started and stopped by the server)
 
@@ -34,6 +37,9 @@ from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
 from extproc.scheduling.framework import (
     PEER_ENDPOINT,
     Admitter,
+    FairnessPolicy,
+    UsageLimitPolicy,
+    ResponseReporter,
     PREDICTOR_FEATURES,
     PREFIX_BLOCK_SIZE,
     PREFIX_CACHED_TOKENS,
@@ -96,6 +102,9 @@ ROLES: dict[str, type] = {
     "profile_handler": ProfileHandler,
     "decider": Decider,
     "admitter": Admitter,
+    "fairness_policy": FairnessPolicy,
+    "usage_limit_policy": UsageLimitPolicy,
+    "response_reporter": ResponseReporter,
 }
 PROFILE_ROLES = ("filter", "scorer", "picker")  # roles that can be placed in a scheduling profile
 
@@ -128,6 +137,9 @@ __all__ = [
     "ProfileHandler",
     "Decider",
     "Admitter",
+    "FairnessPolicy",
+    "UsageLimitPolicy",
+    "ResponseReporter",
     "Service",
     "ROLES",
     "PROFILE_ROLES",

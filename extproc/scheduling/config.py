@@ -71,6 +71,9 @@ class SchedulerConfig:
     objectives: dict[str, int] = field(default_factory=dict)  # x-gateway-inference-objective → priority
     origins: dict[str, "llmd.Origin"] = field(default_factory=dict)  # plugin name → reference type / what runs
     feature_gates: dict[str, bool] = field(default_factory=dict)
+    fairness: dict[Any, Any] = field(default_factory=dict)  # flow-control band priority (or "default") → FairnessPolicy
+    usage_limit: Any = None  # flow-control UsageLimitPolicy (flowControl.usageLimitPolicyPluginRef)
+    band_priorities: list[int] = field(default_factory=list)  # configured flow-control bands
 
 
 def builtin_config_path(name: str) -> str:
@@ -219,7 +222,8 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
     pre = [p for n, p in plugins.items() if "pre_request" in roles.get(n, frozenset())]
     obs = [p for n, p in plugins.items() if "observer" in roles.get(n, frozenset())]
     adm = [p for n, p in plugins.items() if "admitter" in roles.get(n, frozenset())]
-    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs, admitters=adm)
+    rep = [p for n, p in plugins.items() if "response_reporter" in roles.get(n, frozenset())]
+    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs, admitters=adm, reporters=rep)
 
     objectives: dict[str, int] = {}
     for o in raw.get("objectives") or []:
@@ -229,6 +233,28 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         if isinstance(pr_, bool) or not isinstance(pr_, int):
             raise ConfigError(path, None, f"objective '{o['name']}': priority must be an integer")
         objectives[str(o["name"])] = pr_
+    fairness: dict[Any, Any] = {}
+    fc = raw.get("flowControl") or {}
+    for where, ref in (fc.get("policyRefs") or {}).items():
+        if not where.endswith("fairnessPolicyRef"):
+            raise ConfigError(path, ref, f"flowControl.{where}: ordering policies are not configurable (bands are FIFO per fairness key)")
+        p = plugins.get(ref)
+        if p is None or "fairness_policy" not in roles.get(ref, frozenset()):
+            raise ConfigError(path, ref, f"flowControl.{where} must name a fairness policy plugin (e.g. program-aware-fairness)")
+        if where.startswith("defaultPriorityBand"):
+            fairness["default"] = p
+        elif where.startswith("priorityBands["):
+            idx = int(where[len("priorityBands[") : where.index("]")])
+            fairness[int(fc["bandPriorities"][idx])] = p
+        # defaultNegativePriorityBand: sheddable requests are never queued here, so nothing to order
+    usage_limit = None
+    ul = fc.get("usageLimitPolicyPluginRef")
+    if ul:
+        usage_limit = plugins.get(ul)
+        if usage_limit is None or "usage_limit_policy" not in roles.get(ul, frozenset()):
+            raise ConfigError(path, ul, "flowControl.usageLimitPolicyPluginRef must name a usage-limit policy plugin (e.g. soft-reflective-ceiling-policy)")
+    if (fairness or usage_limit is not None) and not fc.get("enabled"):
+        log.warning("a fairness policy is configured but flow control is off (featureGates: [flowControl] enables it)")
     for n, p in plugins.items():
         if n not in origins:  # implicit plugins (healthy/model filters, default picker)
             origins[n] = llmd.Origin(n, "", getattr(p, "type_name", type(p).__name__), "added implicitly")
@@ -239,6 +265,9 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         path=path,
         origins=origins,
         feature_gates=gates,
+        fairness=fairness,
+        usage_limit=usage_limit,
+        band_priorities=list(fc.get("bandPriorities") or []),
         saturation=dict(raw.get("saturationDetector") or {}),
         flow_control=dict(raw.get("flowControl") or {}),
         objectives=objectives,

@@ -282,6 +282,33 @@ class ProfileHandler(Plugin, Protocol):
 
 
 @runtime_checkable
+class FairnessPolicy(Plugin, Protocol):
+    """Chooses which fairness key (tenant / program, ``x-gateway-inference-fairness-id``) of a flow-control band is
+    served next. ``queues`` maps each waiting key to (queue length, enqueue time of its head, ``time.monotonic()``).
+    Referenced from ``flowControl`` (``defaultPriorityBand.fairnessPolicyRef``); without one, keys take turns."""
+
+    def pick_tenant(self, queues: "dict[str, tuple[int, float]]", now: float) -> str: ...
+
+
+@runtime_checkable
+class UsageLimitPolicy(Plugin, Protocol):
+    """Flow-control dispatch ceilings by band rank (``flowControl.usageLimitPolicyPluginRef``): given the pool
+    saturation level (1.0 = at the detector's thresholds) and the number of priority bands, one ceiling per band,
+    highest priority first; a band is held while saturation ≥ its ceiling."""
+
+    def compute_limits(self, saturation: float, bands: int) -> list[float]: ...
+
+
+@runtime_checkable
+class ResponseReporter(Plugin, Protocol):
+    """Values reported to the proxy when a response ends (``request-attribute-reporter``): from the response's
+    ``usage`` object, a list of (metadata namespace, key, value) the server returns as ext_proc dynamic metadata.
+    Runs off the decision path, once per request, when the response body ends (``--response-observe streamed``)."""
+
+    def report(self, request: InferenceRequest, usage: dict[str, Any]) -> list[tuple[str, str, Any]]: ...
+
+
+@runtime_checkable
 class Admitter(Plugin, Protocol):
     """Admission before any profile runs (e.g. ``probabilistic-admitter``): return to admit, raise
     :class:`SchedulingError` (429 for load shedding) to reject. ``candidates`` are the pool's endpoints."""
@@ -314,12 +341,20 @@ class Scheduler:
     observers: list[ResponseObserver] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
     admitters: list[Admitter] = field(default_factory=list)
+    reporters: list[ResponseReporter] = field(default_factory=list)
 
-    def schedule(self, request: InferenceRequest, cycle: CycleState | None = None) -> tuple[SchedulingResult, CycleState]:
+    def schedule(
+        self, request: InferenceRequest, cycle: CycleState | None = None, allowed: frozenset[str] | None = None
+    ) -> tuple[SchedulingResult, CycleState]:
+        """``allowed`` (conformance mode only) restricts the candidates to these addresses or bare hosts."""
         cycle = cycle or CycleState()
         candidates = list(self.pool.snapshot())
         if not candidates:
             raise SchedulingError(503, "no model-server endpoints are known", "no_endpoints")
+        if allowed is not None:
+            candidates = [e for e in candidates if e.address in allowed or e.host in allowed]
+            if not candidates:
+                raise SchedulingError(503, "no endpoint matches test-epp-endpoint-selection", "no_candidate")
         for admitter in self.admitters:
             admitter.admit(cycle, request, candidates)
         results: ProfileResults = {}

@@ -100,25 +100,21 @@ ABSORBED: dict[str, str] = {
     "these thresholds",
     "approx-prefix-cache-producer": "the index of the prefix-cache-scorer that names it",
     "precise-prefix-cache-producer": "the KV-event index of the precise-prefix-cache scorer that names it",
+    "burst-prefix-cache-producer": "the group placement of the burst-prefix-cache scorer that names it",
 }
 # Reference types we cannot honour (yet): the load fails naming the plugin and this reason.
 UNSUPPORTED: dict[str, str] = {
-    "mm-embeddings-cache-producer": "multimodal embeddings-cache affinity is not implemented: extproc's request parser "
-    "does not extract image/audio items, so there is no multimodal cache state to produce or score",
-    "mm-embeddings-cache-scorer": "multimodal embeddings-cache affinity is not implemented (see mm-embeddings-cache-producer)",
-    "burst-prefix-cache-producer": "burst co-location of prompt-sharing request groups (windowDurationMs batching) is not "
-    "implemented; approx-prefix-cache-producer gives prefix affinity without the batch window",
-    "program-aware-fairness": "flow-control fairness policy plugins are not implemented: extproc's flow controller "
-    "round-robins fairness keys (x-gateway-inference-fairness-id) within each priority band",
-    "soft-reflective-ceiling-policy": "flow-control usage-limit policy plugins are not implemented: extproc's flow "
-    "controller gates dispatch on the saturation detector for every band alike",
-    "request-attribute-reporter": "request-attribute-reporter (CEL expressions over the response written to envoy.lb "
-    "metadata) is not implemented",
     "multicluster-prefix-cache-scorer": "multi-cluster routing is not implemented",
     "multicluster-approx-prefix-cache-producer": "multi-cluster routing is not implemented",
 }
+# Defaults the reference gives a type where ours differ: applied to llm-d.ai/v1alpha1 files when the parameter is
+# absent (the older GIE shape keeps extproc's defaults, which are GIE's).
+REFERENCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "active-request-scorer": {"idleThreshold": 0},
+    "token-load-scorer": {"queueThresholdTokens": 4194304},
+}
 PARSER_TYPES = frozenset({"openai-parser", "passthrough-parser", "vllm-http-parser"})
-PRODUCER_TYPES = frozenset({"approx-prefix-cache-producer", "precise-prefix-cache-producer"})
+PRODUCER_TYPES = frozenset({"approx-prefix-cache-producer", "precise-prefix-cache-producer", "burst-prefix-cache-producer"})
 REFERENCE_PREFIX_PARAMS = frozenset({"prefixMatchInfoProducerName", "matchLengthWeight", "matchLengthScaleTokens"})
 
 # approx-prefix-cache-producer defaults (llm-d-router .../dataproducer/approximateprefix/README.md)
@@ -243,8 +239,16 @@ def _precise_params(producer: Mapping[str, Any], pname: str) -> dict[str, Any]:
         port = _int(_mapping(kve.get("podDiscoveryConfig"), "podDiscoveryConfig", pname), "socketPort", 5557, pname, 1)
         ev["endpointTemplate"] = f"tcp://{{host}}:{port}"  # subscribe to each discovered pod's publisher
     elif kve.get("zmqEndpoint"):
-        ev["endpointTemplate"] = str(kve["zmqEndpoint"])
-        ev["bind"] = True  # the reference binds this endpoint; pods connect to it
+        # The reference binds one endpoint that every pod publishes to (events told apart by topic); extproc runs one
+        # subscriber per pod, so a single shared bind cannot be honoured. Say so loudly; the pods' publishers are
+        # given with --kv-events (or discoverPods), else the scorer matches approximately.
+        log.warning(
+            "kvEventsConfig.zmqEndpoint (one endpoint all pods publish to) is not supported: extproc subscribes to "
+            "each pod's publisher; give them with --kv-events or kvEventsConfig.discoverPods",
+            extra={"plugin": pname, "zmqEndpoint": kve["zmqEndpoint"]},
+        )
+        out["_note"] = (f"kvEventsConfig.zmqEndpoint {kve['zmqEndpoint']} NOT used (shared bind endpoint unsupported): "
+                        "per-pod publishers come from --kv-events or discoverPods, else approximate matching")
     if topic and ev:
         ev["topic"] = str(topic)
     if ev:
@@ -307,6 +311,11 @@ def translate(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Origin], d
             out_specs.append({"type": new_type, "name": n, "parameters": new_params})
             origins[n] = Origin(n, t, new_type, note, written)
             continue
+        if api == "llm-d.ai/v1alpha1" and t in REFERENCE_DEFAULTS:
+            aliases = {"queueThresholdTokens": "maxTokens"}
+            for k, v in REFERENCE_DEFAULTS[t].items():
+                if k not in p and aliases.get(k) not in p:
+                    p[k] = v
         if t in ABSORBED:
             dropped.add(n)
             origins[n] = Origin(n, t, "", ABSORBED[t], written)
@@ -418,8 +427,14 @@ def _prefix_scorer(name: str, params: Mapping[str, Any], producers: Mapping[str,
         base.update(extra)
         return "prefix-cache-scorer", base, f"approximate prefix index configured by producer '{pname}'"
     if ours or extra:
-        raise TranslationError(name, f"parameters {sorted({**ours, **extra})} do not apply to the precise producer '{pname}'")
-    return "precise-prefix-cache", _precise_params(prod["parameters"], pname), f"precise KV-event index configured by producer '{pname}'"
+        raise TranslationError(name, f"parameters {sorted({**ours, **extra})} do not apply to the producer '{pname}'")
+    if prod["type"] == "burst-prefix-cache-producer":
+        return "burst-prefix-cache", dict(prod["parameters"]), f"burst co-location configured by producer '{pname}' (online placement, no batch window)"
+    params = _precise_params(prod["parameters"], pname)
+    note = f"precise KV-event index configured by producer '{pname}'"
+    if "_note" in params:
+        note += "; " + params.pop("_note")
+    return "precise-prefix-cache", params, note
 
 
 def detector_params(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -505,6 +520,14 @@ def _flow_control(raw: Mapping[str, Any], gates: Mapping[str, bool], by_name: Ma
             bands.append((key, _mapping(fc[key], f"flowControl.{key}")))
     for i, b in enumerate(fc.get("priorityBands") or []):
         bands.append((f"priorityBands[{i}]", _mapping(b, f"flowControl.priorityBands[{i}]")))
+    prios = []
+    for i, b in enumerate(fc.get("priorityBands") or []):
+        pr = _mapping(b, f"flowControl.priorityBands[{i}]").get("priority")
+        if isinstance(pr, bool) or not isinstance(pr, int):
+            raise TranslationError(None, f"flowControl.priorityBands[{i}].priority must be an integer")
+        prios.append(pr)
+    if prios:
+        out["bandPriorities"] = prios
     for where, b in bands:
         for k in ("fairnessPolicyRef", "orderingPolicyRef"):
             ref = b.get(k)

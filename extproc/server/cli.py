@@ -37,10 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events", default=None, help="JSON file or inline JSON: {address: {endpoint, replay, topic}} (the simulator's ready line works too)")
     p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")
     p.add_argument("--predictor-state", default=None, help="directory where the latency predictor saves/loads its live model")
+    p.add_argument("--predictor-warm-start", default=None, metavar="FILE",
+                   help="latency model to start from, overriding the config's warmStart: a file, 'builtin' (the packaged "
+                        "model) or 'none' (start cold and learn online)")
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--ready-file", default=None, help="write {grpc_port, health_port, metrics_port, pid} as JSON here when serving")
+    p.add_argument(
+        "--conformance",
+        action="store_true",
+        help="conformance mode (GIE's conformance EPP): honour the request header test-epp-endpoint-selection "
+        "(restrict candidates to the listed IP or IP:port) and echo x-conformance-test-served-endpoint; off by default, "
+        "so clients cannot choose their destination",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed the pickers' random tie-breaks (tests, benchmarks)")
     p.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
     p.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -111,10 +121,12 @@ def options_from_args(args: argparse.Namespace) -> Any:
         kv_events=kv,
         tokenizers=tokenizers,
         predictor_state_dir=args.predictor_state,
+        predictor_warm_start=args.predictor_warm_start,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         seed=args.seed,
+        conformance=args.conformance,
     )
 
 

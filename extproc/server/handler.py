@@ -48,6 +48,42 @@ class HandlerSettings:
     max_header_bytes: int = 64 * 1024
     response_observe: str = "observability"  # observability | streamed | none
     objectives: dict[str, int] = field(default_factory=dict)
+    conformance: bool = False  # honour the GIE conformance header test-epp-endpoint-selection
+
+
+def usage_from_tail(tail: bytes) -> dict[str, Any] | None:
+    """The last ``"usage": {...}`` object in the end of a response body (JSON or SSE), or None."""
+    i = tail.rfind(b'"usage"')
+    while i >= 0:
+        j = tail.find(b"{", i)
+        if j < 0:
+            return None
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(tail[j:].decode("utf-8", "replace"))
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            return obj
+        i = tail.rfind(b'"usage"', 0, i)
+    return None
+
+
+def parse_endpoint_selection(value: str) -> frozenset[str]:
+    """``test-epp-endpoint-selection``: comma list of ``IP`` or ``IP:port`` (IPv6 in brackets) → the set of
+    addresses and bare hosts a candidate may match (llm-d-router pkg/epp/framework/plugins/scheduling/test)."""
+    out: set[str] = set()
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            out.add(f"{host}{rest}" if rest.startswith(":") else host)
+        elif item.count(":") == 1:
+            out.add(item)
+        else:
+            out.add(item)
+    return frozenset(out)
 
 
 class _Stream:
@@ -136,11 +172,14 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             return self._on_response_headers(st, req.response_headers)
         if kind == "response_body":
             f = st.flight
+            metadata = None
             if f is not None:
                 f.on_body_chunk(req.response_body.body, time.monotonic())
                 if req.response_body.end_of_stream:
+                    if self.scheduler.reporters:
+                        metadata = self._report(f)
                     self.tracker.finish(f, "ok" if f.obs.status < 400 else f"status_{f.obs.status}")
-            return codec.response_body_continue()
+            return codec.response_body_continue(metadata)
         if kind == "request_trailers":
             return codec.request_trailers_continue()
         if kind == "response_trailers":
@@ -149,6 +188,19 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                 self.tracker.finish(f, "ok" if f.obs.status < 400 else f"status_{f.obs.status}")
             return codec.response_trailers_continue()
         return None
+
+    def _report(self, f: Flight) -> list[tuple[str, str, Any]] | None:
+        """Response reporters' metadata from the response's last ``usage`` object (never raises)."""
+        usage = usage_from_tail(f.tail)
+        if usage is None:
+            return None
+        out: list[tuple[str, str, Any]] = []
+        for r in self.scheduler.reporters:
+            try:
+                out += r.report(f.request, usage)
+            except Exception:
+                log.exception("response reporter failed", extra={"plugin": getattr(r, "name", "?")})
+        return out or None
 
     def _on_request_headers(self, st: _Stream, rh: Any) -> Any:
         size = rh.ByteSize()
@@ -232,8 +284,13 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
 
     def _dispatch(self, st: _Stream, request: Any, t0: float) -> Any:
         model = request.target_model
+        allowed = None
+        if self.settings.conformance:
+            sel = request.headers.get(codec.HDR_CONFORMANCE_SELECTION)
+            if sel is not None:
+                allowed = parse_endpoint_selection(sel)
         try:
-            result, cycle = self.scheduler.schedule(request)
+            result, cycle = self.scheduler.schedule(request, allowed=allowed)
         except SchedulingError as e:
             return self._reject(st, e.status, e.message, e.error_type, e.code, model=model)
         targets = [ep.address for ep in result.targets]
@@ -267,7 +324,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                 f.endpoint.scrape_failures += 1  # upstream trouble: hint the health logic
             if rh.end_of_stream or self.settings.response_observe == "none":
                 self.tracker.finish(f, "ok" if 0 < status < 400 else f"status_{status}")
-        return codec.response_headers_continue(st.served)
+        return codec.response_headers_continue(st.served, self.settings.conformance)
 
     # ------------------------------------------------------------------ observation stream
     def _observe(self, st: _Stream, req: Any) -> None:

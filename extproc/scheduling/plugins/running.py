@@ -32,3 +32,11 @@ class RunningRequestsScorer:
 
     def score(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
         return min_max_lower_is_better([e.metrics.running for e in candidates])
+
+
+@register
+class RunningRequestsSizeScorer(RunningRequestsScorer):
+    """The reference's name for the same scorer (llm-d-router .../scorer/runningrequests: ``running-requests-size-scorer``)."""
+
+    type_name: ClassVar[str] = "running-requests-size-scorer"
+    __slots__ = ()

@@ -396,3 +396,81 @@ async def test_unknown_model_names_do_not_mint_metric_series(server):
     text = server.metrics.exposition().decode()
     assert "nope-" not in text
     assert 'extproc_requests_total{model="",status="404"} 50.0' in text
+
+
+@pytest.mark.parametrize("conformance", [False, True])
+async def test_conformance_header_only_in_conformance_mode(conformance):
+    s = SchedulerServer(
+        ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, conformance=conformance)
+    )
+    await s.start()
+    try:
+        for ep in s.pool.snapshot():
+            ep.metrics = PodMetrics(waiting=0 if ep.port == 2 else 10, updated_at=1e12)
+        b = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 3}).encode()
+        out = await exchange(s, [headers_msg("/v1/completions", extra={"test-epp-endpoint-selection": "127.0.0.1:3, 10.9.9.9"}), body_msg(b), resp_headers_msg(200, end=True)])
+        hm = header_map(out[1].request_body.response.header_mutation)
+        rh = header_map(out[2].response_headers.response.header_mutation)
+        if conformance:
+            assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:3"  # restricted although pod 2 is idle
+            assert rh["x-conformance-test-served-endpoint"] == "127.0.0.1:3"
+        else:
+            assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:2"  # the header is ignored
+            assert "x-conformance-test-served-endpoint" not in rh
+        if conformance:
+            out = await exchange(s, [headers_msg("/v1/completions", extra={"test-epp-endpoint-selection": "10.9.9.9"}), body_msg(b)])
+            assert out[1].immediate_response.status.code == 503
+    finally:
+        await s.stop()
+
+
+REPORTER_CFG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- name: cost
+  type: request-attribute-reporter
+  parameters:
+    attributes:
+    - key: {namespace: envoy.lb, name: x-gateway-inference-request-cost}
+      expression: usage.prompt_tokens + 2 * usage.completion_tokens
+      condition: has(usage.completion_tokens)
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}]
+"""
+
+
+async def test_request_attribute_reporter_returns_dynamic_metadata(tmp_path):
+    cfg = tmp_path / "cost.yaml"
+    cfg.write_text(REPORTER_CFG)
+    opts = dict(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, config=str(cfg))
+    from extproc.scheduling.config import ConfigError
+
+    with pytest.raises(ConfigError, match="response-observe streamed"):
+        SchedulerServer(ServeOptions(**opts)).load()  # observability mode cannot return metadata on the body
+    s = SchedulerServer(ServeOptions(**opts, response_observe="streamed"))
+    await s.start()
+    try:
+        b = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 3}).encode()
+        body = json.dumps({"id": "x", "choices": [{"text": "abc"}], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode()
+        out = await exchange(s, [headers_msg("/v1/completions"), body_msg(b), resp_headers_msg(200), resp_body_msg(body[:20]), resp_body_msg(body[20:], end=True)])
+        assert not out[3].HasField("dynamic_metadata")
+        md = out[4].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-inference-request-cost"]
+        assert md.number_value == 11  # 5 + 2 × 3
+        # condition false (no completion tokens): nothing reported
+        body2 = json.dumps({"usage": {"prompt_tokens": 5}}).encode()
+        out = await exchange(s, [headers_msg("/v1/completions"), body_msg(b), resp_headers_msg(200), resp_body_msg(body2, end=True)])
+        assert "envoy.lb" not in out[3].dynamic_metadata.fields
+    finally:
+        await s.stop()
+
+
+def test_usage_from_sse_tail():
+    from extproc.server.handler import usage_from_tail
+
+    sse = b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+    assert usage_from_tail(sse) == {"prompt_tokens": 4, "completion_tokens": 2}
+    assert usage_from_tail(b"data: [DONE]") is None
+    assert usage_from_tail(b'{"usage": null, "x": {"usage": {"prompt_tokens": 1}}}') == {"prompt_tokens": 1}
