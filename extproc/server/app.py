@@ -62,6 +62,7 @@ class ServeOptions:
     kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
     tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
     predictor_state_dir: str | None = None
+    predictor_warm_start: str | None = None  # overrides every config's warmStart; "none" = cold
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -83,6 +84,9 @@ class SchedulerServer:
         }
         if opts.predictor_state_dir:
             self.services["predictor_state_dir"] = opts.predictor_state_dir
+        if opts.predictor_warm_start is not None:
+            ws = opts.predictor_warm_start
+            self.services["predictor_warm_start"] = "" if ws.lower() in ("", "none") else ws
         self.metrics = SchedulerMetrics(self.pool, self.services)
         self.config: SchedulerConfig | None = None
         self.scraper = MetricsScraper(

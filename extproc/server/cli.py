@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")
     p.add_argument("--predictor-state", default=None, help="directory where the latency predictor saves/loads its live model")
     p.add_argument("--grpc-server", choices=["native", "grpcio"], default="native", help="ext_proc transport: native (HTTP/2 on the event loop, default) or grpcio (grpc.aio); TLS always uses grpcio")
+    p.add_argument("--predictor-warm-start", default=None, metavar="FILE",
+                   help="latency model to start from, overriding the config's warmStart: a file, 'builtin' (the packaged "
+                        "model) or 'none' (start cold and learn online)")
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
@@ -128,6 +131,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         tokenizers=tokenizers,
         predictor_state_dir=args.predictor_state,
         grpc_server=args.grpc_server,
+        predictor_warm_start=args.predictor_warm_start,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -271,7 +271,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         st.request_id = request.request_id
         model = request.target_model
         if model not in self.pool.known_models():
-            return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found", model=model)
+            # counted without the name: a client-chosen model must not mint a metrics series per name
+            return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found")
         if self.tokenizers:
             request.prompt_token_ids = self.tokenizers.tokenize(request)
         snapshot = self.pool.snapshot()

@@ -106,7 +106,9 @@ class FlightTracker:
         on_complete: Callable[[InferenceRequest, Observation], None],
         on_outcome: Callable[[str], None] | None = None,
         max_age_s: float = 1800.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock  # the virtual-time benchmark passes its clock: same accounting, virtual timestamps
         self._flights: dict[str, Flight] = {}
         self._on_complete = on_complete
         self._on_outcome = on_outcome
@@ -124,7 +126,7 @@ class FlightTracker:
             endpoint=endpoint.address,
             model=request.target_model,
             prompt_tokens=prompt_tokens,
-            dispatch_ts=time.monotonic(),
+            dispatch_ts=self.clock(),
             features=features,
         )
         f = Flight(request, endpoint, obs, decode)
@@ -156,7 +158,7 @@ class FlightTracker:
         else:
             ep.inflight_decode_tokens -= f.decode_tokens
         ep.inflight -= 1
-        f.obs.complete_ts = complete_ts if complete_ts is not None else time.monotonic()
+        f.obs.complete_ts = complete_ts if complete_ts is not None else self.clock()
         f.obs.output_tokens = f.output_tokens()
         if outcome != "ok":
             f.obs.error = outcome
@@ -172,7 +174,7 @@ class FlightTracker:
             self.finish(f, outcome)
 
     def sweep(self, now: float | None = None) -> int:
-        now = now if now is not None else time.monotonic()
+        now = now if now is not None else self.clock()
         stale = [f for f in self._flights.values() if now - f.obs.dispatch_ts > self.max_age_s]
         for f in stale:
             self.finish(f, "expired")

@@ -54,6 +54,8 @@ from extproc.datalayer.kvindex import KVBlockIndex, PrefixMatch
 from extproc.datalayer.tokenize import Tokenizers
 from extproc.scheduling.plugins.prefix import (
     DEFAULT_BLOCK_SIZE as APPROX_BLOCK_SIZE,
+    DEFAULT_LOAD_SLACK,
+    bounded_load,
     DEFAULT_LRU_CAPACITY_PER_SERVER,
     DEFAULT_MAX_PREFIX_BLOCKS,
     PrefixIndex,
@@ -126,6 +128,8 @@ class PrecisePrefixCacheScorer:
         "approx_block_size",
         "approx_max_blocks",
         "_state_key",
+        "load_factor",
+        "load_slack",
     )
 
     def __init__(
@@ -144,6 +148,8 @@ class PrecisePrefixCacheScorer:
         approx_index: PrefixIndex | None = None,
         approx_block_size: int = APPROX_BLOCK_SIZE,
         approx_max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS,
+        load_factor: float = 0.0,
+        load_slack: float = DEFAULT_LOAD_SLACK,
     ) -> None:
         if block_size <= 0 or max_blocks <= 0:
             raise ValueError("blockSize and maxPrefixBlocksToMatch must be > 0")
@@ -160,6 +166,8 @@ class PrecisePrefixCacheScorer:
         self.approx_index = approx_index if approx_index is not None else PrefixIndex()
         self.approx_block_size = approx_block_size
         self.approx_max_blocks = approx_max_blocks
+        self.load_factor = load_factor
+        self.load_slack = load_slack
         self._state_key = f"precise_prefix:{id(self.index)}:{block_size}:{max_blocks}"
 
     @classmethod
@@ -179,6 +187,8 @@ class PrecisePrefixCacheScorer:
                 "kvEvents",
                 "fallbackBlockSize",
                 "fallbackLruCapacityPerServer",
+                "boundedLoadFactor",
+                "boundedLoadSlack",
             ),
         )
         index = ctx.services.get(SERVICE_INDEX)
@@ -218,6 +228,8 @@ class PrecisePrefixCacheScorer:
             cpu_weight=get_float(params, "cpuTierWeight", 0.5, minimum=0.0, maximum=1.0),
             approx_index=shared_index(ctx, capacity),
             approx_block_size=get_int(params, "fallbackBlockSize", APPROX_BLOCK_SIZE, minimum=1),
+            load_factor=get_float(params, "boundedLoadFactor", 0.0, minimum=0.0),
+            load_slack=get_float(params, "boundedLoadSlack", DEFAULT_LOAD_SLACK, minimum=0.0),
         )
 
     # ---------------------------------------------------------------- scoring
@@ -287,7 +299,7 @@ class PrecisePrefixCacheScorer:
             data[CYCLE_TOTAL] = total
             data[CYCLE_BLOCK_SIZE] = self.approx_block_size
         data[CYCLE_SCORES] = {e.address: s for e, s in zip(candidates, scores)}
-        return scores
+        return bounded_load(scores, candidates, self.load_factor, self.load_slack)
 
     # ---------------------------------------------------------------- dispatch
     def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:

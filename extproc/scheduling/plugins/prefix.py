@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 64  # bytes of prompt per hash block: 16 tokens × 4 chars
 DEFAULT_MAX_PREFIX_BLOCKS = 256
 DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
+DEFAULT_LOAD_SLACK = 4.0  # bounded load: in-flight requests a pod may exceed the scaled mean by
 SERVICE_KEY = "prefix_index"
 SCORER_SERVICE_KEY = "prefix_scorer"
 
@@ -246,10 +247,29 @@ def shared_index(ctx: PluginContext, capacity: int) -> PrefixIndex:
     return index
 
 
+def bounded_load(scores: list[float], candidates: Sequence[Endpoint], factor: float, slack: float) -> list[float]:
+    """Herd limit for prefix affinity (consistent hashing with bounded loads, Mirrokni et al. 2018): a pod whose
+    own in-flight count exceeds ``factor`` × the candidates' mean + ``slack`` loses its prefix score for this
+    request, so a cold fleet under a burst spreads a hot prefix over more pods instead of piling it onto the first
+    pod that got it. In-flight counts are ours (updated at every dispatch), not a scrape that lags a burst.
+    sglang-router's cache_aware policy (sgl-project/sglang, rust/README.md: ``--balance-abs-threshold``,
+    ``--balance-rel-threshold``) switches the whole fleet to shortest-queue when max/min load diverge; bounding
+    each pod keeps the affinity of every pod that is not overloaded. ``factor`` ≤ 0: off."""
+    n = len(candidates)
+    if factor <= 0.0 or n < 2:
+        return scores
+    total = 0
+    for e in candidates:
+        total += e.inflight
+    cap = factor * total / n + slack
+    return [0.0 if s > 0.0 and e.inflight > cap else s for s, e in zip(scores, candidates)]
+
+
 @register
 class PrefixCacheScorer:
     type_name: ClassVar[str] = "prefix-cache-scorer"
-    __slots__ = ("name", "block_size", "max_blocks", "auto_tune", "index", "_state_key", "length_weight", "length_scale")
+    __slots__ = ("name", "block_size", "max_blocks", "auto_tune", "index", "_state_key", "length_weight", "length_scale",
+                 "load_factor", "load_slack")
 
     def __init__(
         self,
@@ -260,6 +280,8 @@ class PrefixCacheScorer:
         auto_tune: bool = False,
         length_weight: float = 0.0,
         length_scale_tokens: int = 8192,
+        load_factor: float = 0.0,
+        load_slack: float = DEFAULT_LOAD_SLACK,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"parameter 'blockSize' must be > 0, got {block_size}")
@@ -271,6 +293,8 @@ class PrefixCacheScorer:
         self.auto_tune = auto_tune
         self.length_weight = length_weight
         self.length_scale = length_scale_tokens
+        self.load_factor = load_factor
+        self.load_slack = load_slack
         self.index = index if index is not None else PrefixIndex()
         # Scorers with the same hashing parameters share one cycle entry (hash and match once per request).
         self._state_key = f"prefix_state:{block_size}:{max_blocks}:{id(self.index)}"
@@ -279,7 +303,8 @@ class PrefixCacheScorer:
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "PrefixCacheScorer":
         check_keys(
             params,
-            ("blockSize", "hashBlockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune", "matchLengthWeight", "matchLengthScaleTokens"),
+            ("blockSize", "hashBlockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune", "matchLengthWeight",
+             "matchLengthScaleTokens", "boundedLoadFactor", "boundedLoadSlack"),
         )
         if "blockSize" in params and "hashBlockSize" in params:
             raise ValueError("give 'blockSize' or its alias 'hashBlockSize', not both")
@@ -296,6 +321,8 @@ class PrefixCacheScorer:
             auto_tune,
             get_float(params, "matchLengthWeight", 0.0, minimum=0.0, maximum=1.0),
             get_int(params, "matchLengthScaleTokens", 8192, minimum=1),
+            get_float(params, "boundedLoadFactor", 0.0, minimum=0.0),
+            get_float(params, "boundedLoadSlack", DEFAULT_LOAD_SLACK, minimum=0.0),
         )
         ctx.services.setdefault(SCORER_SERVICE_KEY, inst)  # the config's first prefix scorer (prefix-cache-affinity-filter reads it)
         return inst
@@ -331,7 +358,8 @@ class PrefixCacheScorer:
         data[CYCLE_MATCHED] = matched
         tok = self.block_size / CHARS_PER_TOKEN
         data[PREFIX_CACHED_TOKENS] = {a: int(b * tok) for a, b in matched.items()}
-        return scores
+        # the cycle keeps the true cache state (predictor features, affinity gates); only the score is bounded
+        return bounded_load(scores, candidates, self.load_factor, self.load_slack)
 
     def _capacity_for(self, ep: Endpoint) -> int:
         m = ep.metrics

@@ -119,7 +119,7 @@ class SLOAwarePicker:
             "noSloPolicy",
         }
         check_keys(params, SERVICE_PARAM_KEYS | own)
-        svc = PredictorService.get_or_create(ctx.services, {k: v for k, v in params.items() if k in SERVICE_PARAM_KEYS})
+        svc = PredictorService.get_or_create(ctx.services, {k: v for k, v in params.items() if k in SERVICE_PARAM_KEYS}, owner=name)
         return cls(
             name,
             svc,
@@ -251,7 +251,7 @@ class SLOAdmission:
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "SLOAdmission":
         check_keys(params, SERVICE_PARAM_KEYS)
-        return cls(name, PredictorService.get_or_create(ctx.services, params))
+        return cls(name, PredictorService.get_or_create(ctx.services, params, owner=name))
 
     def filter(self, cycle: CycleState, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
         slo_t, slo_p = request.slo_ttft_ms, request.slo_tpot_ms

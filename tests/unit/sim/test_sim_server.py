@@ -262,7 +262,7 @@ async def test_heterogeneous_fleet_labels() -> None:
     spec = FleetSpec(fleet="llama3-8b-h100:2,llama3-8b-l40s:1", kv_blocks=64, time_scale=0.01)
     async with SimFleet(spec) as f:
         assert len(f.endpoints) == 3
-        assert sorted(v["pod-class"] for v in f.labels.values()) == ["llama3-8b-h100"] * 2 + ["llama3-8b-l40s"]
+        assert sorted(v["accelerator"] for v in f.labels.values()) == ["H100-SXM-80GB"] * 2 + ["L40S-48GB"]
         assert all(p.profile.num_gpu_blocks == 64 for p in f.pods)
 
 
