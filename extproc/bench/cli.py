@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aiperf-load", default="8:200:128:32",
                    help="--aiperf load CONCURRENCY:REQUESTS:ISL:OSL (default 8:200:128:32)")
     # overhead
-    p.add_argument("--pods", type=int, default=8, help="overhead: pods behind Envoy")
+    p.add_argument("--pods", default="8", help="overhead: pods behind Envoy, a count or a comma list (8,64,512)")
     p.add_argument("--duration", type=float, default=3.0, help="overhead: seconds per measurement")
     p.add_argument("--connections", default="1,16", help="overhead: client connection counts")
     p.add_argument("--decision-pods", default="8,32,128,512", help="overhead: pod counts for in-process decision latency")
@@ -58,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream", choices=["fake", "sim"], default="fake", help="overhead: fake = Envoy direct_response pods; sim = the Python simulator")
     p.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto", help="overhead: load generator (auto: wrk if installed)")
     p.add_argument("--observe", default="observability,none", help="overhead: extproc --response-observe modes to compare")
+    p.add_argument("--variants", default="", help="overhead: extra scheduler variants (observability-grpcio, none-grpcio, ...)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "overhead":
         from extproc.bench.overhead import run_overhead
 
+        from extproc.bench.overhead import parse_pods
+
         return run_overhead(
-            pods=args.pods,
+            pods=parse_pods(args.pods),
             duration=args.duration,
             connections=[int(c) for c in args.connections.split(",") if c.strip()],
             decision_pods=[int(c) for c in args.decision_pods.split(",") if c.strip()],
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             upstream=args.upstream,
             client=args.client,
             observe=[m for m in args.observe.split(",") if m],
+            variants=[v for v in args.variants.split(",") if v],
         )
     return run_bench(args)
 

@@ -20,6 +20,7 @@ HDR_SERVED = "x-gateway-destination-endpoint-served"
 HDR_SUBSET = "x-gateway-destination-endpoint-subset"
 HDR_REQUEST_ID = "x-extproc-request-id"
 HDR_PREFILLER = "x-prefiller-host-port"  # P/D: the prefill pod (set only by the disagg-profile-handler)
+HDR_OBSERVE = "x-extproc-observe"  # set on sampled requests: selects the route with the observation filter on
 # GIE conformance hooks (honoured only with ``extproc serve --conformance``): the request header restricts the
 # candidates to the listed addresses, the response header echoes the endpoint that served
 HDR_CONFORMANCE_SELECTION = "test-epp-endpoint-selection"

@@ -162,14 +162,16 @@ class FlightTracker:
         """The flight whose :attr:`Flight.key` is ``key`` (the ``x-extproc-request-id`` of the observation stream)."""
         return self._flights.get(key)
 
-    def finish(self, flight: Flight, outcome: str) -> None:
+    def finish(self, flight: Flight, outcome: str, complete_ts: float | None = None) -> None:
+        """Finish once. ``complete_ts`` (monotonic): when the response really ended, if known better than now
+        (the access log reports it a flush interval later)."""
         if flight.finished:
             return
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
-        self._finish(flight, outcome)
+        self._finish(flight, outcome, complete_ts)
 
-    def _finish(self, f: Flight, outcome: str) -> None:
+    def _finish(self, f: Flight, outcome: str, complete_ts: float | None = None) -> None:
         f.finished = True
         f.release_prefill()
         ep = f.endpoint
@@ -178,7 +180,7 @@ class FlightTracker:
         else:
             ep.inflight_decode_tokens -= f.decode_tokens
         ep.inflight -= 1
-        f.obs.complete_ts = self.clock()
+        f.obs.complete_ts = complete_ts if complete_ts is not None else self.clock()
         f.obs.output_tokens = f.output_tokens()
         if outcome != "ok":
             f.obs.error = outcome

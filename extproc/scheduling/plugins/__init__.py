@@ -18,6 +18,7 @@ _BUILTIN_MODULES = (
     "gpu_attributes",
     "multimodal_decider",
     "program_aware",
+    "fairness_policies",
     "soft_reflective_ceiling",
     "mm_cache",
     "burst_prefix",

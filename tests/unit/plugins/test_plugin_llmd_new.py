@@ -523,3 +523,35 @@ def test_request_attribute_reporter(ctx: PluginContext) -> None:
         build("request-attribute-reporter", ctx, attributes=[{"key": {"name": "x"}, "expression": "usage."}])
     with pytest.raises(ValueError, match="non-empty"):
         build("request-attribute-reporter", ctx, attributes=[])
+
+
+# ------------------------------------------------------------------ round-robin / global-strict fairness policies
+def test_round_robin_and_global_strict_fairness(ctx: PluginContext) -> None:
+    rr = build("round-robin-fairness-policy", ctx)
+    q = {"a": (2, 5.0), "b": (1, 1.0), "c": (1, 3.0)}
+    assert [rr.pick_tenant(q, 10.0) for _ in range(4)] == ["a", "b", "c", "a"]
+    gs = build("global-strict-fairness-policy", ctx)
+    assert gs.pick_tenant(q, 10.0) == "b"  # oldest head first, whoever sent it
+    assert gs.pick_tenant({"a": (1, 5.0), "b": (0, 1.0)}, 10.0) == "a"
+
+
+def test_unsupported_reference_types_name_the_reason() -> None:
+    from extproc.scheduling.config import ConfigError, build_config
+
+    raw = {"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig", "plugins": [{"type": "anthropic-parser"}],
+           "schedulingProfiles": [{"name": "d", "plugins": []}]}
+    with pytest.raises(ConfigError) as ei:
+        build_config(raw, EndpointPool(), path="f.yaml")
+    assert ei.value.plugin == "anthropic-parser" and "OpenAI API only" in ei.value.reason
+
+
+def test_deprecated_precise_prefix_cache_scorer_maps() -> None:
+    from extproc.scheduling.config import build_config
+
+    raw = {"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig",
+           "plugins": [{"type": "precise-prefix-cache-scorer", "parameters": {"tokenProcessorConfig": {"blockSize": 32}}}, {"type": "fcfs-ordering-policy"}],
+           "schedulingProfiles": [{"name": "d", "plugins": [{"pluginRef": "precise-prefix-cache-scorer"}]}],
+           "flowControl": {"defaultPriorityBand": {"orderingPolicyRef": "fcfs-ordering-policy"}}}
+    cfg = build_config(raw, EndpointPool())
+    assert cfg.plugins["precise-prefix-cache-scorer"].type_name == "precise-prefix-cache"
+    assert cfg.plugins["precise-prefix-cache-scorer"].block_size == 32
