@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.extproc-installed
 
-.PHONY: demo test test-fast setup real-vllm aiperf bench clean
+.PHONY: demo test test-fast setup system-deps real-vllm aiperf postgres bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || (echo "python3 -m venv failed: installing python3-venv" && apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV))
@@ -25,11 +25,17 @@ real-vllm:
 aiperf:
 	bash scripts/aiperf_setup.sh
 
-test: $(STAMP) real-vllm aiperf
+postgres:
+	bash scripts/postgres_setup.sh
+
+system-deps:
+	bash scripts/system_deps.sh
+
+test: $(STAMP) system-deps real-vllm aiperf postgres
 	bash scripts/run_tests.sh
 
-test-fast: $(STAMP)
-	EXTPROC_SKIP_REAL_VLLM=1 bash scripts/run_tests.sh -m "not real_vllm"
+test-fast: $(STAMP) system-deps
+	bash scripts/run_tests.sh -m "not real_vllm"
 
 bench: $(STAMP)
 	$(VENV)/bin/extproc bench --workload shared-prefix --virtual --out out/bench

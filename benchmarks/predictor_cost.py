@@ -7,7 +7,7 @@ window. Uses the bundled warm-start model. Each figure is given as wall time and
 (``time.process_time``): on a shared machine the wall p99 mostly measures waiting for a core, the CPU time what
 the code itself costs.
 
-    .venv/bin/python benchmarks/predictor_cost.py [--iters 2000] [--model models/latency-predictor.json]
+    .venv/bin/python benchmarks/predictor_cost.py [--iters 2000] [--model extproc/predictor/data/latency-predictor.json]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Timer:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--model", default="models/latency-predictor.json")
+    ap.add_argument("--model", default="extproc/predictor/data/latency-predictor.json")
     args = ap.parse_args()
     path = resolve_model_path(args.model)
     assert path, f"model {args.model} not found (run `extproc predictor train`)"

@@ -1,7 +1,8 @@
 """Soak: steady load through real Envoy + ``extproc serve`` (subprocess) + a simulated fleet (its own process),
 with a fault injected every ``--fault-every`` seconds. Prints a summary table and writes JSON.
 
-    .venv/bin/python benchmarks/soak.py --minutes 10 --rate 20 [--pods 4] [--json soak.json]
+    .venv/bin/python benchmarks/soak.py --minutes 10 --rate 20 [--pods 4] [--json soak.json] [--plot soak.png]
+        [--lru-capacity N]   # the prefix index's per-pod bound (lruCapacityPerServer) in a copy of --config
 
 Faults, in rotation (each lasts ``--fault-every`` / 2 seconds, then is cleared): kill a pod and restart it,
 slow a pod 4×, fail a pod's /metrics, hang a pod and release it, cut a pod's next stream, 20 % 500s on a pod.
@@ -216,12 +217,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
     duration = args.seconds if args.seconds else args.minutes * 60.0
     rng = random.Random(args.seed)
+    config = args.config
+    if args.lru_capacity:
+        config = _config_with_lru_capacity(args.config, args.lru_capacity)
     fleet = await FleetProcess.start(args.pods, args.profile, args.time_scale, args.seed)
     tally = Tally()
     samples: list[Sample] = []
     faults_log: list[dict[str, Any]] = []
     try:
-        spec = StackSpec(endpoints=fleet.endpoints, config=args.config, models=[MODEL], failure_mode=args.failure_mode)
+        spec = StackSpec(endpoints=fleet.endpoints, config=config, models=[MODEL], failure_mode=args.failure_mode)
         async with Stack(spec) as st, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
             assert st.scheduler is not None and st.metrics_url is not None
             pid = st.scheduler.proc.pid
@@ -290,6 +294,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     warm = [x for x in samples if x.t_s >= min(args.warmup, duration / 3)]
     rss_warm = warm[0].rss_mib if warm else (samples[0].rss_mib if samples else end_rss)
     rss_max = max([x.rss_mib for x in warm] + [end_rss])
+    rss_min = min([x.rss_mib for x in warm] + [end_rss])
     lat = sorted(tally.latencies_ms)
     result = {
         "command": " ".join(sys.argv),
@@ -297,6 +302,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "rate_rps": args.rate,
         "pods": args.pods,
         "config": args.config,
+        "lru_capacity_per_server": args.lru_capacity or None,
+        "warmup_s": min(args.warmup, duration / 3),
         "sent": tally.sent,
         "ok": tally.ok,
         "http_errors": {str(k): v for k, v in sorted(tally.statuses.items())},
@@ -309,6 +316,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "rss_mib_end": round(end_rss, 1),
         "rss_mib_max_after_warmup": round(rss_max, 1),
         "rss_growth_pct": round((end_rss - rss_warm) / rss_warm * 100, 1) if rss_warm else None,
+        # the widest band RSS moved in after warm-up, relative to the warm-up value
+        "rss_band_pct_after_warmup": round((rss_max - rss_min) / rss_warm * 100, 1) if rss_warm else None,
         "inflight_end": end_inflight,
         "inflight_end_total": sum(end_inflight.values()),
         "prefix_index_blocks_end": prefix_blocks,
@@ -317,6 +326,66 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "samples": [asdict(x) for x in samples],
     }
     return result
+
+
+def _config_with_lru_capacity(config: str, capacity: int) -> str:
+    """A copy of ``config`` (a shipped name or a path) whose prefix-cache-scorer has ``lruCapacityPerServer``."""
+    import tempfile
+
+    import yaml
+
+    src = Path(config)
+    if not src.exists():
+        src = Path(__file__).resolve().parent.parent / "extproc" / "configs" / f"{config}.yaml"
+    doc = yaml.safe_load(src.read_text())
+    found = False
+    for plugin in doc.get("plugins", []):
+        if plugin.get("type") == "prefix-cache-scorer":
+            plugin.setdefault("parameters", {})["lruCapacityPerServer"] = capacity
+            found = True
+    if not found:
+        raise SystemExit(f"--lru-capacity: {config} has no prefix-cache-scorer")
+    fd, path = tempfile.mkstemp(prefix="soak-config-", suffix=".yaml")
+    with open(fd, "w", encoding="utf-8") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
+def plot(r: dict[str, Any], out: str) -> None:
+    """RSS and prefix index size over time, with the warm-up and the ±5 % band around the warm-up RSS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [x["t_s"] / 60 for x in r["samples"]]
+    rss = [x["rss_mib"] for x in r["samples"]]
+    blocks = [x["prefix_blocks"] for x in r["samples"]]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot(t, rss, color="tab:blue", label="scheduler RSS (MiB)")
+    warm = r["rss_mib_after_warmup"]
+    ax.axvspan(0, r["warmup_s"] / 60, color="0.9", label="warm-up")
+    ax.axhspan(warm * 0.95, warm * 1.05, color="tab:green", alpha=0.12, label="±5 % of the warm-up RSS")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_ylim(0, max(rss + [warm * 1.1]) * 1.1)
+    ax2 = ax.twinx()
+    ax2.plot(t, blocks, color="tab:orange", linestyle="--", label="prefix index blocks")
+    ax2.set_ylabel("prefix index blocks")
+    ax2.set_ylim(0, max(blocks + [1]) * 1.2)
+    for f in r["faults"]:
+        ax.axvline(f["t_s"] / 60, color="tab:red", alpha=0.25, linewidth=0.8)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
+    ax.set_title(
+        f"soak: {r['duration_s'] / 60:.0f} min, {r['rate_rps']} req/s, {r['sent']} sent, {r['lost']} lost, "
+        f"RSS band after warm-up {r['rss_band_pct_after_warmup']} % (faults: red lines)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def print_summary(r: dict[str, Any]) -> None:
@@ -329,6 +398,7 @@ def print_summary(r: dict[str, Any]) -> None:
         ("latency p50 / p99 ms", f"{r['latency_ms_p50']} / {r['latency_ms_p99']}"),
         ("faults injected", f"{len(r['faults'])}: {', '.join(sorted({f['fault'] for f in r['faults']}))}"),
         ("scheduler RSS MiB warm → end (max)", f"{r['rss_mib_after_warmup']} → {r['rss_mib_end']} ({r['rss_mib_max_after_warmup']}), {r['rss_growth_pct']} %"),
+        ("RSS band after warm-up", f"{r['rss_band_pct_after_warmup']} % (warm-up {r['warmup_s']:.0f} s)"),
         ("in-flight at end", f"{r['inflight_end_total']:.0f} {json.dumps(r['inflight_end'])}"),
         ("prefix index blocks end / max", f"{r['prefix_index_blocks_end']:.0f} / {r['prefix_index_blocks_max']:.0f}"),
     ]
@@ -355,6 +425,8 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the result here")
+    ap.add_argument("--plot", default=None, help="write a PNG of RSS and prefix index size over time here")
+    ap.add_argument("--lru-capacity", type=int, default=0, help="prefix index bound per pod (lruCapacityPerServer); 0 = the config's")
     ap.add_argument("--fleet-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.fleet_child:
@@ -368,6 +440,8 @@ def main() -> int:
     print_summary(r)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
+    if args.plot:
+        plot(r, args.plot)
     return 0
 
 

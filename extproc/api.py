@@ -285,7 +285,8 @@ def parse_request(
         include_usage=include_usage,
         max_tokens=max_tokens,
         priority=priority,
-        fairness_id=headers.get("x-gateway-inference-fairness-id", ""),
+        # GIE's header, else llm-d's name for it (program-aware fairness reads x-llm-d-inference-fairness-id)
+        fairness_id=headers.get("x-gateway-inference-fairness-id") or headers.get("x-llm-d-inference-fairness-id", ""),
         objective=objective,
         slo_ttft_ms=_slo("x-slo-ttft-ms"),
         slo_tpot_ms=_slo("x-slo-tpot-ms"),

@@ -13,8 +13,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("extproc.sim.cli", "run a simulated vLLM fleet (or calibrate a profile)"),
     "demo": ("extproc.demo", "real Envoy + simulated fleet + scheduler + a workload, with a summary"),
     "bench": ("extproc.bench.cli", "routing-quality and overhead benchmarks, side by side with peers"),
+    "config": ("extproc.config_cli", "check a plugin config (llm-d EndpointPickerConfig or extproc's): resolved profiles and plugins"),
     "envoy-config": ("extproc.envoy_config", "render a validated Envoy bootstrap for extproc"),
     "predictor": ("extproc.predictor.cli", "train / evaluate the TTFT/TPOT latency predictor"),
+    "batch": ("extproc.batch.cli", "the OpenAI Batch API beside the gateway (serve, status)"),
 }
 
 

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--kv-events", action="store_true", help="simulator publishes KV events; scheduler subscribes (use with --config precise-prefix)")
+    p.add_argument("--batch", action="store_true", help="also run `extproc batch serve` behind Envoy and a batch job beside the interactive workload (config batch-interactive unless --config is given)")
+    p.add_argument("--batch-lines", type=int, default=300, help="lines of the --batch job (default 300)")
 
 
 @dataclass(slots=True)
@@ -108,6 +110,55 @@ async def send(session: Any, url: str, path: str, body: dict[str, Any], kind: st
             return Result(kind, r.status if not err or r.status != 200 else 599, picked, served, ttft, (time.perf_counter() - t0) * 1000, out_tokens, err)
     except Exception as e:  # report, never crash the demo
         return Result(kind, 0, "", "", 0.0, (time.perf_counter() - t0) * 1000, 0, f"{type(e).__name__}: {e}")
+
+
+def batch_input(n: int, seed: int) -> bytes:
+    """A batch input file: chat lines grouped on a few shared system prompts (prefix reuse)."""
+    rng = random.Random(f"batch-{seed}")
+    systems = [f"You label {t} documents. " + "Label each one carefully and briefly. " * 30 for t in ("legal", "medical", "retail")]
+    out = []
+    for i in range(n):
+        body = {"model": DEMO_MODEL, "messages": [{"role": "system", "content": systems[i % 3]}, {"role": "user", "content": f"document {i}: {rng.randrange(10**6)}"}], "max_tokens": rng.choice([8, 16, 32])}
+        out.append(json.dumps({"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+    return ("\n".join(out) + "\n").encode()
+
+
+async def batch_submit(session: Any, url: str, data: bytes) -> str:
+    """Upload the file and create the batch through Envoy (the OpenAI Batch API); returns the batch id."""
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("file", data, filename="demo-batch.jsonl", content_type="application/jsonl")
+    async with session.post(url + "/v1/files", data=form) as r:
+        f = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"batch file upload failed: {r.status} {f}")
+    async with session.post(url + "/v1/batches", json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions", "completion_window": "1h", "metadata": {"job": "demo"}}) as r:
+        b = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"batch create failed: {r.status} {b}")
+    return str(b["id"])
+
+
+async def batch_wait(session: Any, url: str, batch_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        async with session.get(f"{url}/v1/batches/{batch_id}") as r:
+            b: dict[str, Any] = await r.json()
+        if b.get("status") in ("completed", "failed", "expired", "cancelled") or time.monotonic() > deadline:
+            return b
+        await asyncio.sleep(0.25)
+
+
+async def batch_output_check(session: Any, url: str, b: dict[str, Any], n: int) -> bool:
+    """Every custom_id exactly once across the output and error files."""
+    ids: list[str] = []
+    for k in ("output_file_id", "error_file_id"):
+        if b.get(k):
+            async with session.get(f"{url}/v1/files/{b[k]}/content") as r:
+                ids += [json.loads(x)["custom_id"] for x in (await r.text()).splitlines() if x.strip()]
+    return sorted(ids) == sorted(f"doc-{i}" for i in range(n))
 
 
 async def wait_for_scrapes(metrics_url: str, pods: int, timeout_s: float = 30.0) -> None:
@@ -194,7 +245,11 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from extproc.harness import Stack, StackSpec, start_sim_process, stop_process
+    import contextlib
+    import tempfile
+
+    from extproc.harness import BatchServerProcess, Stack, StackSpec, start_sim_process, stop_process
+    from extproc.netutil import free_port
 
     console = Console(stderr=True)
     sim_args = ["--pods", str(args.pods), "--base-port", "0", "--model", DEMO_MODEL, "--time-scale", str(args.time_scale), "--seed", str(args.seed)]
@@ -208,8 +263,17 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     sim, info = await start_sim_process(sim_args)
     try:
         endpoints: list[str] = info["endpoints"]
-        spec = StackSpec(endpoints=endpoints, config=args.config, labels=info.get("labels", {}), kv_events=info.get("kv_events") if args.kv_events else None, models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)])
-        async with Stack(spec) as st:
+        config = "batch-interactive" if args.batch and args.config == "default" else args.config
+        batch_port = free_port() if args.batch else 0
+        envoy_args = {"batch": f"127.0.0.1:{batch_port}"} if args.batch else {}
+        spec = StackSpec(endpoints=endpoints, config=config, labels=info.get("labels", {}), kv_events=info.get("kv_events") if args.kv_events else None, models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)], envoy_args=envoy_args)
+        async with Stack(spec) as st, contextlib.AsyncExitStack() as bstack:
+            batch_srv = None
+            if args.batch:
+                store = tempfile.mkdtemp(prefix="extproc-demo-batch-")
+                batch_srv = await BatchServerProcess.start(st.url, store, port=batch_port)
+                bstack.push_async_callback(batch_srv.stop)
+                console.print(f"batch service on :{batch_port} behind Envoy (/v1/files, /v1/batches), store {store}")
             assert st.metrics_url is not None
             await wait_for_scrapes(st.metrics_url, len(endpoints))
             before = await scrape_pod_counters(endpoints)
@@ -219,17 +283,29 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             conn = aiohttp.TCPConnector(limit=args.concurrency * 2)
             t_start = time.perf_counter()
             async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
+                batch_id = await batch_submit(session, st.url, batch_input(args.batch_lines, args.seed)) if args.batch else ""
                 with Progress(TextColumn("[bold blue]requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as prog:
                     task = prog.add_task("send", total=len(wl.items))
 
+                    hdrs = {"x-gateway-inference-objective": "interactive"} if args.batch else None
+
                     async def one(path: str, body: dict[str, Any], kind: str) -> None:
                         async with sem:
-                            results.append(await send(session, st.url, path, body, kind))
+                            results.append(await send(session, st.url, path, body, kind, hdrs))
                         prog.advance(task)
 
                     await asyncio.gather(*(one(*it) for it in wl.items))
                 wall = time.perf_counter() - t_start
                 checks = await error_checks(session, st.url)
+                batch_rep: dict[str, Any] | None = None
+                if args.batch:
+                    b = await batch_wait(session, st.url, batch_id)
+                    rc = b.get("request_counts", {})
+                    batch_rep = {
+                        "id": batch_id, "status": b.get("status"), "total": rc.get("total", 0), "completed": rc.get("completed", 0),
+                        "failed": rc.get("failed", 0), "wall_s": round(time.perf_counter() - t_start, 3),
+                        "each_custom_id_once": await batch_output_check(session, st.url, b, args.batch_lines),
+                    }  # fmt: skip
                 async with session.get(st.metrics_url + "/metrics") as r:
                     sched_metrics = await r.text()
             after = await scrape_pod_counters(endpoints)
@@ -250,7 +326,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "served_as_picked": served_as_picked,
         "per_pod": {e: per_pod.get(e, 0) for e in endpoints},
         "per_kind": dict(Counter(r.kind for r in results)),
-        "config": args.config,
+        "config": config,
         "pods": len(endpoints),
         "wall_s": round(wall, 3),
         "requests_per_s": round(len(results) / wall, 1) if wall else 0.0,
@@ -263,6 +339,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "p99_bucket_le": (_histogram_quantile(sched_metrics, "extproc_scheduling_latency_seconds", 0.99) or 0) * 1e6,
         },
         "error_checks": checks,
+        **({"batch": batch_rep} if batch_rep is not None else {}),
         "failures": [{"kind": r.kind, "status": r.status, "error": r.error[:200]} for r in failed[:20]],
     }
     _print_summary(console, report)
@@ -296,7 +373,10 @@ def _print_summary(console: Any, rep: dict[str, Any]) -> None:
     for name, v in rep["error_checks"].items():
         c.add_row(name, str(v["status"]), str(v["expected"]), "✔" if v["ok"] else "✘")
     console.print(c)
-    verdict = rep["ok"] == rep["requests"] and rep["served_as_picked"] == rep["ok"] and all(v["ok"] for v in rep["error_checks"].values())
+    if "batch" in rep:
+        b = rep["batch"]
+        console.print(f"batch job {b['id']}: {b['status']}, {b['completed']}/{b['total']} completed, {b['failed']} failed, each custom_id once: {b['each_custom_id_once']}")
+    verdict = _passed(rep)
     console.print("[bold green]PASS[/]: every request served by the pod the scheduler picked" if verdict else "[bold red]FAIL[/]: see the tables above")
 
 
@@ -313,5 +393,10 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(rep, f, indent=2)
+    return 0 if _passed(rep) else 1
+
+
+def _passed(rep: dict[str, Any]) -> bool:
     ok = rep["ok"] == rep["requests"] and rep["served_as_picked"] == rep["ok"] and all(v["ok"] for v in rep["error_checks"].values())
-    return 0 if ok else 1
+    b = rep.get("batch")
+    return ok and (b is None or (b["status"] == "completed" and b["completed"] == b["total"] and b["each_custom_id_once"]))

@@ -40,6 +40,9 @@ __all__ = [
     "SERVED_HEADER",
     "SUBSET_HEADER",
     "SPOOFABLE_HEADERS",
+    "PREFILLER_HEADER",
+    "SchedulerTls",
+    "local_reply_config",
     "NO_DESTINATION_BODY",
     "EnvoyConfigOptions",
     "EnvoyValidationError",
@@ -58,7 +61,9 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SERVED_HEADER = "x-gateway-destination-endpoint-served"
 SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
 REQUEST_ID_HEADER = "x-extproc-request-id"
-SPOOFABLE_HEADERS: tuple[str, ...] = (DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER)
+PREFILLER_HEADER = "x-prefiller-host-port"  # P/D disaggregation: the prefill pod the decode sidecar calls
+# Headers only the scheduler (or Envoy) may set: removed from every client request before any route decision.
+SPOOFABLE_HEADERS: tuple[str, ...] = (DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER, PREFILLER_HEADER, REQUEST_ID_HEADER)
 LB_METADATA_NAMESPACE = "envoy.lb"
 
 EXTPROC_CLUSTER = "extproc"
@@ -66,6 +71,8 @@ ORIGINAL_DST_CLUSTER = "extproc_original_dst"
 OVERRIDE_HOST_CLUSTER = "extproc_pool"
 FALLBACK_CLUSTER = "extproc_fallback"
 BACKENDS_CLUSTER = "backends"
+BATCH_CLUSTER = "extproc_batch"
+BATCH_PATHS: tuple[str, ...] = ("/v1/files", "/v1/batches")  # the OpenAI Batch API, served by ``extproc batch serve``
 LISTENER_NAME = "extproc_listener"
 
 NO_DESTINATION_BODY = json.dumps(
@@ -86,12 +93,30 @@ BUFFER_HEADROOM_BYTES = 1024 * 1024
 # Concurrent requests are long LLM streams: Envoy's default circuit breakers (1024) are too low.
 CIRCUIT_BREAKER_LIMIT = 100_000
 # Header names the scheduler may set or remove.
-MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|content-length|x-slo-.*)$"
+MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|x-prefiller-host-port|content-length|x-slo-.*)$"
 
 FailureMode = Literal["fail-open", "fail-close"]
 ResponseObserve = Literal["observability", "streamed", "none"]
 LbPolicyName = Literal["ROUND_ROBIN", "LEAST_REQUEST", "LEAST_REQUEST_FULL_SCAN"]
 LB_POLICIES: tuple[str, ...] = ("ROUND_ROBIN", "LEAST_REQUEST", "LEAST_REQUEST_FULL_SCAN")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerTls:
+    """TLS from Envoy to the scheduler's ext_proc port: ``ca`` verifies the scheduler's certificate (file
+    path); ``cert`` + ``key`` are Envoy's client certificate (mTLS, for ``extproc serve --tls-client-ca``);
+    ``sni`` is sent and, when set, must be a DNS SAN of the scheduler's certificate."""
+
+    ca: str
+    cert: str = ""
+    key: str = ""
+    sni: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.ca:
+            raise ValueError("scheduler TLS needs a CA file to verify the scheduler's certificate")
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate needs both cert and key")
 
 
 class EnvoyValidationError(RuntimeError):
@@ -119,6 +144,9 @@ class EnvoyConfigOptions:
     retries: int = 2
     fallback_retries: bool = False
     fallback_health_path: str = "/health"
+    extproc_tls: SchedulerTls | None = None
+    json_local_replies: bool = True
+    batch: HostPort | None = None  # ``extproc batch serve``: /v1/files and /v1/batches go there, past ext_proc
 
     def __post_init__(self) -> None:
         if self.failure_mode not in ("fail-open", "fail-close"):
@@ -137,6 +165,8 @@ class EnvoyConfigOptions:
             raise ValueError("retries must be >= 0")
         if self.extproc is None and not self.endpoints:
             raise ValueError("an Envoy-only config (no extproc) needs endpoints")
+        if self.extproc_tls is not None and self.extproc is None:
+            raise ValueError("scheduler TLS needs --extproc")
         if self.fallback_retries and not self.endpoints:
             raise ValueError("fallback_retries needs the pool's endpoints (the override-host cluster is static)")
 
@@ -331,6 +361,45 @@ def _extproc_cluster(opts: EnvoyConfigOptions) -> Any:
         circuit_breakers=_circuit_breakers(),
         typed_extension_protocol_options=_http_protocol_options(http2=True),
         upstream_connection_options=_keepalive(),
+        transport_socket=_scheduler_tls_socket(opts.extproc_tls) if opts.extproc_tls is not None else None,
+    )
+
+
+def _scheduler_tls_socket(tls: SchedulerTls) -> Any:
+    """``envoy.transport_sockets.tls`` for the scheduler cluster: verify its certificate against ``tls.ca``
+    (and the SNI name as a DNS SAN when given), present a client certificate for mTLS, offer ALPN h2
+    (gRPC servers refuse TLS without it)."""
+    from envoy_data_plane.envoy.config.core.v3 import DataSource, TransportSocket
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+        CertificateValidationContext,
+        CommonTlsContext,
+        SubjectAltNameMatcher,
+        SubjectAltNameMatcherSanType,
+        TlsCertificate,
+        UpstreamTlsContext,
+    )
+    from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+
+    validation = CertificateValidationContext(
+        trusted_ca=DataSource(filename=tls.ca),
+        match_typed_subject_alt_names=(
+            [SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.DNS, matcher=StringMatcher(exact=tls.sni))]
+            if tls.sni
+            else []
+        ),
+    )
+    common = CommonTlsContext(
+        alpn_protocols=["h2"],
+        validation_context=validation,
+        tls_certificates=(
+            [TlsCertificate(certificate_chain=DataSource(filename=tls.cert), private_key=DataSource(filename=tls.key))]
+            if tls.cert
+            else []
+        ),
+    )
+    return TransportSocket(
+        name="envoy.transport_sockets.tls",
+        typed_config=_any(UpstreamTlsContext(common_tls_context=common, sni=tls.sni)),
     )
 
 
@@ -397,6 +466,60 @@ def _override_host_cluster(opts: EnvoyConfigOptions) -> Any:
         typed_extension_protocol_options=_http_protocol_options(http2=False),
         upstream_connection_options=_keepalive(),
     )
+
+
+# Envoy's own error replies (body too large, timeouts, no upstream, scheduler unreachable in fail-close, ...)
+# in the OpenAI error shape, status unchanged: (status or None for "any other >= 400", message, type, code).
+# The message carries Envoy's response code details (e.g. "request_payload_too_large") for diagnosis.
+LOCAL_REPLY_ERRORS: tuple[tuple[int | None, str, str, str], ...] = (
+    (400, "bad request", "invalid_request_error", "bad_request"),
+    (404, "no route for this request", "invalid_request_error", "unknown_path"),
+    (408, "request timed out", "invalid_request_error", "request_timeout"),
+    (413, "request body exceeds the gateway's limit", "invalid_request_error", "request_too_large"),
+    (431, "request headers exceed the gateway's limit", "invalid_request_error", "headers_too_large"),
+    (429, "too many requests", "rate_limit_error", "rate_limited"),
+    (500, "the gateway could not process the request", "internal_error", "gateway_error"),
+    (502, "bad gateway", "service_unavailable", "bad_gateway"),
+    (503, "service unavailable", "service_unavailable", "upstream_unavailable"),
+    (504, "gateway timeout", "service_unavailable", "gateway_timeout"),
+    (None, "the gateway could not serve the request", "invalid_request_error", "gateway_error"),
+)
+# Local replies that already carry our JSON: the scheduler's ImmediateResponses (details "extproc_<status>",
+# set by extproc.server.codec.immediate) and the JSON 503 direct response of route B.
+_OWN_JSON_REPLY = "(response.code_details.startsWith('extproc_') || response.code_details == 'direct_response')"
+
+
+def local_reply_config() -> Any:
+    """HCM ``local_reply_config``: one mapper per status in :data:`LOCAL_REPLY_ERRORS`, each a CEL filter
+    (``response.code``, ``response.code_details``) with a JSON ``body_format_override``; replies that
+    already carry our JSON are left alone."""
+    from envoy_data_plane.envoy.config.accesslog.v3 import AccessLogFilter, ExtensionFilter
+    from envoy_data_plane.envoy.config.core.v3 import SubstitutionFormatString
+    from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+        LocalReplyConfig,
+        ResponseMapper,
+    )
+    from envoy_data_plane.google.protobuf import Struct
+
+    mappers = []
+    for status, message, etype, code in LOCAL_REPLY_ERRORS:
+        cond = f"response.code == {status}" if status is not None else "response.code >= 400"
+        body = {"error": {"message": f"{message} (%RESPONSE_CODE_DETAILS%)", "type": etype, "param": None, "code": code}}
+        mappers.append(
+            ResponseMapper(
+                filter=AccessLogFilter(
+                    extension_filter=ExtensionFilter(
+                        name="envoy.access_loggers.extension_filters.cel",
+                        typed_config=_any(ExpressionFilter(expression=f"{cond} && !{_OWN_JSON_REPLY}")),
+                    )
+                ),
+                body_format_override=SubstitutionFormatString(
+                    json_format=Struct.from_dict(body), content_type="application/json"
+                ),
+            )
+        )
+    return LocalReplyConfig(mappers=mappers)
 
 
 def _strip_mutations() -> list[Any]:
@@ -574,6 +697,30 @@ def _routes(opts: EnvoyConfigOptions) -> list[Any]:
     return [route_a, route_b]
 
 
+def _batch_routes(opts: EnvoyConfigOptions) -> list[Any]:
+    """``/v1/files`` and ``/v1/batches`` (and their sub-paths) → the batch service, with ext_proc disabled on
+    them: the scheduler never parses uploads; each batch line comes back through the inference routes."""
+    from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteMatch
+    from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ExtProcPerRoute
+
+    if opts.batch is None:
+        return []
+    off: dict[str, Any] = {}
+    if opts.extproc is not None:
+        off["extproc"] = _any(ExtProcPerRoute(disabled=True))
+        if opts.response_observe == "observability":
+            off["extproc-observe"] = _any(ExtProcPerRoute(disabled=True))
+    return [
+        Route(
+            name=f"batch_{path.rsplit('/', 1)[-1]}",
+            match=RouteMatch(path_separated_prefix=path),
+            route=RouteAction(cluster=BATCH_CLUSTER, timeout=_td(opts.route_timeout_s), idle_timeout=_td(opts.stream_idle_timeout_s)),
+            typed_per_filter_config=off,
+        )
+        for path in BATCH_PATHS
+    ]
+
+
 def _envoy_only_routes(opts: EnvoyConfigOptions) -> list[Any]:
     from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteMatch
 
@@ -598,9 +745,10 @@ def _http_filters(opts: EnvoyConfigOptions) -> list[Any]:
 
 
 def _clusters(opts: EnvoyConfigOptions) -> list[Any]:
+    batch = [_static_cluster(BATCH_CLUSTER, [opts.batch], opts)] if opts.batch is not None else []
     if opts.extproc is None:
-        return [_static_cluster(BACKENDS_CLUSTER, opts.endpoints, opts, lb_policy=opts.lb_policy)]
-    clusters = [_extproc_cluster(opts)]
+        return [_static_cluster(BACKENDS_CLUSTER, opts.endpoints, opts, lb_policy=opts.lb_policy), *batch]
+    clusters = [_extproc_cluster(opts), *batch]
     clusters.append(_override_host_cluster(opts) if opts.fallback_retries else _original_dst_cluster(opts))
     if opts.fallback_endpoints:
         clusters.append(
@@ -633,7 +781,7 @@ def _listener(opts: EnvoyConfigOptions) -> Any:
                 VirtualHost(
                     name="extproc",
                     domains=["*"],
-                    routes=_routes(opts) if opts.extproc is not None else _envoy_only_routes(opts),
+                    routes=_batch_routes(opts) + (_routes(opts) if opts.extproc is not None else _envoy_only_routes(opts)),
                 )
             ],
         ),
@@ -641,6 +789,7 @@ def _listener(opts: EnvoyConfigOptions) -> Any:
         early_header_mutation_extensions=[_early_header_mutation()] if opts.extproc is not None else [],
         stream_idle_timeout=_td(opts.stream_idle_timeout_s),
         request_timeout=_td(0),
+        local_reply_config=local_reply_config() if opts.json_local_replies else None,
     )
     return Listener(
         name=LISTENER_NAME,
@@ -687,6 +836,7 @@ def _options(
     endpoints: Sequence[str | HostPort] | str = (),
     fallback_endpoints: Sequence[str | HostPort] | str = (),
     admin: str | HostPort = "127.0.0.1:0",
+    batch: str | HostPort | None = None,
     **kwargs: Any,
 ) -> EnvoyConfigOptions:
     def hp(v: str | HostPort) -> HostPort:
@@ -703,6 +853,7 @@ def _options(
         endpoints=hps(endpoints),
         fallback_endpoints=hps(fallback_endpoints),
         admin=hp(admin),
+        batch=None if not batch else hp(batch),
         **kwargs,
     )
 
@@ -742,8 +893,9 @@ def render_include(
     )
     return {
         "early_header_mutation_extensions": [_to_dict(_early_header_mutation())],
+        "local_reply_config": _to_dict(local_reply_config()),
         "http_filters": [_to_dict(f) for f in _http_filters(opts)],
-        "routes": [_to_dict(r) for r in _routes(opts)],
+        "routes": [_to_dict(r) for r in _batch_routes(opts) + _routes(opts)],
         "clusters": [_to_dict(c) for c in _clusters(opts)],
     }
 
@@ -793,6 +945,8 @@ extproc.envoy_config.render_include(extproc="127.0.0.1:9002",
     fallback_endpoints="10.0.0.10:8000,10.0.0.11:8000", failure_mode="fail-close").
   early_header_mutation_extensions -> your http_connection_manager (strips client-supplied
                                       x-gateway-destination-endpoint* before the route is picked)
+  local_reply_config               -> your http_connection_manager (Envoy's own errors, e.g. 413 for a
+                                      body over the buffer, in the OpenAI JSON error shape)
   http_filters                     -> your http_connection_manager's http_filters, in this order,
                                       the router last (keep your own filters before "extproc")
   routes                           -> your virtual host's routes (route A: destination header set ->
@@ -940,7 +1094,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "retries walk the scheduler's comma list of endpoints",
     )
     parser.add_argument("--fallback-health-path", default="/health", help="active health check path, '' = none")
+    parser.add_argument(
+        "--extproc-tls-ca",
+        default="",
+        metavar="FILE",
+        help="connect to the scheduler over TLS, verifying its certificate against this CA (PEM)",
+    )
+    parser.add_argument(
+        "--extproc-tls-cert", default="", metavar="FILE", help="Envoy's client certificate for mTLS (PEM)"
+    )
+    parser.add_argument("--extproc-tls-key", default="", metavar="FILE", help="key of --extproc-tls-cert (PEM)")
+    parser.add_argument(
+        "--extproc-tls-sni",
+        default="",
+        metavar="NAME",
+        help="SNI sent to the scheduler; the scheduler's certificate must carry it as a DNS SAN",
+    )
     parser.add_argument("--admin", default="127.0.0.1:0", help="admin HOST:PORT (port 0 = free)")
+    parser.add_argument("--batch", default=None, metavar="HOST:PORT", help="route /v1/files and /v1/batches to this `extproc batch serve`")
     parser.add_argument("--include", action="store_true", help="print the include snippet instead of a bootstrap")
     parser.add_argument("--format", choices=("yaml", "json"), default="yaml")
     parser.add_argument("--out", default=None, help="write to this file instead of stdout")
@@ -972,8 +1143,13 @@ def run(args: argparse.Namespace) -> int:
         "retries": args.retries,
         "fallback_retries": args.fallback_retries,
         "fallback_health_path": args.fallback_health_path,
+        "batch": args.batch,
     }
     try:
+        if args.extproc_tls_ca or args.extproc_tls_cert or args.extproc_tls_key or args.extproc_tls_sni:
+            kwargs["extproc_tls"] = SchedulerTls(
+                ca=args.extproc_tls_ca, cert=args.extproc_tls_cert, key=args.extproc_tls_key, sni=args.extproc_tls_sni
+            )
         if args.include:
             if not args.extproc:
                 print("envoy-config: --include needs --extproc", file=sys.stderr)

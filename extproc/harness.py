@@ -250,3 +250,51 @@ async def stop_process(proc: asyncio.subprocess.Process, timeout_s: float = 10.0
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+
+
+class BatchServerProcess:
+    """``python -m extproc batch serve`` as a subprocess (the demo, the batch tests and benchmark)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, info: dict[str, Any], log_path: Path) -> None:
+        self.proc = proc
+        self.info = info
+        self.log_path = log_path
+
+    @property
+    def port(self) -> int:
+        return int(self.info["port"])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    async def start(cls, gateway: str, store: str, *, port: int = 0, args: list[str] | None = None, timeout_s: float = 60.0) -> "BatchServerProcess":
+        wd = Path(tempfile.mkdtemp(prefix="extproc-batch-"))
+        ready = wd / "ready.json"
+        log_path = wd / "batch.log"
+        logf = open(log_path, "ab")  # noqa: SIM115
+        argv = [sys.executable, "-m", "extproc", "batch", "serve", "--host", "127.0.0.1", "--port", str(port), "--gateway", gateway,
+                "--store", store, "--ready-file", str(ready), "--log-level", os.environ.get("EXTPROC_LOG_LEVEL", "warning"), *(args or [])]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+        logf.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not ready.exists():
+            if proc.returncode is not None:
+                raise RuntimeError(f"extproc batch serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if loop.time() > deadline:
+                await stop_process(proc)
+                raise TimeoutError(f"extproc batch serve not ready after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+            await asyncio.sleep(0.05)
+        return cls(proc, json.loads(ready.read_text()), log_path)
+
+    async def stop(self) -> None:
+        await stop_process(self.proc)
+
+    async def kill(self) -> None:
+        """SIGKILL, no cleanup: the crash the store must survive."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()

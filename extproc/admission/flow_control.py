@@ -95,6 +95,25 @@ class _Band:
                 return q[0]
         return None
 
+    def pop(self, policy: Any | None) -> _Waiter | None:
+        """The next waiter: round robin over tenants, or the tenant a FairnessPolicy picks."""
+        if policy is None:
+            return self.pop_round_robin()
+        for tenant in [t for t, q in self.tenants.items() if not q]:
+            del self.tenants[tenant]
+        if not self.tenants:
+            return None
+        queues = {t: (len(q), q[0].enqueued) for t, q in self.tenants.items()}
+        tenant = policy.pick_tenant(queues, time.monotonic())
+        q = self.tenants.get(tenant)
+        if not q:  # a policy naming no waiting tenant: fall back to taking turns
+            return self.pop_round_robin()
+        w = q.popleft()
+        self.size -= 1
+        if not q:
+            del self.tenants[tenant]
+        return w
+
     def pop_round_robin(self) -> _Waiter | None:
         while self.tenants:
             tenant, q = next(iter(self.tenants.items()))
@@ -125,8 +144,22 @@ class _Band:
 
 
 class FlowController:
-    def __init__(self, cfg: FlowControlConfig, saturation: SaturationDetector, candidates: Callable[[str], Sequence[Endpoint]]) -> None:
+    def __init__(
+        self,
+        cfg: FlowControlConfig,
+        saturation: SaturationDetector,
+        candidates: Callable[[str], Sequence[Endpoint]],
+        fairness: dict[Any, Any] | None = None,
+        usage_limit: Any | None = None,
+        known_priorities: Sequence[int] = (),
+    ) -> None:
+        """``fairness``: FairnessPolicy by band priority, ``"default"`` for every other band (None: round robin).
+        ``usage_limit``: a UsageLimitPolicy; its bands are ``known_priorities`` (configured bands and objectives),
+        0, and every priority waiting or asking, ranked highest first."""
         self.cfg = cfg
+        self.fairness = dict(fairness or {})
+        self.usage_limit = usage_limit
+        self.known_priorities = frozenset(known_priorities) | {0}
         # the gate for non-sheddable requests: its own thresholds when configured, else the shared detector
         self.saturation = SaturationDetector.from_config(cfg.gate) if cfg.gate is not None else saturation
         self.candidates = candidates  # model → endpoints serving it
@@ -149,7 +182,18 @@ class FlowController:
             return False
         if self.queued():
             return True  # keep FIFO fairness: nobody overtakes the queue
-        return self.saturation.saturated(self.candidates(request.target_model))
+        cands = self.candidates(request.target_model)
+        return self.saturation.saturated(cands) or self._held(request.priority, cands)
+
+    def _held(self, priority: int, candidates: Sequence[Endpoint]) -> bool:
+        """The usage-limit policy holds this band now (saturation ≥ the band's ceiling)."""
+        policy = self.usage_limit
+        if policy is None:
+            return False
+        prios = sorted(self.known_priorities | {p for p, b in self._bands.items() if b.size} | {priority}, reverse=True)
+        s = self.saturation.level(candidates)
+        ceilings = policy.compute_limits(s, len(prios))
+        return s >= ceilings[prios.index(priority)]
 
     async def wait(self, request: InferenceRequest) -> None:
         """Queue until released. Raises SchedulingError 429 (band full) or 503 (TTL expired)."""
@@ -170,11 +214,19 @@ class FlowController:
         except asyncio.TimeoutError:
             if band.remove(w):
                 self.expired += 1
+                self._drop_if_empty(request.priority, band)
                 raise SchedulingError(503, f"request waited {self.cfg.queue_ttl_s:.0f}s in the flow-control queue without capacity", "queue_timeout") from None
             # released at the very moment the TTL fired: go ahead
         except asyncio.CancelledError:
             band.remove(w)
+            self._drop_if_empty(request.priority, band)
             raise
+
+    def _drop_if_empty(self, prio: int, band: _Band) -> None:
+        """Bands are keyed by a client-supplied priority: an empty one goes, so the map stays as small as the
+        set of priorities actually waiting (and ``notify``'s sort with it)."""
+        if band.size == 0 and self._bands.get(prio) is band:
+            del self._bands[prio]
 
     def notify(self) -> None:
         """Release the head of the best band if its model has capacity. Cheap; call freely."""
@@ -185,9 +237,11 @@ class FlowController:
             head = band.peek()
             if head is None:
                 continue
-            if self.saturation.saturated(self.candidates(head.request.target_model)):
+            cands = self.candidates(head.request.target_model)
+            if self.saturation.saturated(cands) or self._held(prio, cands):
                 return  # strict priority: lower bands wait while a higher band is blocked
-            w = band.pop_round_robin()
+            w = band.pop(self.fairness.get(prio, self.fairness.get("default")))
+            self._drop_if_empty(prio, band)
             if w is not None and not w.future.done():
                 w.future.set_result(None)
                 self.released += 1

@@ -57,3 +57,22 @@ class SaturationDetector:
             if not self.pod_saturated(ep, now):
                 return False
         return any_healthy
+
+    def level(self, candidates: Sequence[Endpoint], now: float | None = None) -> float:
+        """Pool saturation as a number (the reference's utilization-detector roofline): mean over healthy pods with
+        fresh metrics of max(waiting / queue threshold, KV use / KV threshold); 1.0 means at the thresholds. Pods
+        with stale metrics are left out (unknown, as above); none fresh → 0."""
+        now = now if now is not None else time.monotonic()
+        total = 0.0
+        n = 0
+        qd = float(self.queue_depth_threshold) or 1.0
+        kv = self.kv_cache_util_threshold or 1.0
+        for ep in candidates:
+            if not ep.healthy or ep.removed:
+                continue
+            m = ep.metrics
+            if m.updated_at == 0.0 or now - m.updated_at > self.metrics_staleness_s:
+                continue
+            total += max(m.waiting / qd, m.kv_usage / kv)
+            n += 1
+        return total / n if n else 0.0

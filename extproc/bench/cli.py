@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", nargs="?", choices=["run", "overhead"], default="run",
                    help="'run' (default): routing-quality benchmark; 'overhead': proxy + scheduler cost")
     p.add_argument("--workload", default="shared-prefix",
-                   help="shared-prefix | multi-turn | multi-lora | heterogeneous | long-prompts | bursty")
+                   help="shared-prefix | multi-turn | multi-lora | heterogeneous | three-vendor | long-prompts | bursty")
     p.add_argument("--fleet", default=None,
                    help="N pods of llama3-8b-h100, or profile:N,profile:M (default: the workload's fleet, else 8)")
     p.add_argument("--setups", default=None,
@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="simulated pods run this many times slower than the profile (fits real-time load to this machine)")
     p.add_argument("--kv-blocks", type=int, default=None, help="per-pod KV blocks (default: what the workload is sized for)")
+    p.add_argument("--warm-start", default=None, metavar="FILE",
+                   help="start predictor configs from this latency-model file ('builtin': the packaged one); default: cold, learned online")
+    p.add_argument("--non-streaming", action="store_true", help="send every request without 'stream' (default: streaming)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--aiperf", action="store_true",
@@ -113,6 +116,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "repeat": args.repeat if not args.virtual else 1,
         "workload_params": wl.params,
         "total_requests": len(wl.requests),
+        "warm_start": args.warm_start,
+        "streaming": not args.non_streaming,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if args.virtual:
@@ -123,11 +128,12 @@ def run_bench(args: argparse.Namespace) -> int:
         except (ValueError, KeyError) as e:
             print(f"extproc bench: bad --fleet: {e}", file=sys.stderr)
             return 2
-        runs = virtual.run_setups(wl, setups, fl, seed=args.seed, show_progress=not args.no_progress)
+        runs = virtual.run_setups(wl, setups, fl, seed=args.seed, show_progress=not args.no_progress,
+                                  warm_start=args.warm_start, stream=not args.non_streaming)
     else:
         from extproc.bench import runner
 
-        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed)
+        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed, args.warm_start, not args.non_streaming)
         runs = asyncio.run(runner.run_setups(wl, setups, fo, args.out, repeat=args.repeat, show_progress=not args.no_progress))
     report = rep.build_report(meta, [(s.rate, s.duration) for s in wl.stages], runs)
     if getattr(args, "aiperf", False):

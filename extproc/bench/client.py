@@ -37,10 +37,49 @@ def _content_of(chunk: dict) -> str:  # type: ignore[type-arg]
     return ""
 
 
+async def _send_plain(session: aiohttp.ClientSession, url: str, req: WorkloadRequest, res: RequestResult,
+                      start: float, timeout_s: float) -> RequestResult:
+    """A non-streaming request: the first byte is the whole response, so TTFT = E2E; tokens from ``usage``."""
+    async with session.post(
+        url + req.path, data=req.body_bytes(stream=False), headers=req.headers(), timeout=aiohttp.ClientTimeout(total=timeout_s)
+    ) as resp:
+        res.status = resp.status
+        for h in POD_HEADERS:
+            if h in resp.headers:
+                res.pod = resp.headers[h]
+                break
+        raw = await resp.read()
+        res.e2e_ms = res.ttft_ms = (time.perf_counter() - start) * 1000.0
+        if resp.status != 200:
+            res.error = f"http {resp.status}: {raw[:200].decode('utf-8', 'replace')}"
+            return res
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            res.error = "response is not JSON"
+            return res
+        res.output_tokens = int((body.get("usage") or {}).get("completion_tokens") or 0)
+        res.ok = bool(body.get("choices"))
+        if not res.ok:
+            res.error = "no choices in the response"
+    return res
+
+
 async def send_one(
-    session: aiohttp.ClientSession, url: str, req: WorkloadRequest, t0: float, timeout_s: float = 600.0
+    session: aiohttp.ClientSession, url: str, req: WorkloadRequest, t0: float, timeout_s: float = 600.0, stream: bool = True
 ) -> RequestResult:
-    """Send one streaming request; ``t0`` is the run start (time.perf_counter())."""
+    """Send one request (streaming unless ``stream`` is False); ``t0`` is the run start (time.perf_counter())."""
+    if not stream:
+        start = time.perf_counter()
+        res = RequestResult(index=req.index, stage=req.stage, start=start - t0, ok=False)
+        try:
+            return await _send_plain(session, url, req, res, start, timeout_s)
+        except asyncio.TimeoutError:
+            res.error = "timeout"
+        except aiohttp.ClientError as e:
+            res.error = f"{type(e).__name__}: {e}"[:200]
+        res.e2e_ms = (time.perf_counter() - start) * 1000.0
+        return res
     body = req.body_bytes(stream=True)
     start = time.perf_counter()
     res = RequestResult(index=req.index, stage=req.stage, start=start - t0, ok=False)
@@ -116,6 +155,7 @@ async def replay(
     time_offset: float = 0.0,
     on_done: Callable[[RequestResult], None] | None = None,
     timeout_s: float = 600.0,
+    stream: bool = True,
 ) -> list[RequestResult]:
     """Replay ``requests`` open loop. ``time_offset`` is subtracted from arrivals (to start a later stage now).
     Results are in request order; their ``start`` is relative to this call's start + ``time_offset``."""
@@ -128,7 +168,7 @@ async def replay(
             delay = r.arrival - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            rr = await send_one(session, url, r, t0, timeout_s)
+            rr = await send_one(session, url, r, t0, timeout_s, stream=stream)
             results[i] = rr
             if on_done is not None:
                 on_done(rr)

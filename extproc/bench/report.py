@@ -158,8 +158,39 @@ def build_report(meta: dict[str, Any], stages: Sequence[tuple[float, float]], ru
                     s["output_tok_s"] = round(s["output_tok_s"] / run.repeats, 2)
                 per_stage.append(s)
             entry["stages"] = per_stage
+        pred = (run.config or {}).get("predictor")
+        if isinstance(pred, dict):
+            entry["predictor"] = predictor_block(pred)
         setups[run.name] = entry
     return {"schema": SCHEMA, **meta, "stages": [{"rate": r, "duration_s": d} for r, d in stages], "setups": setups}
+
+
+PREDICTOR_KEYS = ("warm_start", "samples_trained", "retrains", "fallback_decisions", "decisions", "online_ttft_mape", "online_tpot_mape")
+
+
+def tail_mape(curve_raw: Sequence[Sequence[float]], after: int) -> tuple[float | None, float | None, int]:
+    """Online TTFT / TPOT MAPE over the samples observed after the first ``after`` (from the learning-curve
+    buckets ``[samples seen, TTFT APE sum, n, TPOT APE sum, n]``), and how many TTFT predictions that covers."""
+    ts = tn = ps = pn = 0.0
+    for seen, a, n, b, m in curve_raw:
+        if seen > after:
+            ts, tn, ps, pn = ts + a, tn + n, ps + b, pn + m
+    return (round(ts / tn, 4) if tn else None, round(ps / pn, 4) if pn else None, int(tn))
+
+
+def predictor_block(pred: dict[str, Any]) -> dict[str, Any]:
+    """The report's per-setup ``predictor`` block: the contract keys first, then detail (per-stage counts,
+    the learning curve as [samples seen, TTFT MAPE, TPOT MAPE] per bucket, MAPE after 2,000 samples)."""
+    out = {k: pred.get(k) for k in PREDICTOR_KEYS}
+    raw = pred.get("curve_raw") or []
+    t, p, n = tail_mape(raw, 2000)
+    out["online_ttft_mape_after_2000"] = t
+    out["online_tpot_mape_after_2000"] = p
+    out["predictions_after_2000"] = n
+    for k, v in pred.items():
+        if k not in out and k != "curve_raw":
+            out[k] = v
+    return out
 
 
 REQUIRED_STAGE_KEYS = ("requests", "ok", "failed", "ttft_ms", "tpot_ms", "e2e_ms", "output_tok_s", "prefix_hit_rate", "offered_rate")
@@ -238,6 +269,22 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     lines.append("Times in ms. TTFT = first content chunk; TPOT = (E2E − TTFT) / (output tokens − 1).")
+    preds = [(n, s["predictor"]) for n, s in ok_setups if isinstance(s.get("predictor"), dict)]
+    if preds:
+        lines += [
+            "",
+            "## Latency predictor",
+            "",
+            "| setup | warm start | samples | retrains | fallback / decisions | fallback per stage | online TTFT MAPE | TPOT MAPE | TTFT MAPE after 2k |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n, p in preds:
+            per = ", ".join(f"{x['fallback_decisions']}/{x['decisions']}" for x in p.get("stages") or ())
+            lines.append(
+                f"| {n} | {p.get('warm_start') or 'cold'} | {p.get('samples_trained')} | {p.get('retrains')} | "
+                f"{p.get('fallback_decisions')}/{p.get('decisions')} | {per or '–'} | {_fmt(p.get('online_ttft_mape'), 3)} | "
+                f"{_fmt(p.get('online_tpot_mape'), 3)} | {_fmt(p.get('online_ttft_mape_after_2000'), 3)} |"
+            )
     lines += _aiperf_markdown(report)
     if skipped:
         lines += ["", "## Not run", ""]
@@ -344,6 +391,24 @@ def write_plots(out_dir: str, report: dict[str, Any], runs: Sequence[SetupRun]) 
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         p = os.path.join(out_dir, fname)
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    curves = [(n, s["predictor"]["curve"]) for n, s in report["setups"].items()
+              if s["status"] == "ok" and isinstance(s.get("predictor"), dict) and s["predictor"].get("curve")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, curve in curves:
+            xs = [c[0] for c in curve]
+            ax.plot(xs, [math.nan if c[1] is None else c[1] for c in curve], marker=".", label=f"{name} TTFT")
+            ax.plot(xs, [math.nan if c[2] is None else c[2] for c in curve], marker=".", linestyle="--", label=f"{name} TPOT")
+        ax.set_xlabel("requests seen (training samples)")
+        ax.set_ylabel("online MAPE (per 100 requests)")
+        ax.set_title(f"Predictor learning curve — {title}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        p = os.path.join(out_dir, "predictor_learning_curve.png")
         fig.tight_layout()
         fig.savefig(p, dpi=110)
         plt.close(fig)

@@ -40,6 +40,8 @@ class FleetOptions:
     loras: tuple[str, ...] = ()
     time_scale: float = 1.0
     seed: int = 0
+    warm_start: str | None = None  # predictor configs: a latency-model file; None = cold (learn online)
+    stream: bool = True
 
     def sim_args(self, kv_events: bool) -> list[str]:
         if self.fleet.strip().isdigit():
@@ -74,6 +76,43 @@ async def scrape_counters(session: aiohttp.ClientSession, endpoints: list[str]) 
 
     pairs = await asyncio.gather(*(one(a) for a in endpoints))
     return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+
+def parse_predictor(text: str) -> dict[str, float] | None:
+    """The latency predictor's counters from the scheduler's /metrics page (None: no predictor there)."""
+    vals: dict[str, float] = {"decisions": 0.0, "fallback_decisions": 0.0, "retrains": 0.0, "samples": 0.0}
+    seen = False
+    for line in text.splitlines():
+        if not line.startswith("extproc_predictor_"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        if name.startswith("extproc_predictor_fallback_total"):
+            vals["fallback_decisions"] += v
+            vals["decisions"] += v
+        elif name == "extproc_predictor_predictions_total":
+            vals["decisions"] += v
+            seen = True
+        elif name == "extproc_predictor_retrains_total":
+            vals["retrains"] = v
+        elif name == "extproc_predictor_samples":
+            vals["samples"] = v
+        elif name in ("extproc_predictor_ttft_mape", "extproc_predictor_tpot_mape"):
+            vals[name.removeprefix("extproc_predictor_")] = v if v == v else None  # type: ignore[assignment]
+    return vals if seen or vals["decisions"] else None
+
+
+async def scrape_predictor(session: aiohttp.ClientSession, metrics_url: str | None) -> dict[str, float] | None:
+    if not metrics_url:
+        return None
+    try:
+        async with session.get(f"{metrics_url}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return parse_predictor(await r.text())
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
 
 
 def real_availability(setup: SetupSpec) -> str | None:
@@ -116,22 +155,42 @@ async def _run_one(
                 labels=labels,
                 kv_events=info.get("kv_events") if setup.kv_events else None,
                 models=[MODEL, *fleet.loras],
-                scheduler_args=["--seed", str(fleet.seed)] + (["--tokenizer", f"{MODEL}=sim"] if setup.kv_events else []),
+                scheduler_args=["--seed", str(fleet.seed), "--predictor-warm-start", fleet.warm_start or "none"]
+                + (["--tokenizer", f"{MODEL}=sim"] if setup.kv_events else []),
             )
             proxy = Stack(spec)
             config.update({"proxy": "envoy", "lb_policy": setup.lb_policy} if setup.kind == "envoy" else {"proxy": "envoy+extproc", "config": setup.config})
         results: list[RequestResult] = []
         prefix: list[tuple[float, float] | None] = []
+        pred_stages: list[dict[str, float]] = []
+        pred_last: dict[str, Any] | None = None
         async with proxy, aiohttp.ClientSession() as scraper:
             url = proxy.url
             bounds = workload.stage_bounds()
             for i, (start, _end) in enumerate(bounds):
                 reqs = workload.stage_requests(i)
                 before = await scrape_counters(scraper, endpoints)
-                rs = await replay(url, reqs, time_offset=start, on_done=on_done)
+                pred0 = await scrape_predictor(scraper, getattr(proxy, "metrics_url", None))
+                rs = await replay(url, reqs, time_offset=start, on_done=on_done, stream=fleet.stream)
                 after = await scrape_counters(scraper, endpoints)
+                pred1 = await scrape_predictor(scraper, getattr(proxy, "metrics_url", None))
                 results.extend(rs)
                 prefix.append((after[0] - before[0], after[1] - before[1]))
+                if pred1 is not None:
+                    pred_stages.append({k: pred1[k] - (pred0 or {}).get(k, 0.0) for k in ("decisions", "fallback_decisions", "retrains", "samples")})
+                    pred_last = pred1
+            if pred_last is not None:
+                config["predictor"] = {
+                    "warm_start": fleet.warm_start,
+                    "samples_trained": int(pred_last["samples"]),
+                    "retrains": int(pred_last["retrains"]),
+                    "fallback_decisions": int(pred_last["fallback_decisions"]),
+                    "decisions": int(pred_last["decisions"]),
+                    "online_ttft_mape": pred_last.get("ttft_mape"),
+                    "online_tpot_mape": pred_last.get("tpot_mape"),
+                    "stages": [{k: int(v) for k, v in st.items()} for st in pred_stages],
+                    "source": "the scheduler's /metrics (extproc_predictor_*)",
+                }
         return results, prefix, config
     finally:
         await stop_process(proc)

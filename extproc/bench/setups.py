@@ -3,6 +3,9 @@
 - ``envoy-rr`` / ``envoy-lr``: Envoy alone with its ROUND_ROBIN / LEAST_REQUEST load balancer (no scheduler).
 - ``extproc-*``: Envoy + the extproc scheduler with a shipped config profile.
 - ``vllm-router-*`` / ``sglang-router-*``: the peers' own Rust proxies (see ``peers.py``).
+- ``extproc:PATH``: Envoy + the extproc scheduler with any config file (an llm-d ``EndpointPickerConfig`` or
+  extproc's shape), so a user's own config runs side by side with ours and the peers'. The setup's name in the
+  report is ``extproc:PATH`` as given.
 """
 
 from __future__ import annotations
@@ -40,16 +43,41 @@ SETUPS: dict[str, SetupSpec] = {
 DEFAULT_SETUPS = ("envoy-rr", "envoy-lr", "extproc-random", "extproc-default", "extproc-prefix-load")
 
 
+PATH_PREFIX = "extproc:"
+KV_EVENT_TYPES = ("precise-prefix-cache", "precise-prefix-cache-producer")
+
+
+def path_setup(name: str) -> SetupSpec:
+    """``extproc:PATH`` → an extproc setup running that config file (ValueError if it is missing or not YAML)."""
+    import os
+
+    import yaml
+
+    path = name[len(PATH_PREFIX) :]
+    if not path:
+        raise ValueError("setup 'extproc:' needs a config path (extproc:PATH)")
+    if not os.path.isfile(path):
+        raise ValueError(f"setup {name!r}: no such config file {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"setup {name!r}: cannot read {path!r}: {e}") from None
+    plugins = raw.get("plugins") if isinstance(raw, dict) else None
+    types = {p.get("type") for p in plugins or [] if isinstance(p, dict)}
+    return SetupSpec(name, "extproc", config=path, kv_events=bool(types & set(KV_EVENT_TYPES)))
+
+
 def parse_setups(spec: str) -> list[SetupSpec]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if names == ["all"]:
         return list(SETUPS.values())
-    unknown = [n for n in names if n not in SETUPS]
+    unknown = [n for n in names if n not in SETUPS and not n.startswith(PATH_PREFIX)]
     if unknown:
-        raise ValueError(f"unknown setup(s) {', '.join(unknown)} (known: {', '.join(SETUPS)}, or 'all')")
+        raise ValueError(f"unknown setup(s) {', '.join(unknown)} (known: {', '.join(SETUPS)}, extproc:PATH, or 'all')")
     if not names:
         raise ValueError("no setups given")
-    return [SETUPS[n] for n in dict.fromkeys(names)]
+    return [path_setup(n) if n.startswith(PATH_PREFIX) else SETUPS[n] for n in dict.fromkeys(names)]
 
 
 def config_available(config: str) -> str | None:

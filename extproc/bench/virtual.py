@@ -3,9 +3,12 @@ engine model (``extproc.sim.engine.Engine``), with no sockets and no sleeps.
 
 Per pod, the loop runs engine steps back to back while the engine has work (a step's tokens exist at its end);
 every ``scrape_interval`` virtual seconds it refreshes each ``Endpoint.metrics`` from the engine (waiting,
-running, KV use, LoRA state, prefix counters), as the real scraper does from ``/metrics``. The router side keeps
-``inflight`` counts like the ext_proc server, calls ``schedule`` → ``dispatched`` at arrival and ``completed``
-with an ``Observation`` at the end. Network and proxy latency are zero: TTFT is queueing + prefill on the pod.
+running, KV use, LoRA state, prefix counters), as the real scraper does from ``/metrics``. The router side is
+``_Gateway``: the server's decision and observation path minus the sockets — admission, ``schedule``, the
+``FlightTracker`` (the server's in-flight accounting, on the virtual clock), body chunks per engine step through
+``Flight.on_body_chunk``, ``finish`` → the scheduler's observers. A predictor config's trainer runs inline on the
+virtual clock (same retrain schedule every run) and starts cold unless a warm-start file is given. Network and
+proxy latency are zero: TTFT is queueing + prefill on the pod.
 
 Envoy-only setups are modelled in-process: ROUND_ROBIN cycles the pods; LEAST_REQUEST is Envoy's default
 power-of-two-choices over active requests. Peer routers (own Rust proxies) cannot run in virtual time.
@@ -17,6 +20,7 @@ in-flight holds run on virtual time.
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import random
 import time
@@ -29,8 +33,9 @@ from extproc.bench.report import RequestResult, SetupRun
 from extproc.bench.setups import SetupSpec, config_available
 from extproc.bench.workloads import MODEL, Workload
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
-from extproc.predictor.features import observe_chunk, set_clock
-from extproc.scheduling.framework import Observation, SchedulingError
+from extproc.predictor.features import set_clock
+from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, SchedulingError
+from extproc.server.tracker import Flight
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,10 @@ class FleetLayout:
 
     @property
     def labels(self) -> dict[str, dict[str, str]]:
-        return {addr: {"pod-class": prof} for prof, addr in self.pods}
+        from extproc.sim.profiles import get_profile
+
+        # what a real pod exposes (its accelerator), never the simulator's profile name
+        return {addr: {"accelerator": get_profile(prof).accelerator} for prof, addr in self.pods}
 
 
 def layout(fleet: str, kv_blocks: int | None = None, loras: tuple[str, ...] = (), time_scale: float = 1.0) -> FleetLayout:
@@ -68,16 +76,12 @@ def layout(fleet: str, kv_blocks: int | None = None, loras: tuple[str, ...] = ()
 
 @dataclass(slots=True)
 class _Live:
-    """A request in flight on a virtual pod."""
+    """A request in flight on a virtual pod: the bench's view (arrival, stage) plus the server's ``Flight``."""
 
     wr_index: int
     stage: int
     arrival: float
-    prompt_tokens: int
-    max_tokens: int
-    endpoint: Endpoint
-    request: Any  # InferenceRequest
-    obs: Observation
+    flight: Flight
     first: float = 0.0
     out_tokens: int = 0
 
@@ -140,6 +144,111 @@ def _feed_kv_events(plugins: dict[str, Any], clock: Callable[[], float]) -> Call
     return feed
 
 
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+_TOKEN_CHUNK = _sse({"choices": [{"index": 0, "text": "x"}]})
+
+
+class _Gateway:
+    """The server's request path minus the sockets, on virtual time.
+
+    Decision side (as ``ExtProcHandler._schedule``/``_dispatch``): admission (sheddable requests get 429 while
+    the fleet is saturated, the same ``SaturationDetector`` and config), ``Scheduler.schedule``, the tracker's
+    ``dispatch`` with the chosen pod's predictor feature row, ``Scheduler.dispatched``. Response side (as the
+    observation stream): response headers, one body chunk per engine step that produced tokens for a stream
+    (``Flight.on_body_chunk``: first-token time, the step-phase features, chunk count), the usage block and
+    ``[DONE]`` (or, non-streaming, the whole body at the end), then ``FlightTracker.finish`` → the scheduler's
+    observers (prefix index, latency predictor) — the production accounting, fed virtual timestamps. Envoy-only
+    setups use the same tracker for in-flight counts (LEAST_REQUEST reads them)."""
+
+    def __init__(self, setup: SetupSpec, pool: EndpointPool, endpoints: list[Endpoint], seed: int,
+                 clock: Callable[[], float], warm_start: str | None) -> None:
+        from extproc.admission.saturation import SaturationDetector
+        from extproc.predictor.service import RUNTIME_KEY, SERVICE_KEY, WARM_START_KEY, PredictorRuntime
+        from extproc.server.tracker import FlightTracker
+
+        self.scheduler: Any = None
+        self.envoy: _EnvoyLB | None = None
+        self.plugins: dict[str, Any] = {}
+        self.saturation = SaturationDetector()
+        self.predictor: Any = None
+        if setup.kind == "envoy":
+            self.envoy = _EnvoyLB(setup.lb_policy or "ROUND_ROBIN", endpoints, seed)
+        elif setup.kind == "extproc":
+            from extproc.scheduling.config import load_config
+
+            assert setup.config is not None
+            services: dict[str, Any] = {RUNTIME_KEY: PredictorRuntime(clock=clock), WARM_START_KEY: warm_start or ""}
+            cfg = load_config(setup.config, pool, services)
+            self.scheduler = cfg.scheduler
+            self.scheduler.rng.seed(seed)
+            self.plugins = cfg.plugins
+            for i, plugin in enumerate(cfg.plugins.values()):  # pickers' tie-breaks: same seed → same picks
+                rng = getattr(plugin, "rng", None)
+                if isinstance(rng, random.Random):
+                    rng.seed(seed * 1009 + i)
+            self.saturation = SaturationDetector.from_config(cfg.saturation)
+            self.predictor = services.get(SERVICE_KEY)
+            if self.predictor is not None:
+                self.predictor.start_sync()
+        else:
+            raise ValueError(f"setup {setup.name} ({setup.kind}) cannot run in virtual time")
+        self.pool = pool
+        self.tracker = FlightTracker(self._completed, clock=clock)
+
+    def _completed(self, request: Any, obs: Observation) -> None:
+        if self.scheduler is not None:
+            self.scheduler.completed(request, obs)
+
+    def decide(self, req: Any) -> Flight:
+        """Admit, schedule and dispatch one parsed request; raises SchedulingError with the client's status."""
+        if self.envoy is not None:
+            return self.tracker.dispatch(req, self.envoy.pick())
+        model = req.target_model
+        if req.sheddable and self.saturation.saturated([e for e in self.pool.snapshot() if model in e.models]):
+            raise SchedulingError(429, "the fleet is saturated and this request is sheddable (priority < 0)", "saturated")
+        result, cycle = self.scheduler.schedule(req)
+        primary = result.primary
+        feats = cycle.data.get(PREDICTOR_FEATURES)
+        flight = self.tracker.dispatch(req, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
+        self.scheduler.dispatched(cycle, req, result)
+        return flight
+
+    @staticmethod
+    def tokens(flight: Flight, now: float, first: bool) -> None:
+        """The body chunk of one engine step that produced tokens for this request."""
+        if first:
+            flight.on_response_headers(200)
+        if flight.request.stream:
+            flight.on_body_chunk(_TOKEN_CHUNK, now)
+
+    def finish(self, flight: Flight, now: float, out_tokens: int) -> None:
+        usage = {"usage": {"completion_tokens": out_tokens}}
+        if flight.request.stream:
+            flight.on_body_chunk(_sse(usage) + b"data: [DONE]\n\n", now)
+        else:
+            flight.on_body_chunk(json.dumps(usage).encode(), now)
+        self.tracker.finish(flight, "ok")
+
+    def predictor_marks(self) -> tuple[int, int, int, int]:
+        """(decisions, fallback decisions, retrains, samples) so far, to split the predictor's counters per stage."""
+        p = self.predictor
+        if p is None:
+            return (0, 0, 0, 0)
+        st = p.stats()
+        return (int(st["predictions"]) + int(st["fallbacks"]), int(st["fallbacks"]), int(st["retrains"]), int(st["samples"]))
+
+    def close(self) -> dict[str, Any] | None:
+        """Stop the predictor; its report block (None when the config has no predictor)."""
+        if self.predictor is None:
+            return None
+        rep = self.predictor.report()
+        self.predictor.stop_sync()
+        return rep  # type: ignore[no-any-return]
+
+
 def run_virtual(
     workload: Workload,
     setup: SetupSpec,
@@ -148,8 +257,13 @@ def run_virtual(
     seed: int = 0,
     scrape_interval: float = 0.05,
     progress: Callable[[int], None] | None = None,
+    warm_start: str | None = None,
+    stream: bool = True,
 ) -> VirtualResult:
-    """Replay ``workload`` through ``setup`` on a virtual fleet. Deterministic for a given seed."""
+    """Replay ``workload`` through ``setup`` on a virtual fleet. Deterministic for a given seed.
+
+    ``warm_start``: a latency-model file for predictor configs (None: the predictor starts cold and learns
+    online). ``stream``: send streaming requests (False: non-streaming, as most SDK calls and batch jobs)."""
     from extproc.sim.engine import Engine, SimRequest
     from extproc.sim.profiles import get_profile
     from extproc.sim.tokenizer import get_tokenizer
@@ -166,28 +280,13 @@ def run_virtual(
             prof = prof.replace(num_gpu_blocks=fleet.kv_blocks)
         pods[addr] = _Pod(ep, Engine(prof, seed=seed * 7919 + i, time_scale=fleet.time_scale, record_kv_events=setup.kv_events))
 
-    scheduler = None
-    envoy: _EnvoyLB | None = None
+    now = 0.0
+    gw = _Gateway(setup, pool, endpoints, seed, lambda: now, warm_start)
     kv_feed: Callable[[str, list[Any]], None] | None = None
-    if setup.kind == "envoy":
-        envoy = _EnvoyLB(setup.lb_policy or "ROUND_ROBIN", endpoints, seed)
-    elif setup.kind == "extproc":
-        from extproc.scheduling.config import load_config
-
-        assert setup.config is not None
-        cfg = load_config(setup.config, pool)
-        scheduler = cfg.scheduler
-        scheduler.rng.seed(seed)
-        for i, plugin in enumerate(cfg.plugins.values()):  # pickers' tie-breaks: same seed → same picks
-            rng = getattr(plugin, "rng", None)
-            if isinstance(rng, random.Random):
-                rng.seed(seed * 1009 + i)
-        if setup.kv_events:
-            kv_feed = _feed_kv_events(cfg.plugins, lambda: now)
-            if kv_feed is None:
-                raise ValueError(f"config {setup.config!r} has no KV-block index to feed events to")
-    else:
-        raise ValueError(f"setup {setup.name} ({setup.kind}) cannot run in virtual time")
+    if setup.kv_events:
+        kv_feed = _feed_kv_events(gw.plugins, lambda: now)
+        if kv_feed is None:
+            raise ValueError(f"config {setup.config!r} has no KV-block index to feed events to")
     random.seed(seed)  # plugins that use the module RNG (tie-breaks) stay deterministic
 
     def scrape(now_mono: float) -> None:
@@ -227,12 +326,12 @@ def run_virtual(
 
     bounds = [b for _, b in workload.stage_bounds()]
     stage_marks: list[tuple[float, float]] = [counters()]
+    pred_marks: list[tuple[int, int, int, int]] = [gw.predictor_marks()]
     live: dict[str, _Live] = {}
     results: list[RequestResult | None] = [None] * len(workload.requests)
     remaining = len(workload.requests)
     done = 0
     steps = 0
-    now = 0.0
     next_bound = 0
 
     def finish_failed(wr_index: int, stage: int, at: float, status: int, error: str) -> None:
@@ -257,41 +356,32 @@ def run_virtual(
             now, _, kind, data = heapq.heappop(events)
             while next_bound < len(bounds) - 1 and now >= bounds[next_bound]:
                 stage_marks.append(counters())
+                pred_marks.append(gw.predictor_marks())
                 next_bound += 1
             if kind == _ARRIVAL:
                 wr = workload.requests[data]
-                raw = wr.body_bytes(stream=True)
+                raw = wr.body_bytes(stream=stream)
                 req = parse_request(wr.path, raw, wr.headers(), request_id=f"bench-{wr.index}")
                 if wr.api == "chat":
                     ids = tok.encode_chat([{"role": r, "content": c} for r, c in wr.messages])
                 else:
                     ids = tok.encode(wr.prompt())
                 req.prompt_token_ids = ids if setup.kv_events else None
-                cycle = None
-                result = None
                 try:
-                    if envoy is not None:
-                        ep = envoy.pick()
-                    else:
-                        assert scheduler is not None
-                        result, cycle = scheduler.schedule(req)
-                        ep = result.primary
+                    flight = gw.decide(req)
                 except SchedulingError as e:
                     finish_failed(wr.index, wr.stage, now, e.status, e.message)
                     continue
-                pod = pods[ep.address]
+                pod = pods[flight.endpoint.address]
                 lora = wr.model if wr.model in fleet.loras else None
                 try:
                     pod.engine.add_request(SimRequest(req.request_id, ids, wr.max_tokens, lora=lora, arrival=now))
-                except ValueError as e:
+                except ValueError as e:  # the pod refuses it (too long): a 400 from the pod, as in real time
+                    flight.on_response_headers(400)
+                    gw.tracker.finish(flight, "status_400")
                     finish_failed(wr.index, wr.stage, now, 400, str(e))
                     continue
-                if scheduler is not None and result is not None and cycle is not None:
-                    scheduler.dispatched(cycle, req, result)
-                ep.inflight += 1
-                ep.inflight_prefill_tokens += len(ids)
-                obs = Observation(req.request_id, ep.address, wr.model, len(ids), dispatch_ts=now)
-                live[req.request_id] = _Live(wr.index, wr.stage, now, len(ids), wr.max_tokens, ep, req, obs)
+                live[req.request_id] = _Live(wr.index, wr.stage, now, flight)
                 if not pod.stepping:
                     start_step(pod, now)
             elif kind == _STEP_END:
@@ -306,32 +396,26 @@ def run_virtual(
                     lv = live.get(out.request_id)
                     if lv is None:
                         continue
-                    ep = lv.endpoint
-                    if out.first_token:
-                        lv.first = now
-                        lv.obs.first_token_ts = now
-                        ep.inflight_prefill_tokens -= lv.prompt_tokens
-                        ep.inflight_decode_tokens += lv.max_tokens
-                    lv.out_tokens = out.num_output_tokens
+                    if out.num_output_tokens > lv.out_tokens:
+                        first = out.first_token
+                        if first:
+                            lv.first = now
+                        lv.out_tokens = out.num_output_tokens
+                        gw.tokens(lv.flight, now, first)
                     if out.finished:
                         del live[out.request_id]
-                        ep.inflight -= 1
-                        ep.inflight_decode_tokens -= lv.max_tokens
-                        lv.obs.complete_ts = now
-                        lv.obs.output_tokens = lv.out_tokens
-                        lv.obs.status = 200
-                        if scheduler is not None:
-                            scheduler.completed(lv.request, lv.obs)
+                        gw.finish(lv.flight, now, lv.out_tokens)
+                        ttft = lv.first if stream else now  # the client's first byte
                         results[lv.wr_index] = RequestResult(
                             lv.wr_index,
                             lv.stage,
                             lv.arrival,
                             True,
                             status=200,
-                            ttft_ms=(lv.first - lv.arrival) * 1000.0,
+                            ttft_ms=(ttft - lv.arrival) * 1000.0,
                             e2e_ms=(now - lv.arrival) * 1000.0,
                             output_tokens=lv.out_tokens,
-                            pod=ep.address,
+                            pod=lv.flight.endpoint.address,
                         )
                         remaining -= 1
                         done += 1
@@ -345,9 +429,17 @@ def run_virtual(
                 seq += 1
     finally:
         set_clock(prev_clock)
+        while len(pred_marks) < len(bounds) + 1:
+            pred_marks.append(gw.predictor_marks())
+        predictor = gw.close()
     while len(stage_marks) < len(bounds):
         stage_marks.append(counters())
     stage_marks.append(counters())
+    if predictor is not None:
+        predictor["stages"] = [
+            {"decisions": b[0] - a[0], "fallback_decisions": b[1] - a[1], "retrains": b[2] - a[2], "samples": b[3] - a[3]}
+            for a, b in zip(pred_marks, pred_marks[1:])
+        ]
     prefix: list[tuple[float, float] | None] = []
     for i in range(len(bounds)):
         h0, q0 = stage_marks[i]
@@ -356,7 +448,10 @@ def run_virtual(
     if progress is not None and done % 100:
         progress(done % 100)
     out = [r for r in results if r is not None]
-    return VirtualResult(out, prefix, now, time.perf_counter() - wall0, steps)
+    extra: dict[str, Any] = {}
+    if predictor is not None:
+        extra["predictor"] = predictor
+    return VirtualResult(out, prefix, now, time.perf_counter() - wall0, steps, extra)
 
 
 def virtual_availability(setup: SetupSpec) -> str | None:
@@ -374,6 +469,8 @@ def run_setups(
     *,
     seed: int = 0,
     show_progress: bool = True,
+    warm_start: str | None = None,
+    stream: bool = True,
 ) -> list[SetupRun]:
     """Run every setup on a fresh virtual fleet (cold caches) with the same trace."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -390,7 +487,8 @@ def run_setups(
                 continue
             task = prog.add_task(f"[virtual] {s.name}", total=len(workload.requests))
             try:
-                vr = run_virtual(workload, s, fleet, seed=seed, progress=lambda n, t=task: prog.advance(t, n))
+                vr = run_virtual(workload, s, fleet, seed=seed, progress=lambda n, t=task: prog.advance(t, n),
+                                 warm_start=warm_start, stream=stream)
             except Exception as e:  # one broken setup must not lose the others' results
                 log.exception("virtual setup failed", extra={"setup": s.name})
                 runs.append(SetupRun(s.name, "failed", f"{type(e).__name__}: {e}"))
@@ -402,5 +500,7 @@ def run_setups(
                 cfg["model"] = "in-process model of Envoy's load balancer"
             else:
                 cfg["config"] = s.config
+            if "predictor" in vr.extra:
+                cfg["predictor"] = vr.extra["predictor"]
             runs.append(SetupRun(s.name, "ok", config=cfg, results=vr.results, prefix=vr.prefix))
     return runs

@@ -13,6 +13,9 @@ Shapes follow the GIE / llm-d benchmarking workloads (see /docs/benchmarks.md fo
 - ``multi-turn``: chat sessions over a few shared system prompts; each turn resends the whole history.
 - ``multi-lora``: ShareGPT-like lengths, four adapters with a 50/30/15/5 traffic split.
 - ``heterogeneous``: ShareGPT-like chat with moderate prefix sharing, meant for a fleet of fast and slow pods.
+- ``three-vendor``: the same chat traffic on a fleet that mixes AMD (2 × MI300X, vLLM ROCm), Intel (2 × Gaudi 3,
+  vLLM HPU) and NVIDIA (4 × L40S, the lower-cost tier) pods, after IBM/Red Hat/NxtGen's three-vendor sovereign
+  cluster (llm-d blog, 2026): the whole premium tier is hardware the shipped warm-start model never saw.
 - ``long-prompts``: 100–200 KB bodies (documents with questions), few documents shared by many requests.
 - ``bursty``: shared-prefix traffic arriving in bursts (on/off), the thundering-herd case.
 """
@@ -331,6 +334,15 @@ def gen_heterogeneous(rng: random.Random, stages: list[Stage]) -> tuple[list[Wor
     return reqs, _params(p), {"fleet": "llama3-8b-h100:4,llama3-8b-l40s:4"}
 
 
+THREE_VENDOR_FLEET = "llama3-8b-mi300x:2,llama3-8b-gaudi3:2,llama3-8b-l40s:4"
+
+
+def gen_three_vendor(rng: random.Random, stages: list[Stage]) -> tuple[list[WorkloadRequest], dict[str, Any], dict[str, Any]]:
+    p = ChatParams()
+    reqs = _chat(rng, stages, p, (MODEL,), (1.0,))
+    return reqs, _params(p), {"fleet": THREE_VENDOR_FLEET}
+
+
 @dataclass(slots=True, frozen=True)
 class LongPromptParams:
     documents: int = 6
@@ -381,6 +393,7 @@ WORKLOADS: dict[str, Generator] = {
     "multi-turn": gen_multi_turn,
     "multi-lora": gen_multi_lora,
     "heterogeneous": gen_heterogeneous,
+    "three-vendor": gen_three_vendor,
     "long-prompts": gen_long_prompts,
     "bursty": gen_bursty,
 }
@@ -391,6 +404,7 @@ DEFAULT_STAGES: dict[str, str] = {
     "multi-turn": "4:20,8:20,16:20,24:20",
     "multi-lora": "4:20,8:20,16:20,24:20",
     "heterogeneous": "4:20,8:20,16:20,24:20",
+    "three-vendor": "4:20,8:20,16:20,24:20",
     "long-prompts": "0.5:20,1:20,2:20,3:20",
     "bursty": "4:20,8:20,16:20,24:20",
 }

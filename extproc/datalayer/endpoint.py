@@ -29,6 +29,16 @@ class PodMetrics:
     updated_at: float = 0.0  # time.monotonic() when scraped; 0 = never
 
 
+ACCELERATOR_LABEL = "accelerator"
+
+
+def pod_class_of(labels: dict[str, str]) -> str:
+    """The class a pod is learned under: an explicit ``pod-class`` label, else the hardware the pod exposes
+    (``accelerator``, e.g. from the node's ``nvidia.com/gpu.product`` / ``amd.com/gpu.product-name`` label),
+    else ``default``. Never a simulator profile name: the latency predictor keys on what a real pod exposes."""
+    return labels.get("pod-class") or labels.get(ACCELERATOR_LABEL) or "default"
+
+
 class Endpoint:
     """A model-server pod as the scheduler sees it."""
 
@@ -59,7 +69,7 @@ class Endpoint:
         self.host = host
         self.port = int(port)
         self.labels: dict[str, str] = dict(labels or {})
-        self.pod_class: str = self.labels.get("pod-class", "default")
+        self.pod_class: str = pod_class_of(self.labels)
         self.metrics = PodMetrics()
         # Models (base and LoRA adapters) served, from /v1/models; empty until first discovered.
         self.models: frozenset[str] = frozenset(models)
@@ -119,7 +129,7 @@ class EndpointPool:
                 added.append(ep)
             elif addr in labels:
                 ep.labels = dict(labels[addr])
-                ep.pod_class = ep.labels.get("pod-class", "default")
+                ep.pod_class = pod_class_of(ep.labels)
         keep = set(wanted)
         for addr in list(self._by_address):
             if addr not in keep:

@@ -61,7 +61,7 @@ POOL_PLURAL = "inferencepools"
 FAIL_CLOSE = "FailClose"
 FAIL_OPEN = "FailOpen"
 # Pod labels that name the endpoint's pod class (used by class-aware filters); the first present wins.
-POD_CLASS_LABELS: tuple[str, ...] = ("pod-class", "extproc.io/pod-class", "llm-d.ai/role")
+POD_CLASS_LABELS: tuple[str, ...] = ("pod-class", "extproc.io/pod-class", "llm-d.ai/role", "accelerator")
 SERVICEACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 LIST_PAGE_SIZE = 500
 

@@ -1,7 +1,7 @@
 """``extproc predictor``: train the warm-start latency model on simulator traffic, and evaluate a model file.
 
-    extproc predictor train --out models/latency-predictor.json      # generate data, fit, save, evaluate
-    extproc predictor eval --model models/latency-predictor.json     # held-out MAPE and quantile coverage
+    extproc predictor train --out extproc/predictor/data/latency-predictor.json      # generate data, fit, save, evaluate
+    extproc predictor eval --model extproc/predictor/data/latency-predictor.json     # held-out MAPE and quantile coverage
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="predictor_command", metavar="ACTION")
     t = sub.add_parser("train", help="train TTFT/TPOT models on simulated fleet traffic and save them")
-    t.add_argument("--out", default="models/latency-predictor.json", help="model file to write (JSON)")
+    t.add_argument("--out", default="extproc/predictor/data/latency-predictor.json", help="model file to write (JSON)")
     t.add_argument("--requests", type=int, default=20000, help="simulated requests for training (default 20000)")
     t.add_argument("--eval-requests", type=int, default=4000, help="held-out requests, other seed (default 4000)")
     t.add_argument("--seed", type=int, default=1, help="training traffic seed (held-out uses seed + 1000)")

@@ -31,6 +31,9 @@ Columns (``FEATURE_NAMES``, in order; all float64, ``nan`` = unknown):
  14    step_interval_ms          EWMA of the pod's gaps between steps as seen in its chunks
                                  (``Endpoint.chunk_interval_s``, see ``observe_chunk``); ``nan`` until measured.
                                  With column 13 it estimates the time left in the step in progress.
+ 15    stream                    1 for a streaming request, 0 for a non-streaming one. The TTFT head's target is
+                                 the time to the first response byte: the first token for a stream, the whole
+                                 response (E2E) for a non-streaming request, whose first byte is its last.
 ====  ========================  ==========================================================================
 
 Columns 13–14 read a clock: ``build_matrix(now=...)``, else ``clock()`` (``time.monotonic`` unless a virtual-time
@@ -65,6 +68,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "lora_slots_free",
     "since_last_chunk_ms",
     "step_interval_ms",
+    "stream",
 )
 N_FEATURES = len(FEATURE_NAMES)
 CATEGORICAL_FEATURES: tuple[str, ...] = ("pod_class", "lora_state")
@@ -83,6 +87,7 @@ MAX_TOKENS = 11
 LORA_SLOTS_FREE = 12
 SINCE_LAST_CHUNK_MS = 13
 STEP_INTERVAL_MS = 14
+STREAM = 15
 
 # ``since_last_chunk_ms`` is clipped here; a pod silent this long is not mid-step (idle, or in a long prefill the
 # other columns describe), and a never-seen pod gets the same value.
@@ -199,6 +204,7 @@ def build_matrix(
     input_tokens = float(request.prompt_tokens_estimate)
     max_tokens = float(request.max_tokens) if request.max_tokens is not None else math.nan
     model = request.target_model
+    stream = 1.0 if request.stream else 0.0
     ps = prefix_scores or {}
     code = classes.code
     rows: list[tuple[float, ...]] = []
@@ -233,6 +239,7 @@ def build_matrix(
                 float(m.max_loras - len(m.running_loras)) if m.max_loras > 0 else math.nan,
                 age,
                 si * 1000.0 if si > 0.0 else math.nan,
+                stream,
             )
         )
     if not rows:

@@ -19,7 +19,9 @@ from extproc.predictor.model import LatencyModel
 log = logging.getLogger(__name__)
 
 STATE_MODEL_FILE = "latency-predictor.json"
-BUNDLED_MODEL = "models/latency-predictor.json"
+# The warm-start model shipped as package data (in the wheel and the image). ``warmStart: builtin`` names it.
+BUILTIN = "builtin"
+BUNDLED_MODEL = str(Path(__file__).resolve().parent / "data" / STATE_MODEL_FILE)
 
 
 def save_model(model: LatencyModel, path: str | os.PathLike[str]) -> None:
@@ -53,7 +55,10 @@ def state_model_path(state_dir: str | os.PathLike[str]) -> str:
 
 
 def resolve_model_path(path: str) -> str | None:
-    """An existing file: ``path`` as given, else relative to the source checkout root (for the bundled model)."""
+    """An existing file: ``builtin`` (the packaged model), ``path`` as given, else relative to the source
+    checkout root."""
+    if path == BUILTIN:
+        return BUNDLED_MODEL if os.path.exists(BUNDLED_MODEL) else None
     if os.path.exists(path):
         return path
     root = Path(__file__).resolve().parents[2]

@@ -25,24 +25,30 @@ from prometheus_client import Counter, Gauge
 
 from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint
-from extproc.predictor.features import N_FEATURES, PodClassCodes, build_matrix
+from extproc.predictor.features import N_FEATURES, STREAM, PodClassCodes, build_matrix
 from extproc.predictor.model import LatencyModel, Prediction
-from extproc.predictor.persistence import load_initial_model, save_model, state_model_path
-from extproc.predictor.trainer import ProcessTrainer, ThreadTrainer, TrainerConfig, TrainResult
-from extproc.scheduling.framework import CycleState, Observation
+from extproc.predictor.persistence import BUILTIN, load_initial_model, save_model, state_model_path
+from extproc.predictor.trainer import InlineTrainer, ProcessTrainer, ThreadTrainer, TrainerConfig, TrainResult
+from extproc.scheduling.framework import PREDICTOR_FEATURES, PREFIX_SCORES, CycleState, Observation
 
 log = logging.getLogger(__name__)
 
 # Cycle keys (shared with the plugins and the server).
 CYCLE_CACHE = "predictor_cache"
-CYCLE_FEATURES = "predictor_features"
+CYCLE_FEATURES = PREDICTOR_FEATURES
 CYCLE_TTFT = "predicted_ttft_ms"
 CYCLE_TPOT = "predicted_tpot_ms"
-CYCLE_PREFIX = "prefix_scores"
+CYCLE_PREFIX = PREFIX_SCORES
 CYCLE_FALLBACK = "predictor_fallback"
 
 SERVICE_KEY = "predictor"
 STATE_DIR_KEY = "predictor_state_dir"
+# services[WARM_START_KEY] overrides every config's ``warmStart``: a path, ``builtin`` or "" (start cold). Set by
+# ``extproc serve --predictor-warm-start`` and by the benchmarks (cold unless ``--warm-start FILE``).
+WARM_START_KEY = "predictor_warm_start"
+# services[RUNTIME_KEY]: a ``PredictorRuntime`` from a virtual-time driver (inline trainer on its clock).
+RUNTIME_KEY = "predictor_runtime"
+CURVE_EVERY = 100  # learning curve: one point per this many observed samples
 
 # Process-wide metrics on the default registry (one server per process).
 M_FALLBACK = Counter("extproc_predictor_fallback", "Scheduling decisions made without the latency model", ["reason"])
@@ -125,10 +131,19 @@ class RollingAccuracy:
         return self._cov_sum / len(self._cov) if self._cov else math.nan
 
 
+@dataclass(slots=True, frozen=True)
+class PredictorRuntime:
+    """How a virtual-time driver runs the predictor: the trainer inline (synchronous, deterministic) and the
+    retrain interval and save times on its clock."""
+
+    clock: Any  # Callable[[], float]
+    mode: str = "inline"
+
+
 @dataclass(slots=True)
 class ServiceConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    mode: str = "process"  # "process" | "thread"
+    mode: str = "process"  # "process" | "thread" | "inline"
     state_dir: str | None = None
     warm_start: str | None = None
     save_interval_s: float = 30.0
@@ -160,9 +175,9 @@ class ServiceConfig:
             state_dir=params.get("stateDir", state_dir),
         )
         mode = str(params.get("trainer", "process"))
-        if mode not in ("process", "thread"):
-            raise ValueError(f"trainer must be 'process' or 'thread', got {mode!r}")
-        warm = params.get("warmStart", "models/latency-predictor.json")
+        if mode not in ("process", "thread", "inline"):
+            raise ValueError(f"trainer must be 'process', 'thread' or 'inline', got {mode!r}")
+        warm = params.get("warmStart", BUILTIN)
         return cls(
             trainer=t,
             mode=mode,
@@ -205,12 +220,18 @@ class PredictorService:
     """See the module docstring. Thread model: ``predict``/``observe`` on the event loop thread; ``_on_model``
     on the trainer's reader thread (it only parses boosters, assigns ``self.model`` and writes files)."""
 
-    def __init__(self, cfg: ServiceConfig | None = None) -> None:
-        self.cfg = cfg or ServiceConfig()
+    def __init__(self, cfg: ServiceConfig | None = None, clock: Any = time.monotonic) -> None:
+        self.owner: str | None = None  # the plugin whose parameters configured this service
+        self.owner_params: dict[str, Any] = {}
+        self.clock = clock
+        self._configure(cfg or ServiceConfig())
+
+    def _configure(self, cfg: ServiceConfig) -> None:
+        self.cfg = cfg
         self.classes = PodClassCodes()
         self.model: LatencyModel | None = None
         self.model_source = "none"
-        self.trainer: ProcessTrainer | ThreadTrainer | None = None
+        self.trainer: ProcessTrainer | ThreadTrainer | InlineTrainer | None = None
         self._pending_x: list[np.ndarray] = []
         self._pending_t: list[float] = []
         self._pending_p: list[float] = []
@@ -226,29 +247,69 @@ class PredictorService:
         self._flush_task: asyncio.Task[None] | None = None
         self.ttft_acc = RollingAccuracy(self.cfg.accuracy_window)
         self.tpot_acc = RollingAccuracy(self.cfg.accuracy_window)
+        self.e2e_acc = RollingAccuracy(self.cfg.accuracy_window)  # non-streaming requests (TTFT head = E2E)
+        self._nonstream_samples = 0
+        # learning curve: per CURVE_EVERY observed samples, [samples seen, TTFT APE sum, n, TPOT APE sum, n]
+        self.curve: list[list[float]] = []
+        self._bucket = [0.0, 0, 0.0, 0]
+        self.warm_start_loaded: str | None = None
         model, source = load_initial_model(self.cfg.state_dir, self.cfg.warm_start)
         if model is not None:
             self._install(model, source)
+            if source == "warm-start":
+                self.warm_start_loaded = self.cfg.warm_start
 
     # ------------------------------------------------------------------ construction helpers
 
     @classmethod
-    def get_or_create(cls, services: dict[str, Any], params: Mapping[str, Any]) -> "PredictorService":
+    def get_or_create(cls, services: dict[str, Any], params: Mapping[str, Any], owner: str = "?") -> "PredictorService":
+        """The one shared service. Its parameters are given once: by the first plugin that sets any of
+        ``SERVICE_PARAM_KEYS`` (a plugin that sets none, e.g. ``slo-admission`` listed first, does not fix
+        them). A later plugin that sets different ones is an error naming both plugins."""
+        own = {k: params[k] for k in params if k in SERVICE_PARAM_KEYS}
         svc = services.get(SERVICE_KEY)
         if isinstance(svc, PredictorService):
+            if own:
+                if svc.owner is None:
+                    if svc.trainer is not None:
+                        raise ValueError("the predictor service is already running; its parameters cannot change")
+                    svc._configure(cls._config(services, own))
+                    svc.owner, svc.owner_params = owner, own
+                elif own != svc.owner_params:
+                    diff = sorted(k for k in set(own) | set(svc.owner_params) if own.get(k) != svc.owner_params.get(k))
+                    raise ValueError(
+                        f"predictor service parameters are already set by plugin '{svc.owner}'; plugin '{owner}' "
+                        f"sets different ones ({', '.join(diff)}): set them on one plugin only"
+                    )
             return svc
-        cfg = ServiceConfig.from_params(params, services.get(STATE_DIR_KEY))
-        svc = cls(cfg)
+        runtime = services.get(RUNTIME_KEY)
+        svc = cls(cls._config(services, own), clock=runtime.clock if isinstance(runtime, PredictorRuntime) else time.monotonic)
+        if own:
+            svc.owner, svc.owner_params = owner, own
         services[SERVICE_KEY] = svc
         return svc
+
+    @staticmethod
+    def _config(services: Mapping[str, Any], params: Mapping[str, Any]) -> ServiceConfig:
+        cfg = ServiceConfig.from_params(params, services.get(STATE_DIR_KEY))
+        if WARM_START_KEY in services:
+            cfg.warm_start = str(services[WARM_START_KEY]) or None
+        runtime = services.get(RUNTIME_KEY)
+        if isinstance(runtime, PredictorRuntime):
+            cfg.mode = runtime.mode
+            cfg.batch_size = 1  # no flush timer in virtual time: every observation goes to the trainer at once
+        return cfg
 
     # ------------------------------------------------------------------ lifecycle
 
     def start_sync(self) -> None:
         if self.trainer is not None:
             return
-        runner = ProcessTrainer if self.cfg.mode == "process" else ThreadTrainer
-        self.trainer = runner(self.cfg.trainer, self._on_trained, self._on_train_error)
+        if self.cfg.mode == "inline":
+            self.trainer = InlineTrainer(self.cfg.trainer, self._on_trained, self._on_train_error, clock=self.clock)
+        else:
+            runner = ProcessTrainer if self.cfg.mode == "process" else ThreadTrainer
+            self.trainer = runner(self.cfg.trainer, self._on_trained, self._on_train_error)
         self.trainer.start()
         self._samples += self.trainer.restored_samples
         M_SAMPLES.set(self._samples)
@@ -354,27 +415,40 @@ class PredictorService:
             return False
         if observation.error or not (observation.status == 0 or 200 <= observation.status < 300):
             return False
-        ttft = observation.ttft_ms
+        if np.isnan(row.values).all():
+            return False
+        stream = row.values[STREAM] != 0.0
+        if stream:
+            ttft = observation.ttft_ms
+            tpot = observation.tpot_ms
+        else:
+            # Non-streaming: the first response byte is the whole response, so the TTFT head learns the E2E
+            # (what that client waits for); inter-token gaps are not observable, so no TPOT sample.
+            ttft = observation.e2e_ms
+            tpot = 0.0
         if not ttft > 0:
             return False
-        tpot = observation.tpot_ms
         if len(self._pending_t) >= self.cfg.max_pending:
             self._dropped += 1
-            return False
-        if np.isnan(row.values).all():
             return False
         self._pending_x.append(row.values)
         self._pending_t.append(ttft)
         self._pending_p.append(tpot)
         self._samples += 1
+        if not stream:
+            self._nonstream_samples += 1
         M_SAMPLES.set(self._samples)
         if row.model is not None:
-            self._track_accuracy(row, ttft, tpot)
+            self._track_accuracy(row, ttft, tpot, stream)
+        if self._samples % CURVE_EVERY == 0:
+            b = self._bucket
+            self.curve.append([float(self._samples), b[0], float(b[1]), b[2], float(b[3])])
+            self._bucket = [0.0, 0, 0.0, 0]
         if len(self._pending_t) >= self.cfg.batch_size:
             self.flush()
         return True
 
-    def _track_accuracy(self, row: FeatureRow, ttft: float, tpot: float) -> None:
+    def _track_accuracy(self, row: FeatureRow, ttft: float, tpot: float, stream: bool = True) -> None:
         assert row.model is not None
         try:
             mean = row.model.predict_mean(row.values.reshape(1, -1))
@@ -382,11 +456,20 @@ class PredictorService:
             M_ERRORS.labels("predict").inc()
             log.warning("predictor accuracy prediction failed", extra={"error": str(e)})
             return
-        self.ttft_acc.add(ttft, float(mean.ttft_ms[0]), row.ttft_ms)
+        pt = float(mean.ttft_ms[0])
+        if not stream:
+            self.e2e_acc.add(ttft, pt, row.ttft_ms)
+            return
+        self.ttft_acc.add(ttft, pt, row.ttft_ms)
+        self._bucket[0] += abs(pt - ttft) / ttft
+        self._bucket[1] += 1
         M_TTFT_MAPE.set(self.ttft_acc.mape)
         M_TTFT_COV.set(self.ttft_acc.coverage)
         if tpot > 0:
-            self.tpot_acc.add(tpot, float(mean.tpot_ms[0]), row.tpot_ms)
+            pp = float(mean.tpot_ms[0])
+            self._bucket[2] += abs(pp - tpot) / tpot
+            self._bucket[3] += 1
+            self.tpot_acc.add(tpot, pp, row.tpot_ms)
             M_TPOT_MAPE.set(self.tpot_acc.mape)
             M_TPOT_COV.set(self.tpot_acc.coverage)
 
@@ -425,7 +508,7 @@ class PredictorService:
         M_TRAIN_SECONDS.set(res.seconds)
         self._install(model, "online")
         log.info("predictor model installed", extra={"version": version, "samples": res.n_samples, "train_s": round(res.seconds, 3)})
-        if self.cfg.state_dir and time.monotonic() - self._last_save >= self.cfg.save_interval_s:
+        if self.cfg.state_dir and self.clock() - self._last_save >= self.cfg.save_interval_s:
             self.save()
 
     def _on_train_error(self, msg: str) -> None:
@@ -457,7 +540,7 @@ class PredictorService:
                 M_ERRORS.labels("save").inc()
                 log.warning("predictor model not saved", extra={"path": path, "error": str(e)})
                 return None
-            self._last_save = time.monotonic()
+            self._last_save = self.clock()
         return path
 
     # ------------------------------------------------------------------ introspection
@@ -481,5 +564,31 @@ class PredictorService:
             "tpot_mape": self.tpot_acc.mape,
             "tpot_p90_coverage": self.tpot_acc.coverage,
             "accuracy_samples": self.ttft_acc.count,
+            "nonstream_samples": self._nonstream_samples,
+            "nonstream_e2e_mape": self.e2e_acc.mape,
             "last_error": self._last_error,
+        }
+
+    def report(self) -> dict[str, Any]:
+        """The benchmark report's ``predictor`` block: how this run's model came to be and how well it did.
+        ``online_*_mape``: the point model's error on the requests it predicted, over the last
+        ``accuracyWindow`` completions (streaming requests; ``nonstream_e2e_mape`` for the others)."""
+
+        def num(v: float) -> float | None:
+            return None if v != v else round(float(v), 4)
+
+        return {
+            "warm_start": self.warm_start_loaded,
+            "samples_trained": self._samples,
+            "nonstream_samples": self._nonstream_samples,
+            "retrains": self._retrains,
+            "fallback_decisions": self._fallbacks,
+            "decisions": self._fallbacks + self._predictions,
+            "online_ttft_mape": num(self.ttft_acc.mape),
+            "online_tpot_mape": num(self.tpot_acc.mape),
+            "online_ttft_p90_coverage": num(self.ttft_acc.coverage),
+            "nonstream_e2e_mape": num(self.e2e_acc.mape),
+            "model_version": self.model.version if self.model is not None else 0,
+            "curve": [[int(c[0]), num(c[1] / c[2]) if c[2] else None, num(c[3] / c[4]) if c[4] else None] for c in self.curve],
+            "curve_raw": self.curve,
         }

@@ -127,7 +127,7 @@ def generate(
     pods: list[_Pod] = []
     for i, name in enumerate(fleet):
         prof = get_profile(name)
-        ep = Endpoint(f"10.0.0.{i + 1}:8000", {"pod-class": prof.name}, [BASE_MODEL])
+        ep = Endpoint(f"10.0.0.{i + 1}:8000", {"accelerator": prof.accelerator}, [BASE_MODEL])
         pods.append(_Pod(Engine(prof, seed=seed * 1000 + i, record_kv_events=False), ep))
         _sync_metrics(pods[-1])
     if capacity_rps is None:
@@ -176,6 +176,7 @@ def generate(
                 prompt_text="",
                 max_tokens=max_tokens,
                 prompt_token_ids=prompt,
+                stream=True,
             )
             for p in pods:
                 _sync_metrics(p)

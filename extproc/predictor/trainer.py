@@ -16,7 +16,10 @@ Two runners share ``TrainerCore``:
   (``put`` never blocks: a feeder thread pickles and writes), answering with model strings on a second queue that a
   daemon reader thread drains, so neither sending nor receiving ever runs on the event loop.
 - ``ThreadTrainer``: the same loop on a daemon thread (tests, the CLI, single-process tools).
-Both call ``on_model(TrainResult)`` from their reader/worker thread.
+- ``InlineTrainer``: the same window and retrain policy run synchronously inside ``submit`` on a caller-supplied
+  clock. The virtual-time benchmark uses it: retrains happen on exactly the same schedule of samples (and of
+  virtual seconds) every run, so a cold-start run is deterministic for a seed.
+All call ``on_model(TrainResult)`` from their reader/worker thread (inline: from ``submit``).
 """
 
 from __future__ import annotations
@@ -230,11 +233,15 @@ class TrainerCore:
     cfg: TrainerConfig
     window: SampleWindow = field(init=False)
     new_since_train: int = 0
-    last_train: float = field(default_factory=time.monotonic)
+    last_train: float = -1.0
     force: bool = False
+    clock: Callable[[], float] = time.monotonic
+    trained: int = 0  # fits done by this core: the first one happens as soon as min_samples are held
 
     def __post_init__(self) -> None:
         self.window = SampleWindow(self.cfg.bucket_cap)
+        if self.last_train < 0.0:
+            self.last_train = self.clock()
 
     def window_path(self) -> str | None:
         return os.path.join(self.cfg.state_dir, WINDOW_FILE) if self.cfg.state_dir else None
@@ -254,23 +261,24 @@ class TrainerCore:
     def due(self, now: float | None = None) -> bool:
         if len(self.window) < self.cfg.min_samples:
             return False
-        if self.force:
+        if self.force or self.trained == 0:
             return True
         if self.new_since_train >= self.cfg.retrain_every:
             return True
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         return self.new_since_train > 0 and now - self.last_train >= self.cfg.retrain_interval_s
 
     def seconds_until_check(self) -> float:
-        return max(0.05, min(1.0, self.cfg.retrain_interval_s - (time.monotonic() - self.last_train)))
+        return max(0.05, min(1.0, self.cfg.retrain_interval_s - (self.clock() - self.last_train)))
 
     def train(self) -> TrainResult:
         x, t, p = self.window.arrays()
         res = fit_models(x, t, p, self.cfg)
         res.window_size = len(self.window)
+        self.trained += 1
         self.new_since_train = 0
         self.force = False
-        self.last_train = time.monotonic()
+        self.last_train = self.clock()
         wp = self.window_path()
         if wp:
             try:
@@ -316,7 +324,8 @@ def _run_loop(core: TrainerCore, get: Callable[[float | None], tuple[Any, ...]],
                 log.exception("predictor training failed")
                 core.new_since_train = 0
                 core.force = False
-                core.last_train = time.monotonic()
+                core.trained = max(core.trained, 1)  # back to the normal schedule, no tight retry loop
+                core.last_train = core.clock()
                 put(("error", f"{type(e).__name__}: {e}"))
                 continue
             put(("model", res))
@@ -486,4 +495,66 @@ class ThreadTrainer:
         self._thread = None
 
 
-Trainer = ProcessTrainer | ThreadTrainer
+class InlineTrainer:
+    """The window and retrain policy run synchronously in ``submit`` (virtual time: deterministic retrains).
+
+    ``clock`` is the time the retrain interval is measured on (the virtual-time loop passes its own clock). A
+    retrain blocks the caller for the fit (~0.1–0.4 s of wall time, zero virtual time), so this runner is for
+    the virtual-time benchmark and tools, never for the server's event loop."""
+
+    def __init__(self, cfg: TrainerConfig, on_model: OnModel, on_error: OnError | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.on_model = on_model
+        self.on_error = on_error
+        self.clock = clock
+        self.core: TrainerCore | None = None
+        self.restored_samples = 0
+
+    def start(self, wait_ready: float = 0.0) -> None:
+        if self.core is not None:
+            return
+        self.core = TrainerCore(self.cfg, clock=self.clock)
+        self.core.load_window()
+        self.restored_samples = len(self.core.window)
+
+    @property
+    def alive(self) -> bool:
+        return self.core is not None
+
+    def _maybe_train(self) -> None:
+        core = self.core
+        if core is None or not core.due():
+            return
+        try:
+            res = core.train()
+        except Exception as e:  # same contract as the worker loop: report, keep the window
+            log.exception("predictor training failed")
+            core.new_since_train = 0
+            core.force = False
+            core.trained = max(core.trained, 1)
+            core.last_train = self.clock()
+            if self.on_error is not None:
+                self.on_error(f"{type(e).__name__}: {e}")
+            return
+        try:
+            self.on_model(res)
+        except Exception:
+            log.exception("installing a trained predictor model failed")
+
+    def submit(self, x: np.ndarray, ttft_ms: np.ndarray, tpot_ms: np.ndarray) -> None:
+        if self.core is None:
+            return
+        self.core.add(x, ttft_ms, tpot_ms)
+        self._maybe_train()
+
+    def request_train(self) -> None:
+        if self.core is not None:
+            self.core.force = True
+            self._maybe_train()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.core = None
+
+
+Trainer = ProcessTrainer | ThreadTrainer | InlineTrainer

@@ -19,6 +19,7 @@ no picker. Errors are ``ConfigError`` with the file, the plugin and the reason.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,7 +28,8 @@ from typing import Any
 import yaml
 
 from extproc.datalayer.endpoint import EndpointPool
-from extproc.scheduling import registry
+from extproc.scheduling import llmd, registry
+from extproc.plugin import roles_of
 from extproc.scheduling.framework import (
     Filter,
     Picker,
@@ -37,9 +39,11 @@ from extproc.scheduling.framework import (
     Scheduler,
     SchedulingProfile,
     Scorer,
-    SingleProfileHandler,
     WeightedScorer,
 )
+from extproc.scheduling.plugins.profile_handlers import SingleProfileHandler
+
+log = logging.getLogger(__name__)
 
 IMPLICIT_FILTERS = ("healthy-filter", "model-filter")
 DEFAULT_PICKER = "max-score-picker"
@@ -65,6 +69,11 @@ class SchedulerConfig:
     saturation: dict[str, Any] = field(default_factory=dict)
     flow_control: dict[str, Any] = field(default_factory=dict)
     objectives: dict[str, int] = field(default_factory=dict)  # x-gateway-inference-objective → priority
+    origins: dict[str, "llmd.Origin"] = field(default_factory=dict)  # plugin name → reference type / what runs
+    feature_gates: dict[str, bool] = field(default_factory=dict)
+    fairness: dict[Any, Any] = field(default_factory=dict)  # flow-control band priority (or "default") → FairnessPolicy
+    usage_limit: Any = None  # flow-control UsageLimitPolicy (flowControl.usageLimitPolicyPluginRef)
+    band_priorities: list[int] = field(default_factory=list)  # configured flow-control bands
 
 
 def builtin_config_path(name: str) -> str:
@@ -97,6 +106,11 @@ def load_config(name_or_path: str, pool: EndpointPool, services: dict[str, Any] 
 def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None = None, path: str = "<inline>") -> SchedulerConfig:
     if not isinstance(raw, dict):
         raise ConfigError(path, None, "top level must be a mapping with 'plugins' and 'schedulingProfiles'")
+    original = raw
+    try:
+        raw, origins, gates = llmd.translate(raw)
+    except llmd.TranslationError as e:
+        raise ConfigError(path, e.plugin, e.reason) from None
     registry.load_builtin_plugins()
     registry.load_entry_points()
     # the caller's services dict is shared on purpose: plugins register shared services (prefix index, KV-event
@@ -132,54 +146,84 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         raise ConfigError(path, None, "'schedulingProfiles' must list at least one profile")
     if not isinstance(profile_specs, list):
         raise ConfigError(path, None, "'schedulingProfiles' must be a list")
+    roles: dict[str, frozenset[str]] = {}
+    for pname_, p in plugins.items():
+        try:
+            roles[pname_] = roles_of(p)
+        except TypeError as e:
+            raise ConfigError(path, pname_, str(e)) from None
+    reference = llmd.is_reference_file(original)
+    handlers = [n for n, r in roles.items() if "profile_handler" in r]
+    if len(handlers) > 1:
+        raise ConfigError(path, handlers[1], f"a config takes one profile handler, found {', '.join(handlers)}")
+    handler: ProfileHandler | None = plugins[handlers[0]] if handlers else None
     profiles: dict[str, SchedulingProfile] = {}
-    handler: ProfileHandler | None = None
-    for p in plugins.values():
-        if isinstance(p, ProfileHandler) and hasattr(p, "process_results"):
-            handler = p
     for spec in profile_specs:
         if not isinstance(spec, dict) or not spec.get("name"):
             raise ConfigError(path, None, "each scheduling profile needs a 'name'")
         pname = spec["name"]
+        if pname in profiles:
+            raise ConfigError(path, None, f"duplicate scheduling profile '{pname}'")
         filters: list[Filter] = []
         scorers: list[WeightedScorer] = []
         picker: Picker | None = None
-        for ref in spec.get("plugins") or []:
+        refs = spec.get("plugins") or []
+        if not isinstance(refs, list):
+            raise ConfigError(path, None, f"profile '{pname}': 'plugins' must be a list")
+        for ref in refs:
             if not isinstance(ref, dict) or "pluginRef" not in ref:
                 raise ConfigError(path, None, f"profile '{pname}': each entry needs a 'pluginRef'")
             pr = ref["pluginRef"]
             if pr not in plugins:
                 raise ConfigError(path, pr, f"profile '{pname}' refers to an undefined plugin")
             plugin = plugins[pr]
-            used = False
-            if hasattr(plugin, "filter") and callable(plugin.filter):
+            r = roles[pr]
+            placed = False
+            if "filter" in r:
                 filters.append(plugin)
-                used = True
-            if hasattr(plugin, "score") and callable(plugin.score):
+                placed = True
+            if "scorer" in r:
                 w = ref.get("weight", 1)
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
                     raise ConfigError(path, pr, f"weight must be a number >= 0, got {w!r}")
                 scorers.append(WeightedScorer(plugin, float(w)))
-                used = True
-            if hasattr(plugin, "pick") and callable(plugin.pick):
+                placed = True
+            if "picker" in r:
                 if picker is not None:
                     raise ConfigError(path, pr, f"profile '{pname}' has two pickers ('{picker.name}' and '{pr}')")
                 picker = plugin
-                used = True
-            if not used:
+                placed = True
+            if not placed:
+                if reference:  # llm-d-router's SchedulerProfile.AddPlugins ignores such plugins
+                    log.info("plugin in a profile is not a filter, scorer or picker: ignored as the reference does",
+                             extra={"profile": pname, "plugin": pr})
+                    continue
                 raise ConfigError(path, pr, "is not a filter, scorer or picker and cannot be placed in a profile")
         present = {getattr(f, "type_name", "") for f in filters}
         front = [implicit(t) for t in IMPLICIT_FILTERS if t not in present]
         filters = front + filters
         if picker is None:
-            picker = implicit(DEFAULT_PICKER)
+            # the reference's loader adds the first picker the file defines, else max-score-picker
+            any_picker = next((plugins[n] for n, r in roles.items() if "picker" in r), None) if reference else None
+            picker = any_picker if any_picker is not None else implicit(DEFAULT_PICKER)
         profiles[pname] = SchedulingProfile(pname, filters, scorers, picker)
 
     if handler is None:
+        if len(profiles) > 1:
+            raise ConfigError(
+                path, None, f"{len(profiles)} scheduling profiles need a profile handler plugin "
+                "(header-profile-handler, disagg-profile-handler)"
+            )
         handler = SingleProfileHandler(profile=next(iter(profiles)))
-    pre = [p for p in plugins.values() if hasattr(p, "pre_request") and callable(p.pre_request)]
-    obs = [p for p in plugins.values() if hasattr(p, "on_complete") and callable(p.on_complete)]
-    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs)  # type: ignore[arg-type]
+    try:
+        handler.configure(profiles)
+    except ValueError as e:
+        raise ConfigError(path, handler.name, str(e)) from None
+    pre = [p for n, p in plugins.items() if "pre_request" in roles.get(n, frozenset())]
+    obs = [p for n, p in plugins.items() if "observer" in roles.get(n, frozenset())]
+    adm = [p for n, p in plugins.items() if "admitter" in roles.get(n, frozenset())]
+    rep = [p for n, p in plugins.items() if "response_reporter" in roles.get(n, frozenset())]
+    sched = Scheduler(pool=pool, profiles=profiles, handler=handler, pre_request=pre, observers=obs, admitters=adm, reporters=rep)
 
     objectives: dict[str, int] = {}
     for o in raw.get("objectives") or []:
@@ -189,11 +233,41 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
         if isinstance(pr_, bool) or not isinstance(pr_, int):
             raise ConfigError(path, None, f"objective '{o['name']}': priority must be an integer")
         objectives[str(o["name"])] = pr_
+    fairness: dict[Any, Any] = {}
+    fc = raw.get("flowControl") or {}
+    for where, ref in (fc.get("policyRefs") or {}).items():
+        if not where.endswith("fairnessPolicyRef"):
+            raise ConfigError(path, ref, f"flowControl.{where}: ordering policies are not configurable (bands are FIFO per fairness key)")
+        p = plugins.get(ref)
+        if p is None or "fairness_policy" not in roles.get(ref, frozenset()):
+            raise ConfigError(path, ref, f"flowControl.{where} must name a fairness policy plugin (e.g. program-aware-fairness)")
+        if where.startswith("defaultPriorityBand"):
+            fairness["default"] = p
+        elif where.startswith("priorityBands["):
+            idx = int(where[len("priorityBands[") : where.index("]")])
+            fairness[int(fc["bandPriorities"][idx])] = p
+        # defaultNegativePriorityBand: sheddable requests are never queued here, so nothing to order
+    usage_limit = None
+    ul = fc.get("usageLimitPolicyPluginRef")
+    if ul:
+        usage_limit = plugins.get(ul)
+        if usage_limit is None or "usage_limit_policy" not in roles.get(ul, frozenset()):
+            raise ConfigError(path, ul, "flowControl.usageLimitPolicyPluginRef must name a usage-limit policy plugin (e.g. soft-reflective-ceiling-policy)")
+    if (fairness or usage_limit is not None) and not fc.get("enabled"):
+        log.warning("a fairness policy is configured but flow control is off (featureGates: [flowControl] enables it)")
+    for n, p in plugins.items():
+        if n not in origins:  # implicit plugins (healthy/model filters, default picker)
+            origins[n] = llmd.Origin(n, "", getattr(p, "type_name", type(p).__name__), "added implicitly")
     return SchedulerConfig(
         scheduler=sched,
         plugins=plugins,
-        raw=raw,
+        raw=original,
         path=path,
+        origins=origins,
+        feature_gates=gates,
+        fairness=fairness,
+        usage_limit=usage_limit,
+        band_priorities=list(fc.get("bandPriorities") or []),
         saturation=dict(raw.get("saturationDetector") or {}),
         flow_control=dict(raw.get("flowControl") or {}),
         objectives=objectives,

@@ -12,15 +12,28 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint, EndpointPool
 
+T = TypeVar("T")
+
+
+class CycleKey(str, Generic[T]):
+    """A typed key of :class:`CycleState`: ``PREFIX_SCORES: CycleKey[dict[str, float]] = CycleKey("prefix_scores")``.
+
+    It is a ``str`` (so ``cycle.data[KEY]`` keeps working and costs nothing more than a string key); the type
+    parameter documents and checks, through ``cycle.get(KEY)``, what the producer stores and the consumer reads.
+    Declare each shared key once (the shared ones are in :mod:`extproc.plugin`) and import it where it is used.
+    """
+
+    __slots__ = ()
+
 
 class CycleState:
     """Per-request scratch space shared by the plugins of one scheduling cycle (e.g. prefix hashes computed by
-    a scorer and reused by its pre-request hook)."""
+    a scorer and reused by its pre-request hook). Keys are :class:`CycleKey` constants."""
 
     __slots__ = ("data", "started")
 
@@ -28,11 +41,30 @@ class CycleState:
         self.data: dict[str, Any] = {}
         self.started = time.perf_counter()
 
+    @overload
+    def get(self, key: CycleKey[T]) -> T | None: ...
+    @overload
+    def get(self, key: CycleKey[T], default: T) -> T: ...
+    @overload
+    def get(self, key: str, default: Any = None) -> Any: ...
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: CycleKey[T] | str, value: T) -> None:
         self.data[key] = value
+
+
+# Cycle-state keys shared between plugins (producer → consumers). Plugin-private keys stay in their module.
+PREFIX_SCORES: CycleKey[dict[str, float]] = CycleKey("prefix_scores")  # address → prefix score 0..1
+PREFIX_MATCHED_BLOCKS: CycleKey[dict[str, int]] = CycleKey("prefix_matched_blocks")  # address → leading blocks held
+PREFIX_TOTAL_BLOCKS: CycleKey[int] = CycleKey("prefix_total_blocks")  # blocks of the request's prompt
+PREFIX_BLOCK_SIZE: CycleKey[int] = CycleKey("prefix_block_size")  # block size in the producer's unit (bytes or tokens)
+# address → prompt tokens the pod is estimated to hold already (approx: matched bytes / 4; precise: blocks × tokens)
+PREFIX_CACHED_TOKENS: CycleKey[dict[str, int]] = CycleKey("prefix_cached_tokens")
+PROMPT_TOKEN_IDS: CycleKey[list[int]] = CycleKey("prompt_token_ids")
+PREDICTOR_FEATURES: CycleKey[dict[str, Any]] = CycleKey("predictor_features")  # address → FeatureRow
+# the endpoint picked by an earlier profile of this cycle (decode pick in decode-first P/D), for later profiles
+PEER_ENDPOINT: CycleKey[Endpoint] = CycleKey("peer_endpoint")
 
 
 @runtime_checkable
@@ -120,6 +152,14 @@ class SchedulingError(Exception):
         self.message = message
         self.code = code
 
+    @property
+    def error_type(self) -> str:
+        """The OpenAI error ``type`` for this status."""
+        return _ERROR_TYPES.get(self.status, "service_unavailable")
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "NotFoundError", 429: "rate_limit_error"}
+
 
 @dataclass(slots=True)
 class WeightedScorer:
@@ -134,10 +174,20 @@ class ProfileResult:
     scores: dict[str, float] = field(default_factory=dict)  # address → total weighted score (for debugging/tests)
 
 
+# What profiles produced so far in one cycle: name → result. A handler may store ``None`` under a profile it
+# evaluated and decided to skip (the reference's "nil result"), so it does not ask again on the next round.
+ProfileResults = dict[str, "ProfileResult | None"]
+
+
 @dataclass(slots=True)
 class SchedulingResult:
+    """The outcome of one cycle: every profile result that counts, which one is primary (its first target is the
+    routing destination, the rest fallbacks), and extra request headers for the upstream (e.g. the P/D handler's
+    ``x-prefiller-host-port``). Only header names the handler declares in ``owned_headers`` may appear here."""
+
     profile_results: dict[str, ProfileResult]
     primary_profile: str
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def targets(self) -> list[Endpoint]:
@@ -146,6 +196,14 @@ class SchedulingResult:
     @property
     def primary(self) -> Endpoint:
         return self.targets[0]
+
+    def endpoints(self) -> list[tuple[str, Endpoint]]:
+        """(profile, first target) of every profile that picked something, primary first."""
+        out = [(self.primary_profile, self.primary)]
+        for name, r in self.profile_results.items():
+            if name != self.primary_profile and r.targets:
+                out.append((name, r.targets[0]))
+        return out
 
 
 class SchedulingProfile:
@@ -196,39 +254,77 @@ class SchedulingProfile:
 
 @runtime_checkable
 class ProfileHandler(Plugin, Protocol):
+    """Chooses which scheduling profiles run for a request and combines their results.
+
+    The scheduler calls ``pick_profiles`` repeatedly (at most 16 rounds) with the results so far, running what it
+    returns, until it returns an empty list; then ``process_results`` builds the :class:`SchedulingResult`
+    (primary profile + extra upstream headers). Either may raise :class:`SchedulingError` with a precise status
+    (e.g. 400 for a header naming no profile). ``owned_headers`` lists the request headers the handler may set on
+    the upstream request; the server strips them from every client request so a client can never set them itself.
+    ``configure(profiles)`` is called once by the config loader
+    with the configured profiles and raises ``ValueError`` if they do not fit the handler.
+    """
+
+    owned_headers: ClassVar[tuple[str, ...]]
+
+    def configure(self, profiles: dict[str, "SchedulingProfile"]) -> None: ...
+
     def pick_profiles(
         self,
         cycle: CycleState,
         request: InferenceRequest,
-        profiles: dict[str, SchedulingProfile],
-        results: dict[str, ProfileResult],
-    ) -> list[SchedulingProfile]:
+        profiles: dict[str, "SchedulingProfile"],
+        results: ProfileResults,
+    ) -> list["SchedulingProfile"]:
         """Profiles to run next given results so far; empty list ends the loop."""
 
-    def process_results(
-        self, cycle: CycleState, request: InferenceRequest, results: dict[str, ProfileResult]
-    ) -> SchedulingResult: ...
+    def process_results(self, cycle: CycleState, request: InferenceRequest, results: ProfileResults) -> SchedulingResult: ...
 
 
-class SingleProfileHandler:
-    """Runs one profile (the named one, or the only one)."""
+@runtime_checkable
+class FairnessPolicy(Plugin, Protocol):
+    """Chooses which fairness key (tenant / program, ``x-gateway-inference-fairness-id``) of a flow-control band is
+    served next. ``queues`` maps each waiting key to (queue length, enqueue time of its head, ``time.monotonic()``).
+    Referenced from ``flowControl`` (``defaultPriorityBand.fairnessPolicyRef``); without one, keys take turns."""
 
-    type_name: ClassVar[str] = "single-profile-handler"
+    def pick_tenant(self, queues: "dict[str, tuple[int, float]]", now: float) -> str: ...
 
-    def __init__(self, name: str = "single-profile-handler", profile: str | None = None) -> None:
-        self.name = name
-        self.profile = profile
 
-    def pick_profiles(self, cycle, request, profiles, results):  # type: ignore[no-untyped-def]
-        if results:
-            return []
-        if self.profile is not None:
-            return [profiles[self.profile]]
-        return [next(iter(profiles.values()))]
+@runtime_checkable
+class UsageLimitPolicy(Plugin, Protocol):
+    """Flow-control dispatch ceilings by band rank (``flowControl.usageLimitPolicyPluginRef``): given the pool
+    saturation level (1.0 = at the detector's thresholds) and the number of priority bands, one ceiling per band,
+    highest priority first; a band is held while saturation ≥ its ceiling."""
 
-    def process_results(self, cycle, request, results):  # type: ignore[no-untyped-def]
-        name = next(iter(results))
-        return SchedulingResult(results, name)
+    def compute_limits(self, saturation: float, bands: int) -> list[float]: ...
+
+
+@runtime_checkable
+class ResponseReporter(Plugin, Protocol):
+    """Values reported to the proxy when a response ends (``request-attribute-reporter``): from the response's
+    ``usage`` object, a list of (metadata namespace, key, value) the server returns as ext_proc dynamic metadata.
+    Runs off the decision path, once per request, when the response body ends (``--response-observe streamed``)."""
+
+    def report(self, request: InferenceRequest, usage: dict[str, Any]) -> list[tuple[str, str, Any]]: ...
+
+
+@runtime_checkable
+class Admitter(Plugin, Protocol):
+    """Admission before any profile runs (e.g. ``probabilistic-admitter``): return to admit, raise
+    :class:`SchedulingError` (429 for load shedding) to reject. ``candidates`` are the pool's endpoints."""
+
+    def admit(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> None: ...
+
+
+@runtime_checkable
+class Decider(Plugin, Protocol):
+    """Decides per request whether an optional stage runs (e.g. ``deciders.prefill`` of the P/D handler).
+
+    ``endpoint`` is the pick of the stage that already ran (the decode pod in decode-first order), or ``None``.
+    Must be cheap and non-blocking: it runs on the decision path.
+    """
+
+    def disaggregate(self, cycle: CycleState, request: InferenceRequest, endpoint: Endpoint | None) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -244,25 +340,48 @@ class Scheduler:
     pre_request: list[PreRequest] = field(default_factory=list)
     observers: list[ResponseObserver] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
+    admitters: list[Admitter] = field(default_factory=list)
+    reporters: list[ResponseReporter] = field(default_factory=list)
 
-    def schedule(self, request: InferenceRequest, cycle: CycleState | None = None) -> tuple[SchedulingResult, CycleState]:
+    def schedule(
+        self, request: InferenceRequest, cycle: CycleState | None = None, allowed: frozenset[str] | None = None
+    ) -> tuple[SchedulingResult, CycleState]:
+        """``allowed`` (conformance mode only) restricts the candidates to these addresses or bare hosts."""
         cycle = cycle or CycleState()
         candidates = list(self.pool.snapshot())
         if not candidates:
             raise SchedulingError(503, "no model-server endpoints are known", "no_endpoints")
-        results: dict[str, ProfileResult] = {}
+        if allowed is not None:
+            candidates = [e for e in candidates if e.address in allowed or e.host in allowed]
+            if not candidates:
+                raise SchedulingError(503, "no endpoint matches test-epp-endpoint-selection", "no_candidate")
+        for admitter in self.admitters:
+            admitter.admit(cycle, request, candidates)
+        results: ProfileResults = {}
+        handler = self.handler
         for _ in range(16):  # bound the profile loop
-            todo = self.handler.pick_profiles(cycle, request, self.profiles, results)
+            todo = handler.pick_profiles(cycle, request, self.profiles, results)
             if not todo:
                 break
             for profile in todo:
                 results[profile.name] = profile.run(cycle, request, candidates)
-        if not results:
+        if not any(r is not None for r in results.values()):
             raise SchedulingError(503, "no scheduling profile ran", "no_profile")
-        result = self.handler.process_results(cycle, request, results)
-        if not result.profile_results.get(result.primary_profile) or not result.targets:
+        result = handler.process_results(cycle, request, results)
+        primary = result.profile_results.get(result.primary_profile)
+        if primary is None or not primary.targets:
             raise SchedulingError(503, f"no healthy endpoint can serve model '{request.target_model}'", "no_candidate")
+        if result.headers:
+            owned = handler.owned_headers
+            for k in result.headers:
+                if k not in owned:
+                    raise SchedulingError(500, f"profile handler '{handler.name}' set header '{k}' it does not declare", "internal_error")
         return result, cycle
+
+    @property
+    def owned_headers(self) -> tuple[str, ...]:
+        """Request headers the profile handler sets upstream (the server strips them from client requests)."""
+        return tuple(self.handler.owned_headers)
 
     def dispatched(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         for hook in self.pre_request:

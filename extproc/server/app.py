@@ -22,7 +22,7 @@ from extproc.admission.saturation import SaturationDetector
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
 from extproc.observe.metrics import SchedulerMetrics
-from extproc.scheduling.config import SchedulerConfig, load_config
+from extproc.scheduling.config import ConfigError, SchedulerConfig, load_config
 from extproc.server.handler import ExtProcHandler, HandlerSettings, observation_outcome_counter, record_observation
 from extproc.server.tracker import FlightTracker
 
@@ -56,11 +56,13 @@ class ServeOptions:
     kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
     tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
     predictor_state_dir: str | None = None
+    predictor_warm_start: str | None = None  # overrides every config's warmStart; "none" = cold
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
     grpc_max_concurrent_streams: int = 0
     seed: int | None = None
+    conformance: bool = False  # honour GIE's conformance header test-epp-endpoint-selection
 
 
 class SchedulerServer:
@@ -73,6 +75,9 @@ class SchedulerServer:
         }
         if opts.predictor_state_dir:
             self.services["predictor_state_dir"] = opts.predictor_state_dir
+        if opts.predictor_warm_start is not None:
+            ws = opts.predictor_warm_start
+            self.services["predictor_warm_start"] = "" if ws.lower() in ("", "none") else ws
         self.metrics = SchedulerMetrics(self.pool, self.services)
         self.config: SchedulerConfig | None = None
         self.scraper = MetricsScraper(
@@ -113,6 +118,13 @@ class SchedulerServer:
                 rng = getattr(plugin, "rng", None)
                 if isinstance(rng, _random.Random):
                     rng.seed(self.opts.seed + i)
+        if self.config.scheduler.reporters and self.opts.response_observe != "streamed":
+            names = ", ".join(r.name for r in self.config.scheduler.reporters)
+            raise ConfigError(
+                self.config.path, names,
+                "reports from the response body need --response-observe streamed (and an Envoy config rendered with it); "
+                f"this server runs with --response-observe {self.opts.response_observe}",
+            )  # fmt: skip
         for prof in self.config.scheduler.profiles.values():
             prof.plugin_timer = self.metrics.plugin_timer
         return self.config
@@ -123,7 +135,18 @@ class SchedulerServer:
         saturation = SaturationDetector.from_config(cfg.saturation)
         flow_cfg = FlowControlConfig.from_config(cfg.flow_control)
         pool = self.pool
-        self.flow = FlowController(flow_cfg, saturation, lambda model: [e for e in pool.snapshot() if model in e.models]) if flow_cfg.enabled else None
+        self.flow = (
+            FlowController(
+                flow_cfg,
+                saturation,
+                lambda model: [e for e in pool.snapshot() if model in e.models],
+                cfg.fairness,
+                cfg.usage_limit,
+                [*cfg.band_priorities, *cfg.objectives.values()],
+            )
+            if flow_cfg.enabled
+            else None
+        )
         if self.flow is not None:
             self.services["flow_control"] = self.flow
         on_complete = record_observation(self.metrics, cfg.scheduler)
@@ -146,6 +169,7 @@ class SchedulerServer:
                 max_messages_per_stream=self.opts.max_messages_per_stream,
                 response_observe=self.opts.response_observe,
                 objectives=cfg.objectives,
+                conformance=self.opts.conformance,
             ),
             saturation,
             self.services,

@@ -16,7 +16,12 @@ log = logging.getLogger("extproc.serve")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoints", default="", help="comma list of model-server pods host:port (static discovery)")
-    p.add_argument("--endpoints-file", default=None, help="JSON file: a list of host:port, or the simulator's ready line")
+    p.add_argument(
+        "--endpoints-file",
+        default=None,
+        help="JSON file: a list of host:port or of {address, labels}, or {endpoints, labels: {address: {k: v}}} "
+        "(the simulator's ready line); labels feed label filters such as decode-filter (llm-d.ai/role)",
+    )
     p.add_argument("--config", default="default", help="plugin config: a YAML path or a built-in profile (default, prefix-load, random, load-only, precise-prefix, predicted-latency)")
     p.add_argument("--model", action="append", default=[], help="model name served by the pods until /v1/models answers (repeatable)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
@@ -32,10 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events", default=None, help="JSON file or inline JSON: {address: {endpoint, replay, topic}} (the simulator's ready line works too)")
     p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")
     p.add_argument("--predictor-state", default=None, help="directory where the latency predictor saves/loads its live model")
+    p.add_argument("--predictor-warm-start", default=None, metavar="FILE",
+                   help="latency model to start from, overriding the config's warmStart: a file, 'builtin' (the packaged "
+                        "model) or 'none' (start cold and learn online)")
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--ready-file", default=None, help="write {grpc_port, health_port, metrics_port, pid} as JSON here when serving")
+    p.add_argument(
+        "--conformance",
+        action="store_true",
+        help="conformance mode (GIE's conformance EPP): honour the request header test-epp-endpoint-selection "
+        "(restrict candidates to the listed IP or IP:port) and echo x-conformance-test-served-endpoint; off by default, "
+        "so clients cannot choose their destination",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed the pickers' random tie-breaks (tests, benchmarks)")
     p.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
     p.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -63,7 +78,17 @@ def options_from_args(args: argparse.Namespace) -> Any:
     kv: dict[str, Any] = {}
     ef = _load_json_arg(args.endpoints_file)
     if isinstance(ef, list):
-        endpoints += [str(e) for e in ef]
+        for e in ef:
+            if isinstance(e, dict):  # {"address": "host:port", "labels": {"llm-d.ai/role": "decode"}}
+                addr = e.get("address")
+                lab = e.get("labels") or {}
+                if not isinstance(addr, str) or not isinstance(lab, dict):
+                    raise SystemExit(f"--endpoints-file: each object needs 'address' (host:port) and optional 'labels' mapping, got {e!r}")
+                endpoints.append(addr)
+                if lab:
+                    labels[addr] = {str(k): str(v) for k, v in lab.items()}
+            else:
+                endpoints.append(str(e))
     elif isinstance(ef, dict):
         endpoints += [str(e) for e in ef.get("endpoints", [])]
         labels.update(ef.get("labels") or {})
@@ -96,10 +121,12 @@ def options_from_args(args: argparse.Namespace) -> Any:
         kv_events=kv,
         tokenizers=tokenizers,
         predictor_state_dir=args.predictor_state,
+        predictor_warm_start=args.predictor_warm_start,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         seed=args.seed,
+        conformance=args.conformance,
     )
 
 

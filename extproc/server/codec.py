@@ -19,6 +19,10 @@ HDR_DESTINATION = "x-gateway-destination-endpoint"
 HDR_SERVED = "x-gateway-destination-endpoint-served"
 HDR_SUBSET = "x-gateway-destination-endpoint-subset"
 HDR_REQUEST_ID = "x-extproc-request-id"
+# GIE conformance hooks (honoured only with ``extproc serve --conformance``): the request header restricts the
+# candidates to the listed addresses, the response header echoes the endpoint that served
+HDR_CONFORMANCE_SELECTION = "test-epp-endpoint-selection"
+HDR_CONFORMANCE_SERVED = "x-conformance-test-served-endpoint"
 ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET)
 LB_NAMESPACE = "envoy.lb"
 
@@ -59,13 +63,18 @@ def route_response(
     from_body: bool,
     body: bytes | None = None,
     remove: tuple[str, ...] = (),
+    headers: dict[str, str] | None = None,
 ) -> pb.ProcessingResponse:
-    """The routing answer: header + ``envoy.lb`` metadata (comma list = ordered fallbacks), optionally a new body."""
+    """The routing answer: header + ``envoy.lb`` metadata (comma list = ordered fallbacks), optionally a new body
+    and extra upstream request headers (the profile handler's, e.g. ``x-prefiller-host-port``)."""
     r = pb.ProcessingResponse()
     cr = r.request_body.response if from_body else r.request_headers.response
     hm = cr.header_mutation
     _set(hm, HDR_DESTINATION, targets[0])
     _set(hm, HDR_REQUEST_ID, request_id)
+    if headers:
+        for k, v in headers.items():
+            _set(hm, k, v)
     if remove:
         hm.remove_headers.extend(remove)
     if body is not None:
@@ -90,12 +99,14 @@ def immediate(status: int, body: bytes, extra_headers: dict[str, str] | None = N
     return r
 
 
-def response_headers_continue(served: str | None) -> pb.ProcessingResponse:
+def response_headers_continue(served: str | None, conformance: bool = False) -> pb.ProcessingResponse:
     r = pb.ProcessingResponse()
     cr = r.response_headers.response
     cr.SetInParent()  # a bare CONTINUE must still set the response_headers oneof
     if served:
         _set(cr.header_mutation, HDR_SERVED, served)
+        if conformance:
+            _set(cr.header_mutation, HDR_CONFORMANCE_SERVED, served)
     return r
 
 
@@ -105,9 +116,20 @@ def request_body_continue() -> pb.ProcessingResponse:
     return r
 
 
-def response_body_continue() -> pb.ProcessingResponse:
+def response_body_continue(metadata: list[tuple[str, str, object]] | None = None) -> pb.ProcessingResponse:
+    """CONTINUE for a response body chunk, optionally with dynamic metadata (namespace, key, value) for Envoy."""
     r = pb.ProcessingResponse()
     r.response_body.response.SetInParent()
+    if metadata:
+        md = r.dynamic_metadata
+        for ns, key, value in metadata:
+            f = md.fields[ns].struct_value.fields[key]
+            if isinstance(value, bool):
+                f.bool_value = value
+            elif isinstance(value, (int, float)):
+                f.number_value = float(value)
+            else:
+                f.string_value = str(value)
     return r
 
 

@@ -31,7 +31,7 @@ from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, error_body, parse_request
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.observe.metrics import SchedulerMetrics
-from extproc.scheduling.framework import Observation, Scheduler, SchedulingError
+from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, Scheduler, SchedulingError
 from extproc.server import codec
 from extproc.server.tracker import Flight, FlightTracker
 
@@ -48,6 +48,42 @@ class HandlerSettings:
     max_header_bytes: int = 64 * 1024
     response_observe: str = "observability"  # observability | streamed | none
     objectives: dict[str, int] = field(default_factory=dict)
+    conformance: bool = False  # honour the GIE conformance header test-epp-endpoint-selection
+
+
+def usage_from_tail(tail: bytes) -> dict[str, Any] | None:
+    """The last ``"usage": {...}`` object in the end of a response body (JSON or SSE), or None."""
+    i = tail.rfind(b'"usage"')
+    while i >= 0:
+        j = tail.find(b"{", i)
+        if j < 0:
+            return None
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(tail[j:].decode("utf-8", "replace"))
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            return obj
+        i = tail.rfind(b'"usage"', 0, i)
+    return None
+
+
+def parse_endpoint_selection(value: str) -> frozenset[str]:
+    """``test-epp-endpoint-selection``: comma list of ``IP`` or ``IP:port`` (IPv6 in brackets) → the set of
+    addresses and bare hosts a candidate may match (llm-d-router pkg/epp/framework/plugins/scheduling/test)."""
+    out: set[str] = set()
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            out.add(f"{host}{rest}" if rest.startswith(":") else host)
+        elif item.count(":") == 1:
+            out.add(item)
+        else:
+            out.add(item)
+    return frozenset(out)
 
 
 class _Stream:
@@ -88,6 +124,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         self.services = services if services is not None else {}
         self._req_counters: dict[tuple[str, int], Any] = {}
         self.tokenizers = self.services.get("tokenizers")
+        # headers a client may never set: the routing headers and those the profile handler sets upstream
+        self._strip = tuple(dict.fromkeys(codec.ROUTING_HEADERS + scheduler.owned_headers))
 
     # ------------------------------------------------------------------ gRPC entry point
     async def Process(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
@@ -134,11 +172,14 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             return self._on_response_headers(st, req.response_headers)
         if kind == "response_body":
             f = st.flight
+            metadata = None
             if f is not None:
                 f.on_body_chunk(req.response_body.body, time.monotonic())
                 if req.response_body.end_of_stream:
+                    if self.scheduler.reporters:
+                        metadata = self._report(f)
                     self.tracker.finish(f, "ok" if f.obs.status < 400 else f"status_{f.obs.status}")
-            return codec.response_body_continue()
+            return codec.response_body_continue(metadata)
         if kind == "request_trailers":
             return codec.request_trailers_continue()
         if kind == "response_trailers":
@@ -148,6 +189,19 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             return codec.response_trailers_continue()
         return None
 
+    def _report(self, f: Flight) -> list[tuple[str, str, Any]] | None:
+        """Response reporters' metadata from the response's last ``usage`` object (never raises)."""
+        usage = usage_from_tail(f.tail)
+        if usage is None:
+            return None
+        out: list[tuple[str, str, Any]] = []
+        for r in self.scheduler.reporters:
+            try:
+                out += r.report(f.request, usage)
+            except Exception:
+                log.exception("response reporter failed", extra={"plugin": getattr(r, "name", "?")})
+        return out or None
+
     def _on_request_headers(self, st: _Stream, rh: Any) -> Any:
         size = rh.ByteSize()
         st.headers = codec.headers_to_dict(rh.headers)
@@ -156,9 +210,11 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         st.request_id = st.headers.get("x-request-id", "")
         if size > self.settings.max_header_bytes:
             return self._reject(st, 431, f"request headers of {size} bytes exceed the limit of {self.settings.max_header_bytes}", "invalid_request_error", "headers_too_large")
+        for h in self._strip:
+            st.headers.pop(h, None)
         if rh.end_of_stream:
             return self._on_bodyless(st)
-        return codec.request_headers_continue()
+        return codec.request_headers_continue(self._strip)
 
     def _on_bodyless(self, st: _Stream) -> Any:
         path = st.path.split("?", 1)[0].rstrip("/")
@@ -204,7 +260,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         st.request_id = request.request_id
         model = request.target_model
         if model not in self.pool.known_models():
-            return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found", model=model)
+            # counted without the name: a client-chosen model must not mint a metrics series per name
+            return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found")
         if self.tokenizers:
             request.prompt_token_ids = self.tokenizers.tokenize(request)
         snapshot = self.pool.snapshot()
@@ -222,19 +279,23 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         try:
             await self.flow.wait(request)
         except SchedulingError as e:
-            return self._reject(st, e.status, e.message, "rate_limit_error" if e.status == 429 else "service_unavailable", e.code, model=request.target_model)
+            return self._reject(st, e.status, e.message, e.error_type, e.code, model=request.target_model)
         return self._dispatch(st, request, time.perf_counter())
 
     def _dispatch(self, st: _Stream, request: Any, t0: float) -> Any:
         model = request.target_model
+        allowed = None
+        if self.settings.conformance:
+            sel = request.headers.get(codec.HDR_CONFORMANCE_SELECTION)
+            if sel is not None:
+                allowed = parse_endpoint_selection(sel)
         try:
-            result, cycle = self.scheduler.schedule(request)
+            result, cycle = self.scheduler.schedule(request, allowed=allowed)
         except SchedulingError as e:
-            etype = "rate_limit_error" if e.status == 429 else ("NotFoundError" if e.status == 404 else "service_unavailable")
-            return self._reject(st, e.status, e.message, etype, e.code, model=model)
+            return self._reject(st, e.status, e.message, e.error_type, e.code, model=model)
         targets = [ep.address for ep in result.targets]
         primary = result.primary
-        feats = cycle.data.get("predictor_features")
+        feats = cycle.data.get(PREDICTOR_FEATURES)
         st.flight = self.tracker.dispatch(request, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
         st.served = primary.address
         self.scheduler.dispatched(cycle, request, result)
@@ -242,7 +303,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         if request.target_model != request.model:
             request.body["model"] = request.target_model
             new_body = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
-        resp = codec.route_response(targets, request.request_id, from_body=True, body=new_body)
+        resp = codec.route_response(targets, st.flight.key, from_body=True, body=new_body, headers=result.headers)
         self.metrics.decisions.observe(time.perf_counter() - t0)
         if self.flow is not None and self.flow.queued():
             self.flow.notify()  # chain releases one at a time, each after the previous one is dispatched
@@ -263,7 +324,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                 f.endpoint.scrape_failures += 1  # upstream trouble: hint the health logic
             if rh.end_of_stream or self.settings.response_observe == "none":
                 self.tracker.finish(f, "ok" if 0 < status < 400 else f"status_{status}")
-        return codec.response_headers_continue(st.served)
+        return codec.response_headers_continue(st.served, self.settings.conformance)
 
     # ------------------------------------------------------------------ observation stream
     def _observe(self, st: _Stream, req: Any) -> None:

@@ -4,6 +4,10 @@ Every dispatched request gets one ``Flight``. It is finished exactly once, which
 end of the response stream, an error status, the client disconnecting, a stream that ends without ``[DONE]``,
 or — as a last resort against leaks — a TTL sweep. Finishing decrements the pod's in-flight counters and hands
 the ``Observation`` to the scheduler's response observers (prefix index, latency predictor, ...).
+
+Flights are keyed by a random id the scheduler draws (``Flight.key``), never by the client's ``x-request-id``:
+the key travels to Envoy as ``x-extproc-request-id`` (Envoy strips any client-supplied copy before routing),
+and the observation stream finds its flight by it. Two requests with the same client id are two flights.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable
 
@@ -28,6 +33,7 @@ _TAIL_BYTES = 4096
 
 class Flight:
     __slots__ = (
+        "key",
         "request",
         "endpoint",
         "obs",
@@ -41,7 +47,10 @@ class Flight:
         "response_started",
     )
 
-    def __init__(self, request: InferenceRequest, endpoint: Endpoint, obs: Observation, decode_tokens: int) -> None:
+    def __init__(
+        self, request: InferenceRequest, endpoint: Endpoint, obs: Observation, decode_tokens: int, key: str = ""
+    ) -> None:
+        self.key = key or secrets.token_hex(12)  # 96 random bits: not chosen, not guessable by a client
         self.request = request
         self.endpoint = endpoint
         self.obs = obs
@@ -97,7 +106,9 @@ class FlightTracker:
         on_complete: Callable[[InferenceRequest, Observation], None],
         on_outcome: Callable[[str], None] | None = None,
         max_age_s: float = 1800.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock  # the virtual-time benchmark passes its clock: same accounting, virtual timestamps
         self._flights: dict[str, Flight] = {}
         self._on_complete = on_complete
         self._on_outcome = on_outcome
@@ -115,25 +126,26 @@ class FlightTracker:
             endpoint=endpoint.address,
             model=request.target_model,
             prompt_tokens=prompt_tokens,
-            dispatch_ts=time.monotonic(),
+            dispatch_ts=self.clock(),
             features=features,
         )
         f = Flight(request, endpoint, obs, decode)
-        old = self._flights.pop(request.request_id, None)
-        if old is not None:  # same id reused by a client: finish the old one cleanly
-            self._finish(old, "superseded")
-        self._flights[request.request_id] = f
+        while f.key in self._flights:  # never in practice (96 random bits); keeps keys unique regardless
+            f.key = secrets.token_hex(12)
+        self._flights[f.key] = f
         endpoint.inflight += 1
         endpoint.inflight_prefill_tokens += prompt_tokens
         return f
 
-    def get(self, request_id: str) -> Flight | None:
-        return self._flights.get(request_id)
+    def get(self, key: str) -> Flight | None:
+        """The flight whose :attr:`Flight.key` is ``key`` (the ``x-extproc-request-id`` of the observation stream)."""
+        return self._flights.get(key)
 
     def finish(self, flight: Flight, outcome: str) -> None:
         if flight.finished:
             return
-        self._flights.pop(flight.request.request_id, None)
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
         self._finish(flight, outcome)
 
     def _finish(self, f: Flight, outcome: str) -> None:
@@ -144,7 +156,7 @@ class FlightTracker:
         else:
             ep.inflight_decode_tokens -= f.decode_tokens
         ep.inflight -= 1
-        f.obs.complete_ts = time.monotonic()
+        f.obs.complete_ts = self.clock()
         f.obs.output_tokens = f.output_tokens()
         if outcome != "ok":
             f.obs.error = outcome
@@ -160,7 +172,7 @@ class FlightTracker:
             self.finish(f, outcome)
 
     def sweep(self, now: float | None = None) -> int:
-        now = now if now is not None else time.monotonic()
+        now = now if now is not None else self.clock()
         stale = [f for f in self._flights.values() if now - f.obs.dispatch_ts > self.max_age_s]
         for f in stale:
             self.finish(f, "expired")

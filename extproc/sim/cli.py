@@ -4,7 +4,7 @@ the roofline step model against measured runs (extproc.sim.fidelity).
 
 When the fleet is up it prints one JSON line on stdout::
 
-    {"endpoints": [...], "labels": {addr: {"pod-class": ...}}, "kv_events": {addr: {"endpoint", "replay", "topic"}}}
+    {"endpoints": [...], "labels": {addr: {"accelerator": ...}}, "kv_events": {addr: {"endpoint", "replay", "topic"}}}
 """
 
 from __future__ import annotations

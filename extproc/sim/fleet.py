@@ -6,7 +6,7 @@
     async with SimFleet(spec) as fleet:
         fleet.endpoints     # ["127.0.0.1:port", ...]
         fleet.pods          # [SimPod, ...]: .address .profile .engine .kv_events_endpoint .replay_endpoint .topic
-        fleet.labels        # {address: {"pod-class": profile name}}
+        fleet.labels        # {address: {"accelerator": the profile's accelerator}}
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class SimFleet:
 
     @property
     def labels(self) -> dict[str, dict[str, str]]:
-        return {p.address: {"pod-class": p.profile.name} for p in self.pods}
+        # what a real pod exposes: its hardware (the node's accelerator label), not the simulator's profile name
+        return {p.address: {"accelerator": p.profile.accelerator} for p in self.pods}
 
     @property
     def kv_events(self) -> dict[str, dict[str, str | None]]:

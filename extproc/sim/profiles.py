@@ -163,6 +163,57 @@ _L8_L40S = Profile(
         "max_num_seqs 256 / max_num_batched_tokens 2048: vLLM V1 defaults for < 70 GiB GPUs"
     ),
 )
+# Other vendors (never seen by the shipped warm-start predictor model). Efficiency assumptions differ from the
+# NVIDIA ones above: vLLM's ROCm and HPU backends are taken to reach 60 % of peak HBM bandwidth in decode and 35 %
+# of dense bf16 peak in prefill (vs 75 % / 50 % on CUDA), the gap public vLLM comparisons of MI300X and Gaudi
+# against H100 show; ``extproc sim calibrate`` replaces them with measurements on real hardware.
+_L8_MI300X = Profile(
+    name="llama3-8b-mi300x",
+    model="meta-llama/Meta-Llama-3-8B-Instruct",
+    accelerator="AMD-Instinct-MI300X-192GB",
+    b0_ms=5.05,
+    b1_ms=0.035,
+    b2_ms=0.077,
+    a0_ms=1.0,
+    max_num_seqs=1024,
+    max_num_batched_tokens=8192,
+    num_gpu_blocks=78_000,
+    block_size=16,
+    max_model_len=8192,
+    sources=(
+        "AMD Instinct MI300X data sheet: 192 GB HBM3, 5.3 TB/s peak, 1307.4 TFLOPS dense bf16 (2614.9 with sparsity); "
+        "b0: 16.06 GB weights at 60% of 5.3 TB/s (vLLM ROCm, assumption above) = 5.05 ms; "
+        "b1: 16.1 GFLOP/token at 35% of 1307.4 TFLOPS = 0.035 ms; "
+        "b2: 0.035 ms FLOPs + 128 MiB KV read at 1k context at 3.18 TB/s = 0.042 ms; "
+        "a0: 1 ms per admitted request as the other profiles; "
+        "KV: 0.9 x 192 GiB - 16.1 GB weights - 4 GB activations = 165 GB / 128 KiB = 1.26M tokens -> 78,000 blocks of 16; "
+        "max_num_seqs 1024 / max_num_batched_tokens 8192: vLLM V1 engine defaults for >= 70 GiB devices (ROCm uses the same)"
+    ),
+)
+_L8_GAUDI3 = Profile(
+    name="llama3-8b-gaudi3",
+    model="meta-llama/Meta-Llama-3-8B-Instruct",
+    accelerator="Intel-Gaudi3-HL-325L-128GB",
+    b0_ms=7.23,
+    b1_ms=0.025,
+    b2_ms=0.085,
+    a0_ms=1.0,
+    max_num_seqs=1024,
+    max_num_batched_tokens=8192,
+    num_gpu_blocks=6_170,
+    block_size=128,
+    max_model_len=8192,
+    sources=(
+        "Intel Gaudi 3 AI accelerator white paper (HL-325L OAM): 128 GB HBM2e, 3.7 TB/s, 1835 TFLOPS bf16 (MME); "
+        "b0: 16.06 GB weights at 60% of 3.7 TB/s (vLLM HPU, assumption above) = 7.23 ms; "
+        "b1: 16.1 GFLOP/token at 35% of 1835 TFLOPS = 0.025 ms; "
+        "b2: 0.025 ms FLOPs + 128 MiB KV read at 1k context at 2.22 TB/s = 0.060 ms; "
+        "a0: 1 ms per admitted request as the other profiles; "
+        "block_size 128: the block size vLLM on Gaudi is run with (Intel Gaudi docs, 'Inference Using vLLM', --block-size=128); "
+        "KV: 0.9 x 128 GiB - 16.1 GB - 4 GB = 103.6 GB / 128 KiB = 790k tokens -> 6,170 blocks of 128; "
+        "max_num_seqs 1024 / max_num_batched_tokens 8192: vLLM V1 engine defaults for >= 70 GiB devices"
+    ),
+)
 _L70_H100_TP4 = Profile(
     name="llama3-70b-h100-tp4",
     model="meta-llama/Meta-Llama-3-70B-Instruct",
@@ -208,7 +259,9 @@ _TINY_CPU = Profile(
     ),
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (_L8_H100, _L8_A100, _L8_L40S, _L70_H100_TP4, _TINY_CPU)}
+PROFILES: dict[str, Profile] = {
+    p.name: p for p in (_L8_H100, _L8_A100, _L8_L40S, _L8_MI300X, _L8_GAUDI3, _L70_H100_TP4, _TINY_CPU)
+}
 
 
 def get_profile(name_or_path: str) -> Profile:

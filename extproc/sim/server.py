@@ -6,8 +6,9 @@ request's new token to its handler (one list append and one future per request p
 responses are assembled from pre-rendered JSON fragments: only the token text is JSON-escaped, and that is
 cached per token id.
 
-Endpoints (shapes follow vLLM's OpenAI server, vllm/entrypoints/openai): ``/v1/completions``,
-``/v1/chat/completions`` (SSE ``data: {json}\\n\\n`` chunks, ``stream_options.include_usage`` → a final
+Endpoints (shapes follow vLLM's OpenAI server, vllm/entrypoints/openai): ``/v1/completions`` (``prompt`` a
+string, token ids, or a batch: a list of strings / token-id lists, one choice per element), ``/v1/embeddings``
+(``input`` in the same forms; the engine prefills each input), ``/v1/chat/completions`` (SSE ``data: {json}\\n\\n`` chunks, ``stream_options.include_usage`` → a final
 chunk with empty ``choices`` and ``usage``, then ``data: [DONE]``), ``/v1/models``, ``/health``,
 ``/metrics``, ``/tokenize``, ``/detokenize``, and what peer routers probe: ``/get_model_info``,
 ``/get_server_info``, ``/get_load``, ``/v1/completions/render``, ``/v1/chat/completions/render``.
@@ -18,11 +19,15 @@ param, code}}`` shape.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import random
 import socket
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,6 +50,15 @@ _DIE_AFTER_CHUNKS = 3
 _JSON = "application/json"
 
 _tok_json: dict[int, bytes] = {}
+
+
+def _embedding(ids: list[int], dims: int) -> list[float]:
+    """A deterministic unit vector for a token sequence (same ids → same vector, on every pod)."""
+    seed = hashlib.blake2b(struct.pack(f"<{len(ids)}q", *ids), digest_size=8).digest()
+    rng = random.Random(seed)
+    vec = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
 
 
 def _token_json(tok: int) -> bytes:
@@ -188,6 +202,7 @@ class SimPod:
         r = app.router
         r.add_post("/v1/completions", self._completions)
         r.add_post("/v1/chat/completions", self._chat)
+        r.add_post("/v1/embeddings", self._embeddings)
         r.add_get("/v1/models", self._models)
         r.add_get("/health", self._health)
         r.add_get("/metrics", self._metrics)
@@ -351,16 +366,28 @@ class SimPod:
         raise _HTTPError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
 
     def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
-        if "prompt" not in body:
-            raise _bad_request("Field required: prompt", "prompt")
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
+        """The single prompt of ``body`` (``/render`` and one-prompt requests); a batch is a 400 here."""
+        batch = self._prompt_batch(body)
+        if len(batch) != 1:
+            raise _bad_request("this endpoint takes a single prompt", "prompt")
+        return batch[0]
+
+    def _prompt_batch(self, body: dict[str, Any], key: str = "prompt") -> list[list[int]]:
+        """Completions ``prompt`` / embeddings ``input`` as vLLM accepts it: a string, a list of token ids, a
+        list of strings, or a list of token-id lists (a batch: one choice / embedding per element)."""
+        if key not in body:
+            raise _bad_request(f"Field required: {key}", key)
+        prompt = body[key]
         if isinstance(prompt, str):
-            return self._tokenizer.encode(prompt, add_special_tokens=True)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
-        raise _bad_request("prompt must be a string, a list of token ids, or a list with one of those", "prompt")
+            return [self._tokenizer.encode(prompt, add_special_tokens=True)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                return [list(prompt)]
+            if all(isinstance(p, str) for p in prompt):
+                return [self._tokenizer.encode(p, add_special_tokens=True) for p in prompt]
+            if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+                return [list(p) for p in prompt]
+        raise _bad_request(f"{key} must be a string, a list of strings, a list of token ids, or a list of token-id lists", key)
 
     def _chat_ids(self, body: dict[str, Any]) -> list[int]:
         msgs = body.get("messages")
@@ -391,8 +418,11 @@ class SimPod:
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         body = await self._json_body(request)
         lora = self._resolve_model(body)
-        ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+        batch = [self._chat_ids(body)] if chat else self._prompt_batch(body)
         max_tokens = self._max_tokens(body, chat)
+        if len(batch) > 1:
+            return await self._generate_batch(request, body, batch, lora, max_tokens)
+        ids = batch[0]
         f = self.faults
         if f.error_rate > 0 and self._rng.random() < f.error_rate:
             return _error_response(500, "simulated internal server error (fault injection)", "InternalServerError")
@@ -420,6 +450,142 @@ class SimPod:
             if not done:
                 self._streams.pop(rid, None)
                 self.engine.abort(rid)
+
+    def _submit(self, rid: str, ids: list[int], max_tokens: int | None, lora: str | None) -> _Stream:
+        try:
+            self.engine.add_request(SimRequest(rid, ids, max_tokens, lora, asyncio.get_running_loop().time()))
+        except ValueError as e:
+            raise _bad_request(str(e)) from None
+        stream = _Stream()
+        self._streams[rid] = stream
+        self._wake.set()
+        return stream
+
+    def _abort_all(self, rids: list[str]) -> None:
+        for rid in rids:
+            if self._streams.pop(rid, None) is not None:
+                self.engine.abort(rid)
+
+    async def _finished_tokens(self, stream: _Stream) -> list[int]:
+        await self._wait_tokens(stream, 0)
+        while not stream.finished:
+            await self._wait_tokens(stream, len(stream.tokens))
+        return stream.tokens
+
+    async def _generate_batch(
+        self, request: web.Request, body: dict[str, Any], batch: list[list[int]], lora: str | None, max_tokens: int | None
+    ) -> web.StreamResponse:
+        """A completions request whose ``prompt`` is a list: one engine request per prompt, choice ``index`` = the
+        prompt's position, usage summed (what vLLM's OpenAI server returns for a prompt batch)."""
+        f = self.faults
+        if f.error_rate > 0 and self._rng.random() < f.error_rate:
+            return _error_response(500, "simulated internal server error (fault injection)", "InternalServerError")
+        rid = "cmpl-" + uuid.uuid4().hex
+        rids = [f"{rid}-{i}" for i in range(len(batch))]
+        streams: list[_Stream] = []
+        try:
+            for r, ids in zip(rids, batch):
+                streams.append(self._submit(r, ids, max_tokens, lora))
+            model = str(body.get("model") or self.model)
+            n_prompt = sum(len(ids) for ids in batch)
+            if body.get("stream"):
+                return await self._stream_batch(request, rid, rids, streams, model, body, n_prompt)
+            outs = await asyncio.gather(*(self._finished_tokens(st) for st in streams))
+        finally:
+            self._abort_all(rids)
+        n_out = sum(len(t) for t in outs)
+        choices = [
+            {"index": i, "text": self._tokenizer.decode(t), "logprobs": None, "finish_reason": "length",
+             "stop_reason": None, "prompt_logprobs": None}
+            for i, t in enumerate(outs)
+        ]  # fmt: skip
+        out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,
+               "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out, "completion_tokens": n_out,
+                         "prompt_tokens_details": None}}  # fmt: skip
+        return web.Response(body=json.dumps(out).encode(), content_type=_JSON)
+
+    async def _stream_batch(
+        self, request: web.Request, rid: str, rids: list[str], streams: list[_Stream], model: str,
+        body: dict[str, Any], n_prompt: int,
+    ) -> web.StreamResponse:  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        head = f'{{"id":"{rid}","object":"text_completion","created":{int(time.time())},"model":{json.dumps(model)},'
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def pump(i: int, stream: _Stream) -> None:
+            sent = 0
+            while True:
+                await self._wait_tokens(stream, sent)
+                toks, n = stream.tokens, len(stream.tokens)
+                for j in range(sent, n):
+                    fin = '"length"' if stream.finished and j == n - 1 else "null"
+                    queue.put_nowait(
+                        f'data: {head}"choices":[{{"index":{i},"text":'.encode() + _token_json(toks[j])
+                        + f',"logprobs":null,"finish_reason":{fin},"stop_reason":null}}]}}\n\n'.encode()
+                    )  # fmt: skip
+                sent = n
+                if stream.finished:
+                    return
+
+        async def pumps() -> None:
+            try:
+                await asyncio.gather(*(pump(i, st) for i, st in enumerate(streams)))
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(pumps())
+        try:
+            while (chunk := await queue.get()) is not None:
+                await resp.write(chunk)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        n_out = sum(len(st.tokens) for st in streams)
+        opts = body.get("stream_options") or {}
+        if isinstance(opts, dict) and opts.get("include_usage"):
+            await resp.write(
+                (f'data: {head}"choices":[],"usage":{{"prompt_tokens":{n_prompt},'
+                 f'"total_tokens":{n_prompt + n_out},"completion_tokens":{n_out}}}}}\n\n').encode()
+            )  # fmt: skip
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """``/v1/embeddings``: each input is prefilled by the engine (one step, its output discarded) so it
+        loads the pod like vLLM's pooling runner; the vector is a deterministic unit vector of the token ids
+        (``dimensions`` long, default 64), ``encoding_format`` float or base64."""
+        body = await self._json_body(request)
+        lora = self._resolve_model(body)
+        batch = self._prompt_batch(body, "input")
+        dims = body.get("dimensions", 64)
+        if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= 4096:
+            raise _bad_request("dimensions must be an integer in [1, 4096]", "dimensions")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise _bad_request("encoding_format must be 'float' or 'base64'", "encoding_format")
+        f = self.faults
+        if f.error_rate > 0 and self._rng.random() < f.error_rate:
+            return _error_response(500, "simulated internal server error (fault injection)", "InternalServerError")
+        rid = "embd-" + uuid.uuid4().hex
+        rids = [f"{rid}-{i}" for i in range(len(batch))]
+        try:
+            streams = [self._submit(r, ids, 1, lora) for r, ids in zip(rids, batch)]
+            await asyncio.gather(*(self._finished_tokens(st) for st in streams))
+        finally:
+            self._abort_all(rids)
+        data = []
+        for i, ids in enumerate(batch):
+            vec = _embedding(ids, dims)
+            emb: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if fmt == "base64" else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n_prompt = sum(len(ids) for ids in batch)
+        out = {"id": rid, "object": "list", "created": int(time.time()), "model": str(body.get("model") or self.model),
+               "data": data, "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt, "completion_tokens": 0,
+                                       "prompt_tokens_details": None}}  # fmt: skip
+        return web.Response(body=json.dumps(out).encode(), content_type=_JSON)
 
     async def _wait_tokens(self, stream: _Stream, sent: int) -> None:
         while len(stream.tokens) == sent and not stream.finished:

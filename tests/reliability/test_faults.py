@@ -274,28 +274,41 @@ schedulingProfiles:
 """
 
 
-async def test_identical_prefix_burst_is_spread(tmp_path: Any) -> None:
-    """40 concurrent requests with one shared prefix on 4 pods that run at most 8 sequences each.
-
-    Without a cap the prefix scorer (weight 3) pulls the whole burst onto the first pod: the load scorers only see
-    its queue after a scrape (min–max normalised, 2 + 2 < 3 until both turn), and the burst is scheduled within
-    about one scrape interval. ``inflight-limit-filter`` uses our own exact in-flight count, so no pod ever holds
-    more than ``maxInflight`` (10) of the burst at once; 40 requests on 4 pods then fill every pod.
-    """
-    cfg = tmp_path / "burst.yaml"
-    cfg.write_text(BURST_CONFIG)
+async def _burst(config: str) -> tuple[collections.Counter[str], list[str], bool]:
+    """40 concurrent requests sharing one long prefix on 4 tiny-cpu pods (8 sequences each): per-pod counts."""
     async with SimFleet(FleetSpec(pods=4, profile="tiny-cpu", model=MODEL, time_scale=0.2, seed=3)) as fleet:
-        async with Stack(StackSpec(endpoints=fleet.endpoints, models=[MODEL], config=str(cfg), in_process=True, scrape_interval_s=0.05)) as st:
+        async with Stack(StackSpec(endpoints=fleet.endpoints, models=[MODEL], config=config, in_process=True, scrape_interval_s=0.05)) as st:
             prefix = "You are a helpful assistant. Follow the policy below carefully. " * 30
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as s:
                 results = await asyncio.gather(
                     *(post(s, st.url, "/v1/completions", {"model": MODEL, "prompt": prefix + f"question {i}", "max_tokens": 48}) for i in range(40))
                 )
-            per_pod = collections.Counter(r[1].get("x-inference-pod", "") for r in results)
             assert all(r[0] == 200 for r in results), [r[0] for r in results]
+            per_pod = collections.Counter(r[1].get("x-inference-pod", "") for r in results)
             assert set(per_pod) <= set(fleet.endpoints)
-            # requests finish while the burst is still being scheduled, so a pod may serve a few more than 10 in
-            # total; it never holds more than 10 at once. 40 on one pod (the failure) is far above this bound.
-            assert max(per_pod.values()) <= 16, dict(per_pod)
-            assert len(per_pod) == 4, dict(per_pod)
-            assert await _drained(st)
+            return per_pod, list(fleet.endpoints), await _drained(st)
+
+
+async def test_identical_prefix_burst_default_profile_piles_on() -> None:
+    """The known limit of the reference default profile (docs/reliability.md, "Known limits" 1), measured: the
+    prefix scorer (weight 3) pulls an identical-prefix burst onto the pod that got the first request, because the
+    load scorers only see its queue after a scrape (min–max normalised, 2 + 2 < 3 until both turn) and the burst
+    is scheduled within about one scrape interval. Measured here: all 40 on one pod. If this starts failing the
+    default profile has changed; update the docs' limit with the new numbers."""
+    per_pod, _, drained = await _burst("default")
+    assert max(per_pod.values()) >= 30, dict(per_pod)
+    assert drained
+
+
+async def test_identical_prefix_burst_is_spread(tmp_path: Any) -> None:
+    """The same burst with ``inflight-limit-filter`` in front of the default profile: it uses our own exact
+    in-flight count, so no pod ever holds more than ``maxInflight`` (10) of the burst at once; 40 requests on
+    4 pods then fill every pod."""
+    cfg = tmp_path / "burst.yaml"
+    cfg.write_text(BURST_CONFIG)
+    per_pod, endpoints, drained = await _burst(str(cfg))
+    # requests finish while the burst is still being scheduled, so a pod may serve a few more than 10 in
+    # total; it never holds more than 10 at once. 40 on one pod (the default profile's pile-on) is far above.
+    assert max(per_pod.values()) <= 16, dict(per_pod)
+    assert len(per_pod) == 4, dict(per_pod)
+    assert drained

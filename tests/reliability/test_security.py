@@ -4,7 +4,6 @@ certificate reload, health and metrics on their own ports, and no prompt text or
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import os
 import ssl
@@ -14,17 +13,14 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.harness import SchedulerProcess, Stack, StackSpec
 from extproc.sim.fleet import SimFleet
-from reliability_lib import MODEL, Trap, error_of, post
+from reliability_lib import MODEL, PKI, Trap, error_of, post
 
 pytestmark = pytest.mark.envoy
 
@@ -73,52 +69,6 @@ async def test_spoofed_routing_headers_never_reach_trap(fleet: SimFleet, mode: s
 
 
 # --------------------------------------------------------------------------------------------- TLS / mTLS
-class PKI:
-    """A throwaway CA issuing server (127.0.0.1 / localhost) and client certificates."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "extproc-test-ca")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )  # fmt: skip
-        self.ca_path = root / "ca.pem"
-        self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, cn: str, *, server: bool) -> tuple[x509.Certificate, bytes, bytes]:
-        import ipaddress
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        b = (
-            x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        )  # fmt: skip
-        if server:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        cert = b.sign(self.key, hashes.SHA256())
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        return cert, cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-    def write_server(self, cn: str) -> tuple[x509.Certificate, Path, Path]:
-        cert, cert_pem, key_pem = self.issue(cn, server=True)
-        cp, kp = self.root / "server.pem", self.root / "server.key"
-        tmp_c, tmp_k = self.root / "server.pem.tmp", self.root / "server.key.tmp"
-        tmp_c.write_bytes(cert_pem)
-        tmp_k.write_bytes(key_pem)
-        os.replace(tmp_k, kp)
-        os.replace(tmp_c, cp)
-        return cert, cp, kp
-
-
 def _exchange_msgs() -> list[pb.ProcessingRequest]:
     req = pb.ProcessingRequest()
     for k, v in ((":path", b"/v1/completions"), (":method", b"POST")):

@@ -6,11 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState
-from extproc.scheduling.plugins._params import check_keys
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import CycleState, Endpoint, InferenceRequest, PluginContext, check_keys, register
 
 
 @register

@@ -10,8 +10,9 @@ It is also the ResponseObserver that feeds completed requests (the feature row t
 ``Observation.features``) to the trainer. List the prefix scorer before it in the profile so
 ``cycle.data["prefix_scores"]`` is available when features are built.
 
-Parameters: ``ttftWeight`` (0.8), ``tpotWeight`` (0.2), plus the shared predictor-service parameters (used by
-whichever predictor plugin is built first; see ``extproc.predictor.service.ServiceConfig.from_params``).
+Parameters: ``ttftWeight`` (0.8), ``tpotWeight`` (0.2), plus the shared predictor-service parameters (given on
+one plugin only; a second plugin setting different ones is a config error, see
+``extproc.predictor.service.PredictorService.get_or_create`` and ``ServiceConfig.from_params``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
+from extproc.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Observation,
+    PluginContext,
+    check_keys,
+    get_float,
+    register,
+)
 from extproc.predictor.service import SERVICE_PARAM_KEYS, PredictorService
-from extproc.scheduling.framework import CycleState, Observation
-from extproc.scheduling.plugins._params import check_keys, get_float
-from extproc.scheduling.registry import PluginContext, register
 
 NEUTRAL = 0.0
 
@@ -63,7 +69,7 @@ class PredictedLatencyScorer:
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "PredictedLatencyScorer":
         check_keys(params, SERVICE_PARAM_KEYS | {"ttftWeight", "tpotWeight"})
-        svc = PredictorService.get_or_create(ctx.services, params)
+        svc = PredictorService.get_or_create(ctx.services, params, owner=name)
         return cls(
             name,
             svc,

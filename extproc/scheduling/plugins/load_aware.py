@@ -10,11 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState
-from extproc.scheduling.plugins._params import check_keys, get_int
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import CycleState, Endpoint, InferenceRequest, PluginContext, check_keys, get_int, register
 
 DEFAULT_QUEUE_THRESHOLD = 128
 

@@ -19,11 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState
-from extproc.scheduling.plugins._params import check_keys, get_str_list
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import CycleState, Endpoint, InferenceRequest, PluginContext, check_keys, get_str_list, register
 
 SCORE_ACTIVE = 1.0
 SCORE_FREE_SLOT = 0.8

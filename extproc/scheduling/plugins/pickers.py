@@ -18,11 +18,17 @@ import random
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState, ScoredEndpoint
-from extproc.scheduling.plugins._params import check_keys, get_int, get_seed
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginContext,
+    ScoredEndpoint,
+    check_keys,
+    get_int,
+    get_seed,
+    register,
+)
 
 DEFAULT_MAX_NUM_OF_ENDPOINTS = 1
 _PARAMS = ("maxNumOfEndpoints", "seed")

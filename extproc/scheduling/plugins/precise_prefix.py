@@ -29,22 +29,39 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
+from extproc.plugin import (
+    PREFIX_BLOCK_SIZE,
+    PREFIX_CACHED_TOKENS,
+    PREFIX_MATCHED_BLOCKS,
+    PREFIX_SCORES,
+    PREFIX_TOTAL_BLOCKS,
+    PROMPT_TOKEN_IDS,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    Observation,
+    PluginContext,
+    SchedulingResult,
+    check_keys,
+    get_bool,
+    get_float,
+    get_int,
+    register,
+)
+from extproc.api import CHARS_PER_TOKEN
 from extproc.datalayer.kvevents import KVEventManager, SourceTemplate, sources_from_json
 from extproc.datalayer.kvindex import KVBlockIndex, PrefixMatch
 from extproc.datalayer.tokenize import Tokenizers
-from extproc.scheduling.framework import CycleState, Observation, SchedulingResult
-from extproc.scheduling.plugins._params import check_keys, get_bool, get_float, get_int
 from extproc.scheduling.plugins.prefix import (
     DEFAULT_BLOCK_SIZE as APPROX_BLOCK_SIZE,
+    DEFAULT_LOAD_SLACK,
+    bounded_load,
     DEFAULT_LRU_CAPACITY_PER_SERVER,
     DEFAULT_MAX_PREFIX_BLOCKS,
     PrefixIndex,
     hash_prompt,
     shared_index,
 )
-from extproc.scheduling.registry import PluginContext, register
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +73,11 @@ DEFAULT_MAX_BLOCKS = 1024
 DEFAULT_MAX_KEYS = 1_000_000
 DEFAULT_MAX_HOLD_S = 600.0  # an in-flight hold whose completion never came is dropped after this long
 
-CYCLE_SCORES = "prefix_scores"
-CYCLE_TOKENS = "prompt_token_ids"
-CYCLE_MATCHED = "prefix_matched_blocks"
-CYCLE_TOTAL = "prefix_total_blocks"
-CYCLE_BLOCK_SIZE = "prefix_block_size"
+CYCLE_SCORES = PREFIX_SCORES
+CYCLE_TOKENS = PROMPT_TOKEN_IDS
+CYCLE_MATCHED = PREFIX_MATCHED_BLOCKS
+CYCLE_TOTAL = PREFIX_TOTAL_BLOCKS
+CYCLE_BLOCK_SIZE = PREFIX_BLOCK_SIZE
 CYCLE_PRECISE = "prefix_precise"
 
 
@@ -111,6 +128,8 @@ class PrecisePrefixCacheScorer:
         "approx_block_size",
         "approx_max_blocks",
         "_state_key",
+        "load_factor",
+        "load_slack",
     )
 
     def __init__(
@@ -129,6 +148,8 @@ class PrecisePrefixCacheScorer:
         approx_index: PrefixIndex | None = None,
         approx_block_size: int = APPROX_BLOCK_SIZE,
         approx_max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS,
+        load_factor: float = 0.0,
+        load_slack: float = DEFAULT_LOAD_SLACK,
     ) -> None:
         if block_size <= 0 or max_blocks <= 0:
             raise ValueError("blockSize and maxPrefixBlocksToMatch must be > 0")
@@ -145,6 +166,8 @@ class PrecisePrefixCacheScorer:
         self.approx_index = approx_index if approx_index is not None else PrefixIndex()
         self.approx_block_size = approx_block_size
         self.approx_max_blocks = approx_max_blocks
+        self.load_factor = load_factor
+        self.load_slack = load_slack
         self._state_key = f"precise_prefix:{id(self.index)}:{block_size}:{max_blocks}"
 
     @classmethod
@@ -164,6 +187,8 @@ class PrecisePrefixCacheScorer:
                 "kvEvents",
                 "fallbackBlockSize",
                 "fallbackLruCapacityPerServer",
+                "boundedLoadFactor",
+                "boundedLoadSlack",
             ),
         )
         index = ctx.services.get(SERVICE_INDEX)
@@ -203,6 +228,8 @@ class PrecisePrefixCacheScorer:
             cpu_weight=get_float(params, "cpuTierWeight", 0.5, minimum=0.0, maximum=1.0),
             approx_index=shared_index(ctx, capacity),
             approx_block_size=get_int(params, "fallbackBlockSize", APPROX_BLOCK_SIZE, minimum=1),
+            load_factor=get_float(params, "boundedLoadFactor", 0.0, minimum=0.0),
+            load_slack=get_float(params, "boundedLoadSlack", DEFAULT_LOAD_SLACK, minimum=0.0),
         )
 
     # ---------------------------------------------------------------- scoring
@@ -256,6 +283,9 @@ class PrecisePrefixCacheScorer:
                 matched[e.address] = m.blocks
                 scores.append((m.gpu_blocks + w * (m.blocks - m.gpu_blocks)) / total)
             data[CYCLE_MATCHED] = matched
+            data[PREFIX_CACHED_TOKENS] = {
+                a: b * (st.block_size_of.get(a) or self.block_size) for a, b in matched.items()
+            }
             data[CYCLE_TOTAL] = total_any
             data[CYCLE_BLOCK_SIZE] = next(iter(st.keys_by_bs), self.block_size)
         else:
@@ -264,10 +294,12 @@ class PrecisePrefixCacheScorer:
             inv = 1.0 / total if total else 0.0
             scores = [st.approx_matched.get(e.address, 0) * inv for e in candidates]
             data[CYCLE_MATCHED] = dict(st.approx_matched)
+            tok = self.approx_block_size / CHARS_PER_TOKEN
+            data[PREFIX_CACHED_TOKENS] = {a: int(b * tok) for a, b in st.approx_matched.items()}
             data[CYCLE_TOTAL] = total
             data[CYCLE_BLOCK_SIZE] = self.approx_block_size
         data[CYCLE_SCORES] = {e.address: s for e, s in zip(candidates, scores)}
-        return scores
+        return bounded_load(scores, candidates, self.load_factor, self.load_slack)
 
     # ---------------------------------------------------------------- dispatch
     def pre_request(self, cycle: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:

@@ -20,7 +20,9 @@ request for the model does not get a free one-block match for every request.
 
 Per-cycle outputs for other plugins (the latency predictor): ``cycle.data["prefix_scores"]`` ({address: score}
 for every candidate), ``cycle.data["prefix_matched_blocks"]`` ({address: matched blocks}),
-``cycle.data["prefix_total_blocks"]`` and ``cycle.data["prefix_block_size"]``.
+``cycle.data["prefix_total_blocks"]``, ``cycle.data["prefix_block_size"]`` and
+``PREFIX_CACHED_TOKENS`` ({address: matched bytes / 4}, the estimated prompt tokens a pod holds; the P/D decider
+reads it). The keys are the shared ``CycleKey`` constants of :mod:`extproc.plugin`.
 """
 
 from __future__ import annotations
@@ -32,24 +34,39 @@ from typing import Any, ClassVar
 
 import xxhash
 
-from extproc.api import CHARS_PER_TOKEN, InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState, SchedulingResult
-from extproc.scheduling.plugins._params import check_keys, get_bool, get_int
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import (
+    PREFIX_BLOCK_SIZE,
+    PREFIX_CACHED_TOKENS,
+    PREFIX_MATCHED_BLOCKS,
+    PREFIX_SCORES,
+    PREFIX_TOTAL_BLOCKS,
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginContext,
+    SchedulingResult,
+    check_keys,
+    get_bool,
+    get_float,
+    get_int,
+    register,
+)
+from extproc.api import CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 64  # bytes of prompt per hash block: 16 tokens × 4 chars
 DEFAULT_MAX_PREFIX_BLOCKS = 256
 DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
+DEFAULT_LOAD_SLACK = 4.0  # bounded load: in-flight requests a pod may exceed the scaled mean by
 SERVICE_KEY = "prefix_index"
+SCORER_SERVICE_KEY = "prefix_scorer"
 
 # cycle.data keys shared with other plugins (the latency predictor reads them).
-CYCLE_SCORES = "prefix_scores"
-CYCLE_MATCHED = "prefix_matched_blocks"
-CYCLE_TOTAL = "prefix_total_blocks"
-CYCLE_BLOCK_SIZE = "prefix_block_size"
+CYCLE_SCORES = PREFIX_SCORES
+CYCLE_MATCHED = PREFIX_MATCHED_BLOCKS
+CYCLE_TOTAL = PREFIX_TOTAL_BLOCKS
+CYCLE_BLOCK_SIZE = PREFIX_BLOCK_SIZE
 
 _xxh64 = xxhash.xxh64_intdigest
 
@@ -230,10 +247,29 @@ def shared_index(ctx: PluginContext, capacity: int) -> PrefixIndex:
     return index
 
 
+def bounded_load(scores: list[float], candidates: Sequence[Endpoint], factor: float, slack: float) -> list[float]:
+    """Herd limit for prefix affinity (consistent hashing with bounded loads, Mirrokni et al. 2018): a pod whose
+    own in-flight count exceeds ``factor`` × the candidates' mean + ``slack`` loses its prefix score for this
+    request, so a cold fleet under a burst spreads a hot prefix over more pods instead of piling it onto the first
+    pod that got it. In-flight counts are ours (updated at every dispatch), not a scrape that lags a burst.
+    sglang-router's cache_aware policy (sgl-project/sglang, rust/README.md: ``--balance-abs-threshold``,
+    ``--balance-rel-threshold``) switches the whole fleet to shortest-queue when max/min load diverge; bounding
+    each pod keeps the affinity of every pod that is not overloaded. ``factor`` ≤ 0: off."""
+    n = len(candidates)
+    if factor <= 0.0 or n < 2:
+        return scores
+    total = 0
+    for e in candidates:
+        total += e.inflight
+    cap = factor * total / n + slack
+    return [0.0 if s > 0.0 and e.inflight > cap else s for s, e in zip(scores, candidates)]
+
+
 @register
 class PrefixCacheScorer:
     type_name: ClassVar[str] = "prefix-cache-scorer"
-    __slots__ = ("name", "block_size", "max_blocks", "auto_tune", "index", "_state_key")
+    __slots__ = ("name", "block_size", "max_blocks", "auto_tune", "index", "_state_key", "length_weight", "length_scale",
+                 "load_factor", "load_slack")
 
     def __init__(
         self,
@@ -242,6 +278,10 @@ class PrefixCacheScorer:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS,
         auto_tune: bool = False,
+        length_weight: float = 0.0,
+        length_scale_tokens: int = 8192,
+        load_factor: float = 0.0,
+        load_slack: float = DEFAULT_LOAD_SLACK,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"parameter 'blockSize' must be > 0, got {block_size}")
@@ -251,13 +291,21 @@ class PrefixCacheScorer:
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.auto_tune = auto_tune
+        self.length_weight = length_weight
+        self.length_scale = length_scale_tokens
+        self.load_factor = load_factor
+        self.load_slack = load_slack
         self.index = index if index is not None else PrefixIndex()
         # Scorers with the same hashing parameters share one cycle entry (hash and match once per request).
         self._state_key = f"prefix_state:{block_size}:{max_blocks}:{id(self.index)}"
 
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "PrefixCacheScorer":
-        check_keys(params, ("blockSize", "hashBlockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune"))
+        check_keys(
+            params,
+            ("blockSize", "hashBlockSize", "maxPrefixBlocksToMatch", "lruCapacityPerServer", "autoTune", "matchLengthWeight",
+             "matchLengthScaleTokens", "boundedLoadFactor", "boundedLoadSlack"),
+        )
         if "blockSize" in params and "hashBlockSize" in params:
             raise ValueError("give 'blockSize' or its alias 'hashBlockSize', not both")
         bs_key = "hashBlockSize" if "hashBlockSize" in params else "blockSize"
@@ -265,7 +313,19 @@ class PrefixCacheScorer:
         max_blocks = get_int(params, "maxPrefixBlocksToMatch", DEFAULT_MAX_PREFIX_BLOCKS, minimum=1)
         capacity = get_int(params, "lruCapacityPerServer", DEFAULT_LRU_CAPACITY_PER_SERVER, minimum=1)
         auto_tune = get_bool(params, "autoTune", False)
-        return cls(name, shared_index(ctx, capacity), block_size, max_blocks, auto_tune)
+        inst = cls(
+            name,
+            shared_index(ctx, capacity),
+            block_size,
+            max_blocks,
+            auto_tune,
+            get_float(params, "matchLengthWeight", 0.0, minimum=0.0, maximum=1.0),
+            get_int(params, "matchLengthScaleTokens", 8192, minimum=1),
+            get_float(params, "boundedLoadFactor", 0.0, minimum=0.0),
+            get_float(params, "boundedLoadSlack", DEFAULT_LOAD_SLACK, minimum=0.0),
+        )
+        ctx.services.setdefault(SCORER_SERVICE_KEY, inst)  # the config's first prefix scorer (prefix-cache-affinity-filter reads it)
+        return inst
 
     def _state(self, cycle: CycleState, request: InferenceRequest) -> tuple[list[int], dict[str, int]]:
         st = cycle.data.get(self._state_key)
@@ -285,13 +345,21 @@ class PrefixCacheScorer:
             zeros = [0.0] * len(candidates)
             data[CYCLE_SCORES] = dict.fromkeys([e.address for e in candidates], 0.0)
             data[CYCLE_MATCHED] = {}
+            data[PREFIX_CACHED_TOKENS] = {}
             return zeros
         inv = 1.0 / total
         get = matched.get
         scores = [get(e.address, 0) * inv for e in candidates]
+        w = self.length_weight
+        if w:  # the reference's match-length term: w · min(1, matched tokens / scale)² + (1 − w) · ratio
+            k = self.block_size / CHARS_PER_TOKEN / self.length_scale
+            scores = [w * min(1.0, get(e.address, 0) * k) ** 2 + (1.0 - w) * r for e, r in zip(candidates, scores)]
         data[CYCLE_SCORES] = {e.address: s for e, s in zip(candidates, scores)}
         data[CYCLE_MATCHED] = matched
-        return scores
+        tok = self.block_size / CHARS_PER_TOKEN
+        data[PREFIX_CACHED_TOKENS] = {a: int(b * tok) for a, b in matched.items()}
+        # the cycle keeps the true cache state (predictor features, affinity gates); only the score is bounded
+        return bounded_load(scores, candidates, self.load_factor, self.load_slack)
 
     def _capacity_for(self, ep: Endpoint) -> int:
         m = ep.metrics

@@ -9,23 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState
-from extproc.scheduling.plugins._params import check_keys
-from extproc.scheduling.registry import PluginContext, register
-
-
-def min_max_lower_is_better(values: list[int] | list[float]) -> list[float]:
-    """(max − v) / (max − min) per value; all equal (or empty) → 1.0 each."""
-    if not values:
-        return []
-    lo = min(values)
-    hi = max(values)
-    if hi == lo:
-        return [1.0] * len(values)
-    span = float(hi - lo)
-    return [(hi - v) / span for v in values]
+from extproc.plugin import CycleState, Endpoint, InferenceRequest, PluginContext, check_keys, min_max_lower_is_better, register
 
 
 @register

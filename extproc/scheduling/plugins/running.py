@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState
-from extproc.scheduling.plugins._params import check_keys
-from extproc.scheduling.plugins.queue import min_max_lower_is_better
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginContext,
+    check_keys,
+    min_max_lower_is_better,
+    register,
+)
 
 
 @register
@@ -29,3 +32,11 @@ class RunningRequestsScorer:
 
     def score(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
         return min_max_lower_is_better([e.metrics.running for e in candidates])
+
+
+@register
+class RunningRequestsSizeScorer(RunningRequestsScorer):
+    """The reference's name for the same scorer (llm-d-router .../scorer/runningrequests: ``running-requests-size-scorer``)."""
+
+    type_name: ClassVar[str] = "running-requests-size-scorer"
+    __slots__ = ()

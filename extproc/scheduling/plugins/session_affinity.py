@@ -16,11 +16,17 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState, SchedulingResult
-from extproc.scheduling.plugins._params import check_keys, get_int, get_str
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginContext,
+    SchedulingResult,
+    check_keys,
+    get_int,
+    get_str,
+    register,
+)
 
 log = logging.getLogger(__name__)
 

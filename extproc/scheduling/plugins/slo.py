@@ -30,13 +30,21 @@ from typing import Any, ClassVar
 import numpy as np
 from prometheus_client import Counter
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
+from extproc.plugin import (
+    CycleState,
+    Endpoint,
+    InferenceRequest,
+    PluginContext,
+    SchedulingError,
+    ScoredEndpoint,
+    check_keys,
+    get_float,
+    get_int,
+    get_seed,
+    register,
+)
 from extproc.predictor.service import CYCLE_PREFIX, SERVICE_PARAM_KEYS, PredictorService
-from extproc.scheduling.framework import CycleState, ScoredEndpoint, SchedulingError
-from extproc.scheduling.plugins._params import check_keys, get_float, get_int, get_seed
 from extproc.scheduling.plugins.latency import blend_normalised
-from extproc.scheduling.registry import PluginContext, register
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +119,7 @@ class SLOAwarePicker:
             "noSloPolicy",
         }
         check_keys(params, SERVICE_PARAM_KEYS | own)
-        svc = PredictorService.get_or_create(ctx.services, {k: v for k, v in params.items() if k in SERVICE_PARAM_KEYS})
+        svc = PredictorService.get_or_create(ctx.services, {k: v for k, v in params.items() if k in SERVICE_PARAM_KEYS}, owner=name)
         return cls(
             name,
             svc,
@@ -243,7 +251,7 @@ class SLOAdmission:
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "SLOAdmission":
         check_keys(params, SERVICE_PARAM_KEYS)
-        return cls(name, PredictorService.get_or_create(ctx.services, params))
+        return cls(name, PredictorService.get_or_create(ctx.services, params, owner=name))
 
     def filter(self, cycle: CycleState, request: InferenceRequest, candidates: list[Endpoint]) -> list[Endpoint]:
         slo_t, slo_p = request.slo_ttft_ms, request.slo_tpot_ms

@@ -3,7 +3,9 @@
 In-flight tokens = ``Endpoint.inflight_prefill_tokens`` (prompt tokens of requests not yet past their first
 token) + ``Endpoint.inflight_decode_tokens`` (budgeted output tokens of requests in decode), both kept by the
 server. Unlike a min–max score this is absolute: two idle pods both score 1.0 and a pod at ``maxTokens`` or more
-scores 0.
+scores 0. The reference (llm-d-router .../scorer/tokenload) has the same formula and names the cap
+``queueThresholdTokens`` (default 4194304, applied to llm-d.ai/v1alpha1 files); that name is accepted as an alias
+of ``maxTokens``.
 """
 
 from __future__ import annotations
@@ -11,11 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint
-from extproc.scheduling.framework import CycleState
-from extproc.scheduling.plugins._params import check_keys, get_int
-from extproc.scheduling.registry import PluginContext, register
+from extproc.plugin import CycleState, Endpoint, InferenceRequest, PluginContext, check_keys, get_int, register
 
 DEFAULT_MAX_TOKENS = 65536
 
@@ -33,8 +31,11 @@ class TokenLoadScorer:
 
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "TokenLoadScorer":
-        check_keys(params, ("maxTokens",))
-        return cls(name, get_int(params, "maxTokens", DEFAULT_MAX_TOKENS, minimum=1))
+        check_keys(params, ("maxTokens", "queueThresholdTokens"))
+        if "maxTokens" in params and "queueThresholdTokens" in params:
+            raise ValueError("give 'maxTokens' or its alias 'queueThresholdTokens', not both")
+        key = "queueThresholdTokens" if "queueThresholdTokens" in params else "maxTokens"
+        return cls(name, get_int(params, key, DEFAULT_MAX_TOKENS, minimum=1))
 
     def score(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> list[float]:
         t = self.max_tokens

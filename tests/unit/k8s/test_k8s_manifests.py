@@ -372,7 +372,69 @@ DESTINATION_RULE = _obj(
     },
 )
 
+_HEADER_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,256}$"}
+
+# gateway.envoyproxy.io/v1alpha1 ClientTrafficPolicy (headers.earlyRequestHeaders subset)
+CLIENT_TRAFFIC_POLICY = _obj(
+    "gateway.envoyproxy.io/v1alpha1",
+    "ClientTrafficPolicy",
+    {
+        "type": "object",
+        "properties": {
+            "targetRefs": {"type": "array", "minItems": 1, "items": _TARGET_REF},
+            "targetRef": _TARGET_REF,
+            "headers": {
+                "type": "object",
+                "properties": {
+                    "earlyRequestHeaders": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "remove": {"type": "array", "maxItems": 16, "items": _HEADER_NAME},
+                            "set": {"type": "array", "items": {"type": "object", "required": ["name", "value"]}},
+                            "add": {"type": "array", "items": {"type": "object", "required": ["name", "value"]}},
+                        },
+                    }
+                },
+            },
+        },
+        "oneOf": [{"required": ["targetRefs"]}, {"required": ["targetRef"]}],
+    },
+)
+
+# networking.istio.io/v1alpha3 EnvoyFilter (configPatches subset)
+ENVOY_FILTER = _obj(
+    "networking.istio.io/v1alpha3",
+    "EnvoyFilter",
+    {
+        "type": "object",
+        "required": ["configPatches"],
+        "properties": {
+            "workloadSelector": {"type": "object", "required": ["labels"], "properties": {"labels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+            "configPatches": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["applyTo", "patch"],
+                    "properties": {
+                        "applyTo": {"enum": ["LISTENER", "FILTER_CHAIN", "NETWORK_FILTER", "HTTP_FILTER", "ROUTE_CONFIGURATION", "VIRTUAL_HOST", "HTTP_ROUTE", "CLUSTER", "EXTENSION_CONFIG", "BOOTSTRAP", "LISTENER_FILTER"]},
+                        "match": {"type": "object", "properties": {"context": {"enum": ["ANY", "SIDECAR_INBOUND", "SIDECAR_OUTBOUND", "GATEWAY"]}}},
+                        "patch": {
+                            "type": "object",
+                            "required": ["operation", "value"],
+                            "properties": {"operation": {"enum": ["MERGE", "ADD", "REMOVE", "INSERT_BEFORE", "INSERT_AFTER", "INSERT_FIRST", "REPLACE"]}, "value": {"type": "object"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+)
+
 CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("gateway.envoyproxy.io/v1alpha1", "ClientTrafficPolicy"): CLIENT_TRAFFIC_POLICY,
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"): ENVOY_FILTER,
     ("inference.networking.k8s.io/v1", "InferencePool"): INFERENCE_POOL,
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
     ("gateway.networking.k8s.io/v1", "Gateway"): GATEWAY,

@@ -198,3 +198,20 @@ def test_bad_parameters(ctx: PluginContext, params: dict[str, object], err: str)
 def test_gie_parameter_alias(ctx: PluginContext) -> None:
     s = PrefixCacheScorer.from_config("prefix", {"hashBlockSize": 32, "maxPrefixBlocksToMatch": 8}, ctx)
     assert (s.block_size, s.max_blocks) == (32, 8)
+
+
+def test_bounded_load_drops_affinity_of_an_overloaded_pod_only() -> None:
+    a, b, c = make_endpoint("10.0.0.1:8000"), make_endpoint("10.0.0.2:8000"), make_endpoint("10.0.0.3:8000")
+    scorer = PrefixCacheScorer(load_factor=1.5, load_slack=2.0)
+    req = make_request(BLOCK * 4)
+    scorer.pre_request(CycleState(), req, result_for(a))
+    scorer.pre_request(CycleState(), req, result_for(b))
+    a.inflight, b.inflight, c.inflight = 3, 1, 1  # mean 5/3 → cap 1.5 × 5/3 + 2 = 4.5
+    cycle = CycleState()
+    assert scorer.score(cycle, req, [a, b, c]) == [1.0, 1.0, 0.0]
+    a.inflight = 9  # mean 11/3 → cap 7.5: a is over it
+    cycle = CycleState()
+    assert scorer.score(cycle, req, [a, b, c]) == [0.0, 1.0, 0.0]
+    assert cycle.data[CYCLE_SCORES][a.address] == 1.0  # the cycle keeps the real cache state (predictor features)
+    off = PrefixCacheScorer(index=scorer.index)  # boundedLoadFactor 0: off, the default
+    assert off.score(CycleState(), req, [a, b, c]) == [1.0, 1.0, 0.0]

@@ -20,7 +20,7 @@ def make_endpoint(addr: str, *, waiting: int = 0, running: int = 0, kv: float = 
     return ep
 
 
-def make_request(*, tokens: int = 100, max_tokens: int | None = 64, slo_ttft: float | None = None, slo_tpot: float | None = None, priority: int = 0, model: str = "m") -> InferenceRequest:
+def make_request(*, tokens: int = 100, max_tokens: int | None = 64, slo_ttft: float | None = None, slo_tpot: float | None = None, priority: int = 0, model: str = "m", stream: bool = True) -> InferenceRequest:
     return InferenceRequest(
         request_id="r1",
         path="/v1/completions",
@@ -34,6 +34,7 @@ def make_request(*, tokens: int = 100, max_tokens: int | None = 64, slo_ttft: fl
         priority=priority,
         slo_ttft_ms=slo_ttft,
         slo_tpot_ms=slo_tpot,
+        stream=stream,
     )
 
 

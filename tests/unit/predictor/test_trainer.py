@@ -42,14 +42,21 @@ def test_bucket_keys_separate_waiting_kv_and_prefix() -> None:
 
 def test_core_retrains_after_k_new_samples() -> None:
     core = TrainerCore(TrainerConfig(min_samples=20, retrain_every=30, retrain_interval_s=3600, n_trees=5, min_data_in_leaf=2))
-    x, t, p = synthetic_samples(25)
+    x, t, p = synthetic_samples(15)
     core.add(x, t, p)
-    assert not core.due()
+    assert not core.due()  # fewer than min_samples
+    x, t, p = synthetic_samples(10, seed=2)
+    core.add(x, t, p)
+    assert core.due()  # the first model: as soon as min_samples are held, whatever retrain_every says
+    core.train()
+    x, t, p = synthetic_samples(25, seed=3)
+    core.add(x, t, p)
+    assert not core.due()  # then every retrain_every new samples
     x, t, p = synthetic_samples(10, seed=1)
     core.add(x, t, p)
     assert core.due()
     res = core.train()
-    assert set(res.strings) == {"ttft_q", "ttft_mean", "tpot_q", "tpot_mean"} and res.n_samples == 35
+    assert set(res.strings) == {"ttft_q", "ttft_mean", "tpot_q", "tpot_mean"} and res.n_samples == 60
     assert not core.due()
 
 

@@ -188,6 +188,42 @@ async def test_observation_stream_finishes_flight(server):
     assert 'extproc_output_tokens_total{model="m"} 2.0' in text
 
 
+async def test_reused_client_request_id_keeps_two_flights(server):
+    """Two requests with the same client x-request-id are two flights with scheduler-drawn keys: neither
+    supersedes the other, and observing one finishes only that one."""
+    b = json.dumps({"model": "m", "prompt": "hello", "stream": True, "max_tokens": 2}).encode()
+    opened = []
+    for _ in range(2):
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        call = pb_grpc.ExternalProcessorStub(ch).Process()
+        await call.write(headers_msg("/v1/completions", extra={"x-request-id": "same-id"}))
+        await call.read()
+        await call.write(body_msg(b))
+        out = await call.read()
+        opened.append((ch, call, header_map(out.request_body.response.header_mutation)["x-extproc-request-id"]))
+    keys = [k for _, _, k in opened]
+    assert keys[0] != keys[1] and "same-id" not in keys
+    assert len(server.tracker) == 2 and sum(ep.inflight for ep in server.pool.snapshot()) == 2
+    # a client guessing the id it sent gets no flight
+    assert server.tracker.get("same-id") is None
+    sse = b'data: {"choices":[{"text":"a"}]}\n\ndata: [DONE]\n\n'
+    await exchange(
+        server,
+        [
+            headers_msg("/v1/completions", extra={"x-extproc-request-id": keys[1]}, observe=True),
+            resp_headers_msg(200, observe=True),
+            resp_body_msg(sse, end=True, observe=True),
+        ],
+    )
+    assert len(server.tracker) == 1 and server.tracker.get(keys[0]) is not None
+    assert sum(ep.inflight for ep in server.pool.snapshot()) == 1
+    text = server.metrics.exposition().decode()
+    assert 'outcome="superseded"' not in text
+    for ch, call, _ in opened:
+        await call.done_writing()
+        await ch.close()
+
+
 async def test_observation_stream_cut_counts_disconnect(server):
     b = json.dumps({"model": "m", "prompt": "hello", "stream": True}).encode()
     ch, call, rid = await open_routing(server, b)
@@ -284,3 +320,157 @@ async def test_sheddable_is_shed_while_interactive_waits_in_queue(flow_server):
     s.flow.notify()
     out = await asyncio.wait_for(waiting, 5)
     assert out[-1].WhichOneof("response") == "request_body"
+
+
+class _PeerHeaderHandler:
+    """Two profiles; 'main' is primary, the pick of 'peer' travels upstream in x-test-peer-host-port."""
+
+    type_name = "test-peer-header-handler"
+    owned_headers = ("x-test-peer-host-port",)
+
+    def __init__(self, name="test-peer-header-handler"):
+        self.name = name
+
+    def configure(self, profiles):
+        pass
+
+    def pick_profiles(self, cycle, request, profiles, results):
+        return [p for n, p in profiles.items() if n not in results][:1]
+
+    def process_results(self, cycle, request, results):
+        from extproc.plugin import SchedulingResult
+
+        return SchedulingResult({"main": results["main"], "peer": results["peer"]}, "main", {"x-test-peer-host-port": results["peer"].targets[0].address})
+
+
+@pytest.fixture
+async def peer_server(tmp_path):
+    from extproc.scheduling import registry
+
+    saved = dict(registry.PLUGIN_TYPES)
+    registry.load_builtin_plugins()
+    registry.register(_PeerHeaderHandler)
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(
+        """
+plugins:
+- type: test-peer-header-handler
+- type: queue-scorer
+- type: label-selector-filter
+  name: peers
+  parameters: {matchLabels: {role: peer}}
+schedulingProfiles:
+- name: main
+  plugins: [{pluginRef: queue-scorer}]
+- name: peer
+  plugins: [{pluginRef: peers}]
+"""
+    )
+    s = SchedulerServer(
+        ServeOptions(endpoints=PODS, labels={"127.0.0.1:3": {"role": "peer"}}, models=["m"], config=str(cfg), host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600)
+    )
+    await s.start()
+    for ep in s.pool.snapshot():
+        ep.metrics = PodMetrics(waiting=0 if ep.port == 2 else 10, updated_at=1e12)
+    yield s
+    await s.stop()
+    registry.PLUGIN_TYPES.clear()
+    registry.PLUGIN_TYPES.update(saved)
+
+
+async def test_profile_handler_headers_are_set_and_client_copies_stripped(peer_server):
+    b = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 3}).encode()
+    spoof = {"x-test-peer-host-port": "6.6.6.6:1", "x-gateway-destination-endpoint": "6.6.6.6:1"}
+    out = await exchange(peer_server, [headers_msg("/v1/completions", extra=spoof), body_msg(b)])
+    removed = list(out[0].request_headers.response.header_mutation.remove_headers)
+    assert "x-test-peer-host-port" in removed and "x-gateway-destination-endpoint" in removed
+    hm = header_map(out[1].request_body.response.header_mutation)
+    assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:2"
+    assert hm["x-test-peer-host-port"] == "127.0.0.1:3"
+
+
+async def test_unknown_model_names_do_not_mint_metric_series(server):
+    for i in range(50):
+        out = await exchange(server, [headers_msg("/v1/completions"), body_msg(json.dumps({"model": f"nope-{i}", "prompt": "x"}).encode())])
+        assert out[-1].immediate_response.status.code == 404
+    text = server.metrics.exposition().decode()
+    assert "nope-" not in text
+    assert 'extproc_requests_total{model="",status="404"} 50.0' in text
+
+
+@pytest.mark.parametrize("conformance", [False, True])
+async def test_conformance_header_only_in_conformance_mode(conformance):
+    s = SchedulerServer(
+        ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, conformance=conformance)
+    )
+    await s.start()
+    try:
+        for ep in s.pool.snapshot():
+            ep.metrics = PodMetrics(waiting=0 if ep.port == 2 else 10, updated_at=1e12)
+        b = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 3}).encode()
+        out = await exchange(s, [headers_msg("/v1/completions", extra={"test-epp-endpoint-selection": "127.0.0.1:3, 10.9.9.9"}), body_msg(b), resp_headers_msg(200, end=True)])
+        hm = header_map(out[1].request_body.response.header_mutation)
+        rh = header_map(out[2].response_headers.response.header_mutation)
+        if conformance:
+            assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:3"  # restricted although pod 2 is idle
+            assert rh["x-conformance-test-served-endpoint"] == "127.0.0.1:3"
+        else:
+            assert hm["x-gateway-destination-endpoint"] == "127.0.0.1:2"  # the header is ignored
+            assert "x-conformance-test-served-endpoint" not in rh
+        if conformance:
+            out = await exchange(s, [headers_msg("/v1/completions", extra={"test-epp-endpoint-selection": "10.9.9.9"}), body_msg(b)])
+            assert out[1].immediate_response.status.code == 503
+    finally:
+        await s.stop()
+
+
+REPORTER_CFG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- name: cost
+  type: request-attribute-reporter
+  parameters:
+    attributes:
+    - key: {namespace: envoy.lb, name: x-gateway-inference-request-cost}
+      expression: usage.prompt_tokens + 2 * usage.completion_tokens
+      condition: has(usage.completion_tokens)
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}]
+"""
+
+
+async def test_request_attribute_reporter_returns_dynamic_metadata(tmp_path):
+    cfg = tmp_path / "cost.yaml"
+    cfg.write_text(REPORTER_CFG)
+    opts = dict(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600, config=str(cfg))
+    from extproc.scheduling.config import ConfigError
+
+    with pytest.raises(ConfigError, match="response-observe streamed"):
+        SchedulerServer(ServeOptions(**opts)).load()  # observability mode cannot return metadata on the body
+    s = SchedulerServer(ServeOptions(**opts, response_observe="streamed"))
+    await s.start()
+    try:
+        b = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 3}).encode()
+        body = json.dumps({"id": "x", "choices": [{"text": "abc"}], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode()
+        out = await exchange(s, [headers_msg("/v1/completions"), body_msg(b), resp_headers_msg(200), resp_body_msg(body[:20]), resp_body_msg(body[20:], end=True)])
+        assert not out[3].HasField("dynamic_metadata")
+        md = out[4].dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-inference-request-cost"]
+        assert md.number_value == 11  # 5 + 2 × 3
+        # condition false (no completion tokens): nothing reported
+        body2 = json.dumps({"usage": {"prompt_tokens": 5}}).encode()
+        out = await exchange(s, [headers_msg("/v1/completions"), body_msg(b), resp_headers_msg(200), resp_body_msg(body2, end=True)])
+        assert "envoy.lb" not in out[3].dynamic_metadata.fields
+    finally:
+        await s.stop()
+
+
+def test_usage_from_sse_tail():
+    from extproc.server.handler import usage_from_tail
+
+    sse = b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+    assert usage_from_tail(sse) == {"prompt_tokens": 4, "completion_tokens": 2}
+    assert usage_from_tail(b"data: [DONE]") is None
+    assert usage_from_tail(b'{"usage": null, "x": {"usage": {"prompt_tokens": 1}}}') == {"prompt_tokens": 1}

@@ -21,7 +21,7 @@ def test_cli_prints_json_line_and_exits_on_sigterm() -> None:
         assert proc.stdout is not None
         line = json.loads(proc.stdout.readline())
         assert len(line["endpoints"]) == 2
-        assert {v["pod-class"] for v in line["labels"].values()} == {"tiny-cpu", "llama3-8b-l40s"}
+        assert {v["accelerator"] for v in line["labels"].values()} == {"cpu-1-core", "L40S-48GB"}
         for ep in line["endpoints"]:
             kv = line["kv_events"][ep]
             assert kv["endpoint"].startswith("tcp://127.0.0.1:") and kv["topic"] == f"kv@{ep}@sim-llama"

@@ -262,5 +262,53 @@ async def test_heterogeneous_fleet_labels() -> None:
     spec = FleetSpec(fleet="llama3-8b-h100:2,llama3-8b-l40s:1", kv_blocks=64, time_scale=0.01)
     async with SimFleet(spec) as f:
         assert len(f.endpoints) == 3
-        assert sorted(v["pod-class"] for v in f.labels.values()) == ["llama3-8b-h100"] * 2 + ["llama3-8b-l40s"]
+        assert sorted(v["accelerator"] for v in f.labels.values()) == ["H100-SXM-80GB"] * 2 + ["L40S-48GB"]
         assert all(p.profile.num_gpu_blocks == 64 for p in f.pods)
+
+
+async def test_completions_prompt_batch_and_embeddings_with_the_openai_client(fleet: SimFleet) -> None:
+    """vLLM accepts a list of prompts (one choice per prompt, usage summed) and serves /v1/embeddings; so does
+    the simulator, as the official client sees it."""
+    import openai
+
+    ep = fleet.endpoints[0]
+    client = openai.AsyncOpenAI(base_url=f"http://{ep}/v1", api_key="unused", max_retries=0)
+    try:
+        single = await client.completions.create(model="sim", prompt="first prompt", max_tokens=3)
+        out = await client.completions.create(model="sim", prompt=["first prompt", "a second, longer prompt"], max_tokens=3)
+        assert [c.index for c in out.choices] == [0, 1]
+        assert out.choices[0].text == single.choices[0].text  # same prompt, same deterministic text
+        assert out.usage is not None and out.usage.completion_tokens == 6
+        assert out.usage.prompt_tokens > single.usage.prompt_tokens  # type: ignore[union-attr]
+        ids = await client.completions.create(model="sim", prompt=[[1, 2, 3], [4, 5, 6, 7]], max_tokens=2)
+        assert len(ids.choices) == 2 and ids.usage is not None and ids.usage.prompt_tokens == 7
+        stream = await client.completions.create(
+            model="sim", prompt=["one", "two", "three"], max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+        per_index: dict[int, int] = {}
+        usage = None
+        async for chunk in stream:
+            for c in chunk.choices:
+                per_index[c.index] = per_index.get(c.index, 0) + 1
+            usage = chunk.usage or usage
+        assert per_index == {0: 4, 1: 4, 2: 4} and usage is not None and usage.completion_tokens == 12
+
+        emb = await client.embeddings.create(model="sim", input=["hello world", "something else", "hello world"])
+        vecs = [d.embedding for d in emb.data]
+        assert [d.index for d in emb.data] == [0, 1, 2] and all(len(v) == 64 for v in vecs)
+        assert vecs[0] == vecs[2] and vecs[0] != vecs[1]
+        assert abs(sum(x * x for x in vecs[0]) - 1.0) < 1e-6
+        assert emb.usage.prompt_tokens > 0 and emb.usage.total_tokens == emb.usage.prompt_tokens
+        b64 = await client.embeddings.create(model="sim", input="hello world", dimensions=8)  # the client asks for base64
+        assert len(b64.data[0].embedding) == 8
+        one = await client.embeddings.create(model="sim", input=[5, 6, 7], encoding_format="float")
+        assert len(one.data) == 1
+        for bad in ({"input": []}, {"input": [1, "x"]}, {"input": "x", "dimensions": 0}, {"input": "x", "encoding_format": "hex"}):
+            with pytest.raises(openai.BadRequestError):
+                await client.embeddings.create(model="sim", **bad)  # type: ignore[arg-type]
+        with pytest.raises(openai.NotFoundError):
+            await client.embeddings.create(model="nope", input="x")
+        with pytest.raises(openai.BadRequestError):
+            await client.completions.create(model="sim", prompt=[], max_tokens=2)
+    finally:
+        await client.close()

@@ -1,0 +1,207 @@
+"""Dispatch of batch lines through the gateway: AIMD concurrency, retries with backoff, the batch objective.
+
+Every line is POSTed to the gateway (Envoy → the scheduler), never straight to a pod, with
+``x-gateway-inference-objective: batch`` (a sheddable, low-priority band in ``batch-interactive``),
+``x-slo-ttft-ms`` = the time left to the job's deadline and, when the job has one, a fairness id
+(``x-gateway-inference-fairness-id``) so the flow controller round-robins tenants.
+
+Concurrency is AIMD (like llm-d-batch-gateway's dispatcher: min 5, max 100, ×0.5 on back-off, +1); see
+:class:`Aimd` for the increase rule and the two back-off signals (the gateway's ``saturated`` shed holds the
+limit at the admitted level; other 429s and 503s halve it). A line waiting to retry does not hold a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+SLO_TTFT_HEADER = "x-slo-ttft-ms"
+BACKOFF_STATUSES = frozenset({429, 503})
+
+
+@dataclass(slots=True)
+class DispatchConfig:
+    gateway: str  # http://envoy:port
+    objective: str = "batch"
+    min_concurrency: int = 5
+    max_concurrency: int = 100
+    initial_concurrency: int = 5
+    decrease_factor: float = 0.5
+    decrease_cooldown_s: float = 0.5
+    increase_interval_s: float = 0.25
+    max_retries: int = 5  # for other 5xx and transport errors; 429/503 are retried until the deadline
+    backoff_s: float = 0.1
+    backoff_cap_s: float = 5.0
+    request_timeout_s: float = 600.0
+
+
+class Aimd:
+    """Additive-increase, multiplicative-decrease concurrency limit with a slot pool.
+
+    * increase: +1 per success while the limit is in use (as Netflix concurrency-limits' AIMDLimit), and +1 per
+      ``increase_interval_s`` while every slot is taken — batch lines can run for many seconds, and a limit that
+      only grows on completions would take minutes to find the gateway's admission level;
+    * soft signal — the gateway's ``saturated`` shed (429): batch has reached the share the gateway admits;
+      hold the limit at what is in flight now (probing up again after an interval);
+    * hard signal — any other 429 or a 503: the limit × ``decrease_factor`` (default 0.5, as the reference).
+    At most one decrease per ``decrease_cooldown_s`` (one burst of rejections is one signal).
+    """
+
+    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_cond", "decreases", "holds")
+
+    def __init__(self, cfg: DispatchConfig) -> None:
+        self.cfg = cfg
+        self.limit = float(max(cfg.min_concurrency, min(cfg.max_concurrency, cfg.initial_concurrency)))
+        self.inflight = 0
+        self._last_change = 0.0
+        self._last_decrease = -1e18
+        self._last_hold = -1e18
+        self._cond = asyncio.Condition()
+        self.decreases = 0
+        self.holds = 0
+
+    async def acquire(self) -> None:
+        async with self._cond:
+            while self.inflight >= int(self.limit):
+                now = time.monotonic()
+                if self.limit < self.cfg.max_concurrency and now - self._last_change >= self.cfg.increase_interval_s:
+                    self.limit += 1.0  # every slot busy for a whole interval without a rejection: probe one more
+                    self._last_change = now
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._cond.wait(), self.cfg.increase_interval_s)
+            self.inflight += 1
+
+    async def release(self) -> None:
+        async with self._cond:
+            self.inflight -= 1
+            self._cond.notify_all()
+
+    def on_success(self) -> None:
+        # no growth on completions right after a saturated shed: a completion frees its slot for the next line,
+        # and the interval probe alone looks for more room
+        if self.inflight * 2 >= int(self.limit) and time.monotonic() - self._last_hold >= self.cfg.increase_interval_s:
+            self.limit = min(float(self.cfg.max_concurrency), self.limit + 1.0)
+
+    def _may_decrease(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_decrease < self.cfg.decrease_cooldown_s:
+            return False
+        self._last_decrease = self._last_change = now
+        return True
+
+    def on_saturated(self) -> None:
+        """Soft signal: hold at the admitted level (what is in flight now, the rejected request excluded). Applied
+        on every such answer, without the cooldown: a rejected request frees its slot at once, and another line
+        must not take that slot only to be rejected too."""
+        now = time.monotonic()
+        self._last_hold = self._last_change = now
+        self.limit = max(float(self.cfg.min_concurrency), min(self.limit, float(self.inflight)))
+        self.holds += 1
+
+    def on_backoff(self) -> None:
+        """Hard signal: multiplicative decrease."""
+        if self._may_decrease():
+            self.limit = max(float(self.cfg.min_concurrency), self.limit * self.cfg.decrease_factor)
+            self.decreases += 1
+
+
+@dataclass(slots=True)
+class Outcome:
+    ok: bool  # a 2xx answer
+    status: int  # 0 = no answer (transport error, deadline)
+    request_id: str
+    body: Any
+    error_code: str = ""
+    error_message: str = ""
+    retries: int = 0
+
+
+class Dispatcher:
+    def __init__(self, cfg: DispatchConfig, session: aiohttp.ClientSession, *, seed: int | None = None) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.aimd = Aimd(cfg)
+        self.rng = random.Random(seed)
+        self.responses: dict[str, int] = {}  # status class → count (metrics)
+
+    def _sleep_for(self, attempt: int) -> float:
+        return min(self.cfg.backoff_cap_s, self.cfg.backoff_s * (2.0**attempt)) * (0.5 + self.rng.random())
+
+    def _count(self, status: int) -> None:
+        k = str(status) if status else "error"
+        self.responses[k] = self.responses.get(k, 0) + 1
+
+    async def send(self, url: str, body: dict[str, Any], *, request_id: str, deadline: float, fairness_id: str = "") -> Outcome:
+        """Send one line until it gets a final answer or the deadline (wall clock, epoch seconds) passes."""
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        attempt = 0
+        hard_retries = 0
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                return Outcome(False, 0, request_id, None, "batch_expired", "the completion window ended before this request got an answer", attempt)
+            headers = {
+                "content-type": "application/json",
+                OBJECTIVE_HEADER: self.cfg.objective,
+                SLO_TTFT_HEADER: str(max(1, min(int(left * 1000), 999_999_999))),
+                "x-request-id": request_id,
+            }
+            if fairness_id:
+                headers[FAIRNESS_HEADER] = fairness_id
+            await self.aimd.acquire()
+            status, data, err = 0, b"", ""
+            try:
+                timeout = aiohttp.ClientTimeout(total=min(self.cfg.request_timeout_s, left))
+                async with self.session.post(self.cfg.gateway + url, data=raw, headers=headers, timeout=timeout) as r:
+                    status = r.status
+                    data = await r.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                err = f"{type(e).__name__}: {e}"
+            finally:
+                await self.aimd.release()
+            self._count(status)
+            if 200 <= status < 300:
+                self.aimd.on_success()
+                return Outcome(True, status, request_id, _json_or_text(data), retries=attempt)
+            if status == 429 and _error_code(data) == "saturated":
+                self.aimd.on_saturated()  # the gateway sheds batch: the batch share of the fleet is full
+            elif status in BACKOFF_STATUSES:
+                self.aimd.on_backoff()  # rate limited or unavailable: back off hard
+            elif status >= 500 or status == 0:
+                hard_retries += 1
+                if hard_retries > self.cfg.max_retries:
+                    if status == 0:
+                        return Outcome(False, 0, request_id, None, "gateway_unreachable", err or "no answer from the gateway", attempt)
+                    return Outcome(False, status, request_id, _json_or_text(data), "server_error", f"the gateway answered {status} after {attempt + 1} attempts", attempt)
+            else:  # a 4xx other than 429: the request itself is wrong; final
+                return Outcome(False, status, request_id, _json_or_text(data), "request_failed", f"the model server answered {status}", attempt)
+            await asyncio.sleep(min(self._sleep_for(attempt), max(0.0, deadline - time.time())))
+            attempt += 1
+
+
+def _error_code(data: bytes) -> str:
+    try:
+        err = json.loads(data).get("error") or {}
+        return str(err.get("code") or "")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return ""
+
+
+def _json_or_text(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return data.decode("utf-8", "replace")

@@ -1,0 +1,125 @@
+"""The dispatcher against a scripted HTTP server: headers, AIMD back-off, retries, final failures, deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from extproc.batch.dispatch import DispatchConfig, Dispatcher
+
+
+class Scripted:
+    def __init__(self) -> None:
+        self.script: list[int] = []
+        self.seen: list[dict[str, str]] = []
+        self.delay = 0.0
+        self.codes: list[str] = []
+        self.cur = 0
+        self.peak = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append({k.lower(): v for k, v in request.headers.items()})
+        self.cur += 1
+        self.peak = max(self.peak, self.cur)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.cur -= 1
+        status = self.script.pop(0) if self.script else 200
+        body = {"ok": True} if status == 200 else {"error": {"message": "no", "type": "x", "code": self.codes.pop(0) if self.codes else ("saturated" if status == 429 else None)}}
+        return web.json_response(body, status=status)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[Scripted, str]]:
+    s = Scripted()
+    app = web.Application()
+    app.router.add_post("/v1/completions", s.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield s, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _cfg(url: str, **kw: Any) -> DispatchConfig:
+    return DispatchConfig(gateway=url, backoff_s=0.001, backoff_cap_s=0.01, decrease_cooldown_s=0.0, initial_concurrency=8, min_concurrency=1, **kw)
+
+
+async def test_headers_and_backoff_on_429_then_success(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    s.script = [429, 429, 503, 200]
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(_cfg(url), sess, seed=1)
+        deadline = time.time() + 100
+        out = await d.send("/v1/completions", {"model": "m", "prompt": "x"}, request_id="b-1", deadline=deadline, fairness_id="tenant-a")
+    assert out.ok and out.status == 200 and out.retries == 3 and out.body == {"ok": True}
+    h = s.seen[0]
+    assert h["x-gateway-inference-objective"] == "batch"
+    assert h["x-gateway-inference-fairness-id"] == "tenant-a"
+    assert h["x-request-id"] == "b-1"
+    assert 95_000 <= int(h["x-slo-ttft-ms"]) <= 100_000  # the time left to the deadline
+    # two saturated sheds hold the limit at what was in flight (nothing: the floor), the 503 halves it
+    assert d.aimd.limit == 1 and d.aimd.holds == 2 and d.aimd.decreases == 1
+
+
+async def test_other_429_is_a_hard_backoff(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    s.script = [429, 200]
+    s.codes = ["queue_full"]
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(_cfg(url), sess)
+        out = await d.send("/v1/completions", {"model": "m"}, request_id="r", deadline=time.time() + 10)
+    assert out.ok and d.aimd.decreases == 1 and d.aimd.holds == 0 and d.aimd.limit == 4
+
+
+async def test_client_error_is_final_without_retry(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    s.script = [404]
+    async with aiohttp.ClientSession() as sess:
+        out = await Dispatcher(_cfg(url), sess).send("/v1/completions", {"model": "m"}, request_id="r", deadline=time.time() + 10)
+    assert not out.ok and out.status == 404 and out.error_code == "request_failed" and len(s.seen) == 1
+
+
+async def test_server_errors_retry_then_fail(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    s.script = [500] * 10
+    async with aiohttp.ClientSession() as sess:
+        out = await Dispatcher(_cfg(url, max_retries=2), sess).send("/v1/completions", {"model": "m"}, request_id="r", deadline=time.time() + 10)
+    assert not out.ok and out.status == 500 and out.error_code == "server_error" and len(s.seen) == 3
+
+
+async def test_deadline_stops_retrying_429(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    s.script = [429] * 10_000
+    async with aiohttp.ClientSession() as sess:
+        t0 = time.monotonic()
+        out = await Dispatcher(_cfg(url), sess).send("/v1/completions", {"model": "m"}, request_id="r", deadline=time.time() + 0.3)
+    assert not out.ok and out.error_code == "batch_expired" and time.monotonic() - t0 < 2
+
+
+async def test_unreachable_gateway_fails_after_retries() -> None:
+    from extproc.netutil import free_port
+
+    async with aiohttp.ClientSession() as sess:
+        out = await Dispatcher(_cfg(f"http://127.0.0.1:{free_port()}", max_retries=1), sess).send("/v1/completions", {"model": "m"}, request_id="r", deadline=time.time() + 10)
+    assert not out.ok and out.status == 0 and out.error_code == "gateway_unreachable"
+
+
+async def test_concurrency_limit_bounds_requests_on_the_wire(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    s.delay = 0.02
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(DispatchConfig(gateway=url, initial_concurrency=3, min_concurrency=3, max_concurrency=3), sess)
+        outs = await asyncio.gather(*(d.send("/v1/completions", {"model": "m"}, request_id=str(i), deadline=time.time() + 10) for i in range(12)))
+    assert all(o.ok for o in outs)
+    assert s.peak == 3 and d.aimd.inflight == 0
