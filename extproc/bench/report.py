@@ -29,6 +29,7 @@ class RequestResult:
     output_tokens: int = 0
     pod: str = ""
     error: str = ""
+    prefill_pod: str = ""  # P/D: the pod that ran the prefill leg ("" = local prefill)
 
     @property
     def tpot_ms(self) -> float:

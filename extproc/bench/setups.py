@@ -22,6 +22,7 @@ class SetupSpec:
     lb_policy: str | None = None  # envoy
     config: str | None = None  # extproc: built-in config name
     kv_events: bool = False  # extproc-precise: the fleet must publish KV events
+    pd: bool = False  # P/D: the fleet is split into prefill- and decode-role pods (NixlConnector on all)
 
 
 SETUPS: dict[str, SetupSpec] = {
@@ -37,7 +38,8 @@ SETUPS: dict[str, SetupSpec] = {
     ),
     "extproc-approx-111": SetupSpec("extproc-approx-111", "extproc", config="approx-111"),
     "extproc-predicted": SetupSpec("extproc-predicted", "extproc", config="predicted-latency"),
-    **{name: SetupSpec(name, "peer") for name in peers.PEERS},
+    "extproc-pd": SetupSpec("extproc-pd", "extproc", config="pd", pd=True),
+    **{name: SetupSpec(name, "peer", pd=spec.pd) for name, spec in peers.PEERS.items()},
 }
 
 DEFAULT_SETUPS = ("envoy-rr", "envoy-lr", "extproc-random", "extproc-default", "extproc-prefix-load")

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-blocks", type=int, default=None, help="override num_gpu_blocks of every profile")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every simulated duration")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pd-prefill", type=int, default=0,
+                        help="P/D fleet: the first N pods are prefill-role, the rest decode-role (NixlConnector on all)")
+    parser.add_argument("--link", default="rdma-400g", help="P/D KV-transfer link profile: rdma-400g | tcp-25g")
+    parser.add_argument("--kv-failure-rate", type=float, default=0.0, help="P/D: probability a KV transfer fails")
+    parser.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail",
+                        help="P/D: what a decode pod does when a KV transfer fails (vLLM KVTransferConfig)")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=False)
     from extproc.sim import fidelity_args
@@ -90,8 +96,15 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             time_scale=args.time_scale,
             kv_events_array_encoding=args.kv_events_array,
+            prefill_pods=args.pd_prefill,
+            link=args.link,
+            kv_failure_rate=args.kv_failure_rate,
+            kv_load_failure_policy=args.kv_load_failure_policy,
         )
-        spec.profiles()
+        spec.roles(len(spec.profiles()))
+        from extproc.sim.kvtransfer import get_link
+
+        get_link(spec.link)
     except (KeyError, ValueError) as e:
         print(f"extproc sim: {e}", file=sys.stderr)
         return 2
