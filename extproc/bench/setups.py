@@ -33,6 +33,9 @@ SETUPS: dict[str, SetupSpec] = {
     "extproc-prefix-load": SetupSpec("extproc-prefix-load", "extproc", config="prefix-load"),
     "extproc-load-only": SetupSpec("extproc-load-only", "extproc", config="load-only"),
     "extproc-precise": SetupSpec("extproc-precise", "extproc", config="precise-prefix", kv_events=True),
+    "extproc-precise-gpu-only": SetupSpec(
+        "extproc-precise-gpu-only", "extproc", config="precise-prefix-gpu-only", kv_events=True
+    ),
     "extproc-approx-111": SetupSpec("extproc-approx-111", "extproc", config="approx-111"),
     "extproc-predicted": SetupSpec("extproc-predicted", "extproc", config="predicted-latency"),
     "extproc-pd": SetupSpec("extproc-pd", "extproc", config="pd", pd=True),

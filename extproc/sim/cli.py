@@ -1,4 +1,6 @@
-"""``extproc sim``: run a simulated vLLM fleet until SIGTERM/SIGINT; ``extproc sim calibrate ...`` fits a profile.
+"""``extproc sim``: run a simulated vLLM fleet until SIGTERM/SIGINT; ``extproc sim calibrate ...`` fits a profile
+to a real vLLM server; ``extproc sim validate SPEC --out DIR`` / ``extproc sim fit SPEC --out FILE`` check and fit
+the roofline step model against measured runs (extproc.sim.fidelity).
 
 When the fleet is up it prints one JSON line on stdout::
 
@@ -45,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="P/D: what a decode pod does when a KV transfer fails (vLLM KVTransferConfig)")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=False)
+    from extproc.sim import fidelity_args
+
+    fidelity_args.add_validate_arguments(
+        sub.add_parser("validate", help="simulate a SPEC of measured runs; report.json + plot of predicted vs measured")
+    )
+    fidelity_args.add_fit_arguments(sub.add_parser("fit", help="fit the roofline step model's coefficients on a SPEC"))
     cal = sub.add_parser("calibrate", help="fit a profile's coefficients from a real vLLM server")
     mod = _calibrate_module()
     if mod is not None:
@@ -54,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "sim_command", None) in ("validate", "fit"):
+        from extproc.sim import fidelity
+
+        return fidelity.run_validate(args) if args.sim_command == "validate" else fidelity.run_fit(args)
     if getattr(args, "sim_command", None) == "calibrate":
         mod = _calibrate_module()
         if mod is None:

@@ -32,12 +32,13 @@ that computes its last pending token; it finishes after ``max_tokens`` tokens (i
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
 
 from extproc.sim.kvcache import KVCache, KVEvent, hash_block
+from extproc.sim.offload import CPUOffloadTier
 from extproc.sim.profiles import Profile
 from extproc.sim.tokenizer import get_tokenizer
 
@@ -231,6 +232,19 @@ class Engine:
         self._b2 = p.b2_ms / 1000.0
         self._a0 = p.a0_ms / 1000.0
         self._lora_load = p.lora_load_ms / 1000.0
+        # physics-based step time (extproc.sim.roofline) when the profile carries one; else b0 + b1 + b2
+        self.step_model: Callable[[Sequence[tuple[_Seq, int]]], float] | None = None
+        if p.roofline is not None:
+            from extproc.sim.roofline import step_model_from_profile
+
+            self.step_model = step_model_from_profile(p.roofline)
+        # CPU KV-offload tier (extproc.sim.offload): write-through copies of GPU-cached blocks, loaded back on a miss
+        self.cpu_tier: CPUOffloadTier | None = None
+        if p.cpu_offload_blocks > 0:
+            self.cpu_tier = CPUOffloadTier(
+                p.cpu_offload_blocks, p.block_size, p.cpu_load_ms_per_block / 1000.0, record_events=record_kv_events
+            )
+            self.kv.on_store = self.cpu_tier.store
 
     # ---- gauges -----------------------------------------------------------------------------------------------
     @property
@@ -338,6 +352,8 @@ class Engine:
         self._lora_slots.clear()
         self._remote_waiting = 0
         self.kv.reset()
+        if self.cpu_tier is not None:
+            self.cpu_tier.reset()
         return dropped
 
     # ---- the step ---------------------------------------------------------------------------------------------
@@ -366,6 +382,8 @@ class Engine:
         prefill_tokens = 0
         decode_tokens = 0
         admitted = 0
+        cpu = self.cpu_tier
+        cpu_loaded = 0  # blocks loaded back from the CPU tier this step
         failed_outputs: list[RequestOutput] = []
         failed_finished: list[FinishedRequest] = []
         landed: list[tuple[float, int]] = []
@@ -417,12 +435,14 @@ class Engine:
                 num_tokens = len(seq.tokens)
                 kv.extend_hashes(seq.hashes, seq.tokens, seq.lora)
                 hits = kv.lookup(seq.hashes, (num_tokens - 1) // bs)
-                local_hit_tokens = hit_tokens = len(hits) * bs
+                cpu_hits = cpu.match(seq.hashes, len(hits), (num_tokens - 1) // bs) if cpu is not None else 0
+                local_hit_tokens = hit_tokens = (len(hits) + cpu_hits) * bs
                 remote = seq.remote_tokens
                 if remote > 0 and seq.num_out == 0:
                     remote = min(remote, num_tokens - 1)  # the last prompt token is always computed locally
                     if remote > hit_tokens:
                         hit_tokens = remote
+                        cpu_hits = 0  # the transfer brings those blocks too
                 else:
                     remote = 0
                 n = min(num_tokens - hit_tokens, budget)
@@ -431,6 +451,7 @@ class Engine:
                     break
                 kv.touch(hits)
                 new = kv.allocate(need) if need > 0 else []
+                cpu_loaded += cpu_hits
                 assert new is not None
                 waiting.popleft()
                 seq.blocks = hits + new
@@ -438,7 +459,7 @@ class Engine:
                 seq.num_cached_blocks = len(hits)
                 st = self.stats
                 st.prefix_cache_queries += num_tokens
-                st.prefix_cache_hits += local_hit_tokens
+                st.prefix_cache_hits += len(hits) * bs  # GPU hits (vLLM counts connector hits apart)
                 if not seq.counted_cache:
                     seq.num_cached_prompt = local_hit_tokens
                 if seq.remote_tokens > 0:
@@ -487,8 +508,15 @@ class Engine:
                 decode_tokens += 1
             else:
                 prefill_tokens += n
-        cost = self._b0 + self._b1 * prefill_tokens + self._b2 * decode_tokens + self._a0 * admitted
+        if self.step_model is not None:
+            cost = self.step_model(scheduled) + self._a0 * admitted
+        else:
+            cost = self._b0 + self._b1 * prefill_tokens + self._b2 * decode_tokens + self._a0 * admitted
         cost += self._lora_load * len(loaded)
+        if cpu_loaded:
+            assert cpu is not None
+            cost += cpu.load_s_per_block * cpu_loaded
+            cpu.blocks_loaded += cpu_loaded
         duration = cost * self.time_scale * self.slowdown
         end = now + duration
 
@@ -551,6 +579,8 @@ class Engine:
         if finished_any:
             self._running = [s for s in self._running if s.state == _RUNNING]
         res.kv_events = kv.take_events() if kv.events else []
+        if cpu is not None and cpu.events:
+            res.kv_events.extend(cpu.take_events())
         st.steps_total += 1
         st.busy_time_s += duration
         return res

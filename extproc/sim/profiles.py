@@ -13,7 +13,7 @@ kind (see /work/shared/reference/vllm.md); ``extproc sim calibrate`` refines a p
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,15 @@ class Profile:
     dtype_bytes: int = 2
     tensor_parallel: int = 1  # KV is sharded over the TP ranks; each rank moves its shard over its own NIC
     sources: str = ""
+    # optional physics-based step model (extproc.sim.roofline): {model, gpu, tp, coefficients}; when set, the
+    # engine's step time comes from it instead of b0/b1/b2 (a0 and lora_load_ms still apply)
+    roofline: dict[str, Any] | None = field(default=None, compare=False)
+    # CPU KV-offload tier (extproc.sim.offload): blocks kept in CPU memory, and the PCIe time to load one back
+    cpu_offload_blocks: int = 0
+    cpu_load_ms_per_block: float = 0.0
 
     def __post_init__(self) -> None:
-        for f in ("b0_ms", "b1_ms", "b2_ms", "a0_ms", "lora_load_ms"):
+        for f in ("b0_ms", "b1_ms", "b2_ms", "a0_ms", "lora_load_ms", "cpu_load_ms_per_block"):
             if getattr(self, f) < 0:
                 raise ValueError(f"profile {self.name}: {f} must be >= 0")
         for f in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size", "max_model_len",
@@ -56,6 +62,8 @@ class Profile:
                 raise ValueError(f"profile {self.name}: {f} must be > 0")
         if self.max_loras < 0:
             raise ValueError(f"profile {self.name}: max_loras must be >= 0")
+        if self.cpu_offload_blocks < 0:
+            raise ValueError(f"profile {self.name}: cpu_offload_blocks must be >= 0")
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -71,7 +79,12 @@ class Profile:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["roofline"] is None:
+            del d["roofline"]
+        if not d["cpu_offload_blocks"]:
+            del d["cpu_offload_blocks"], d["cpu_load_ms_per_block"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Profile:
