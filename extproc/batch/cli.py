@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--min-concurrency", type=int, default=5)
     s.add_argument("--max-concurrency", type=int, default=100)
     s.add_argument("--initial-concurrency", type=int, default=5)
+    s.add_argument("--decrease-factor", type=float, default=0.5, help="AIMD: the limit is multiplied by this on 429/503 (default %(default)s)")
+    s.add_argument("--decrease-cooldown", type=float, default=0.5, help="AIMD: at most one decrease per this many seconds")
     s.add_argument("--max-retries", type=int, default=5, help="retries of a line on 5xx (other than 503) and transport errors")
     s.add_argument("--backoff", type=float, default=0.1, help="first retry delay, seconds (doubles, capped by --backoff-cap, ±50%% jitter)")
     s.add_argument("--backoff-cap", type=float, default=5.0)
@@ -75,7 +77,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
     dcfg = DispatchConfig(
         gateway=args.gateway.rstrip("/"), objective=args.objective, min_concurrency=args.min_concurrency,
         max_concurrency=args.max_concurrency, initial_concurrency=args.initial_concurrency, max_retries=args.max_retries,
-        backoff_s=args.backoff, backoff_cap_s=args.backoff_cap,
+        decrease_factor=args.decrease_factor, decrease_cooldown_s=args.decrease_cooldown, backoff_s=args.backoff, backoff_cap_s=args.backoff_cap,
     )  # fmt: skip
     cfg = ServiceConfig(dispatch=dcfg, owner=args.replica_id, lease_s=args.lease, max_lines=args.max_lines, max_file_bytes=args.max_file_bytes)
     svc = BatchService(open_store(args.store), cfg)

@@ -5,14 +5,15 @@ Every line is POSTed to the gateway (Envoy → the scheduler), never straight to
 ``x-slo-ttft-ms`` = the time left to the job's deadline and, when the job has one, a fairness id
 (``x-gateway-inference-fairness-id``) so the flow controller round-robins tenants.
 
-Concurrency is AIMD (like llm-d-batch-gateway's dispatcher: min 5, max 100, ×0.5 on back-off, +1): the limit
-grows by one per window of successes and halves — at most once per ``decrease_cooldown_s`` — on 429/503 and on
-the gateway's saturation signal (its ``saturated`` shed answer). A line waiting to retry does not hold a slot.
+Concurrency is AIMD (like llm-d-batch-gateway's dispatcher: min 5, max 100, ×0.5 on back-off, +1); see
+:class:`Aimd` for the increase rule and the two back-off signals (the gateway's ``saturated`` shed holds the
+limit at the admitted level; other 429s and 503s halve it). A line waiting to retry does not hold a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -39,6 +40,7 @@ class DispatchConfig:
     initial_concurrency: int = 5
     decrease_factor: float = 0.5
     decrease_cooldown_s: float = 0.5
+    increase_interval_s: float = 0.25
     max_retries: int = 5  # for other 5xx and transport errors; 429/503 are retried until the deadline
     backoff_s: float = 0.1
     backoff_cap_s: float = 5.0
@@ -46,22 +48,40 @@ class DispatchConfig:
 
 
 class Aimd:
-    """Additive-increase, multiplicative-decrease concurrency limit with a slot pool."""
+    """Additive-increase, multiplicative-decrease concurrency limit with a slot pool.
 
-    __slots__ = ("cfg", "limit", "inflight", "_successes", "_last_decrease", "_cond", "decreases")
+    * increase: +1 per success while the limit is in use (as Netflix concurrency-limits' AIMDLimit), and +1 per
+      ``increase_interval_s`` while every slot is taken — batch lines can run for many seconds, and a limit that
+      only grows on completions would take minutes to find the gateway's admission level;
+    * soft signal — the gateway's ``saturated`` shed (429): batch has reached the share the gateway admits;
+      hold the limit at what is in flight now (probing up again after an interval);
+    * hard signal — any other 429 or a 503: the limit × ``decrease_factor`` (default 0.5, as the reference).
+    At most one decrease per ``decrease_cooldown_s`` (one burst of rejections is one signal).
+    """
+
+    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_cond", "decreases", "holds")
 
     def __init__(self, cfg: DispatchConfig) -> None:
         self.cfg = cfg
         self.limit = float(max(cfg.min_concurrency, min(cfg.max_concurrency, cfg.initial_concurrency)))
         self.inflight = 0
-        self._successes = 0
-        self._last_decrease = 0.0
+        self._last_change = 0.0
+        self._last_decrease = -1e18
+        self._last_hold = -1e18
         self._cond = asyncio.Condition()
         self.decreases = 0
+        self.holds = 0
 
     async def acquire(self) -> None:
         async with self._cond:
-            await self._cond.wait_for(lambda: self.inflight < int(self.limit))
+            while self.inflight >= int(self.limit):
+                now = time.monotonic()
+                if self.limit < self.cfg.max_concurrency and now - self._last_change >= self.cfg.increase_interval_s:
+                    self.limit += 1.0  # every slot busy for a whole interval without a rejection: probe one more
+                    self._last_change = now
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._cond.wait(), self.cfg.increase_interval_s)
             self.inflight += 1
 
     async def release(self) -> None:
@@ -70,19 +90,32 @@ class Aimd:
             self._cond.notify_all()
 
     def on_success(self) -> None:
-        self._successes += 1
-        if self._successes >= int(self.limit):  # one window of successes → +1
-            self._successes = 0
+        # no growth on completions right after a saturated shed: a completion frees its slot for the next line,
+        # and the interval probe alone looks for more room
+        if self.inflight * 2 >= int(self.limit) and time.monotonic() - self._last_hold >= self.cfg.increase_interval_s:
             self.limit = min(float(self.cfg.max_concurrency), self.limit + 1.0)
 
-    def on_backoff(self) -> None:
+    def _may_decrease(self) -> bool:
         now = time.monotonic()
         if now - self._last_decrease < self.cfg.decrease_cooldown_s:
-            return  # one decrease per burst of rejections
-        self._last_decrease = now
-        self._successes = 0
-        self.limit = max(float(self.cfg.min_concurrency), self.limit * self.cfg.decrease_factor)
-        self.decreases += 1
+            return False
+        self._last_decrease = self._last_change = now
+        return True
+
+    def on_saturated(self) -> None:
+        """Soft signal: hold at the admitted level (what is in flight now, the rejected request excluded). Applied
+        on every such answer, without the cooldown: a rejected request frees its slot at once, and another line
+        must not take that slot only to be rejected too."""
+        now = time.monotonic()
+        self._last_hold = self._last_change = now
+        self.limit = max(float(self.cfg.min_concurrency), min(self.limit, float(self.inflight)))
+        self.holds += 1
+
+    def on_backoff(self) -> None:
+        """Hard signal: multiplicative decrease."""
+        if self._may_decrease():
+            self.limit = max(float(self.cfg.min_concurrency), self.limit * self.cfg.decrease_factor)
+            self.decreases += 1
 
 
 @dataclass(slots=True)
@@ -143,8 +176,10 @@ class Dispatcher:
             if 200 <= status < 300:
                 self.aimd.on_success()
                 return Outcome(True, status, request_id, _json_or_text(data), retries=attempt)
-            if status in BACKOFF_STATUSES:
-                self.aimd.on_backoff()  # 429 (the gateway sheds batch when saturated) or 503: capacity is short
+            if status == 429 and _error_code(data) == "saturated":
+                self.aimd.on_saturated()  # the gateway sheds batch: the batch share of the fleet is full
+            elif status in BACKOFF_STATUSES:
+                self.aimd.on_backoff()  # rate limited or unavailable: back off hard
             elif status >= 500 or status == 0:
                 hard_retries += 1
                 if hard_retries > self.cfg.max_retries:
@@ -155,6 +190,14 @@ class Dispatcher:
                 return Outcome(False, status, request_id, _json_or_text(data), "request_failed", f"the model server answered {status}", attempt)
             await asyncio.sleep(min(self._sleep_for(attempt), max(0.0, deadline - time.time())))
             attempt += 1
+
+
+def _error_code(data: bytes) -> str:
+    try:
+        err = json.loads(data).get("error") or {}
+        return str(err.get("code") or "")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return ""
 
 
 def _json_or_text(data: bytes) -> Any:

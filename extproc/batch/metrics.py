@@ -3,7 +3,7 @@
 * ``extproc_batch_jobs{status}``: jobs by status (from the store, refreshed by the worker each tick)
 * ``extproc_batch_lines_total{result="completed|failed"}``: lines this replica finished
 * ``extproc_batch_dispatch_concurrency``: the AIMD limit; ``extproc_batch_dispatch_inflight``: lines on the wire
-* ``extproc_batch_dispatch_backoffs_total``: multiplicative decreases; ``extproc_batch_dispatch_responses_total{code}``
+* ``extproc_batch_dispatch_backoffs_total``: multiplicative decreases; ``..._saturation_holds_total``; ``extproc_batch_dispatch_responses_total{code}``
 * ``extproc_batch_queue_age_seconds``: age of the oldest line not yet finished (0 when none)
 """
 
@@ -38,7 +38,8 @@ class _Collector(Collector):
         yield GaugeMetricFamily("extproc_batch_dispatch_concurrency", "AIMD concurrency limit of this replica", value=float(d.aimd.limit) if d else 0.0)
         yield GaugeMetricFamily("extproc_batch_dispatch_inflight", "Batch lines on the wire to the gateway", value=float(d.aimd.inflight) if d else 0.0)
         yield GaugeMetricFamily("extproc_batch_held_lines", "Lines this replica holds (sending or waiting to retry)", value=float(len(getattr(svc, "_tasks", {}))))
-        yield CounterMetricFamily("extproc_batch_dispatch_backoffs", "Multiplicative decreases of the concurrency limit", value=float(d.aimd.decreases) if d else 0.0)
+        yield CounterMetricFamily("extproc_batch_dispatch_backoffs", "Multiplicative decreases of the concurrency limit (429 other than saturated, 503)", value=float(d.aimd.decreases) if d else 0.0)
+        yield CounterMetricFamily("extproc_batch_dispatch_saturation_holds", "Times the limit was held at the in-flight level on the gateway's saturated shed", value=float(d.aimd.holds) if d else 0.0)
         resp = CounterMetricFamily("extproc_batch_dispatch_responses", "Gateway answers by status code", labels=["code"])
         for k, v in (d.responses.items() if d else ()):
             resp.add_metric([k], float(v))

@@ -19,6 +19,7 @@ class Scripted:
         self.script: list[int] = []
         self.seen: list[dict[str, str]] = []
         self.delay = 0.0
+        self.codes: list[str] = []
         self.cur = 0
         self.peak = 0
 
@@ -30,7 +31,7 @@ class Scripted:
             await asyncio.sleep(self.delay)
         self.cur -= 1
         status = self.script.pop(0) if self.script else 200
-        body = {"ok": True} if status == 200 else {"error": {"message": "no", "type": "x", "code": "saturated" if status == 429 else None}}
+        body = {"ok": True} if status == 200 else {"error": {"message": "no", "type": "x", "code": self.codes.pop(0) if self.codes else ("saturated" if status == 429 else None)}}
         return web.json_response(body, status=status)
 
 
@@ -67,8 +68,18 @@ async def test_headers_and_backoff_on_429_then_success(server: tuple[Scripted, s
     assert h["x-gateway-inference-fairness-id"] == "tenant-a"
     assert h["x-request-id"] == "b-1"
     assert 95_000 <= int(h["x-slo-ttft-ms"]) <= 100_000  # the time left to the deadline
-    assert d.aimd.limit == 2  # 8 → 4 → 2 → 1 (floor), then +1 after one window (1 success)
-    assert d.aimd.decreases == 3
+    # two saturated sheds hold the limit at what was in flight (nothing: the floor), the 503 halves it
+    assert d.aimd.limit == 1 and d.aimd.holds == 2 and d.aimd.decreases == 1
+
+
+async def test_other_429_is_a_hard_backoff(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    s.script = [429, 200]
+    s.codes = ["queue_full"]
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(_cfg(url), sess)
+        out = await d.send("/v1/completions", {"model": "m"}, request_id="r", deadline=time.time() + 10)
+    assert out.ok and d.aimd.decreases == 1 and d.aimd.holds == 0 and d.aimd.limit == 4
 
 
 async def test_client_error_is_final_without_retry(server: tuple[Scripted, str]) -> None:

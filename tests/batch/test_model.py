@@ -104,21 +104,46 @@ def test_batch_object_shape() -> None:
     assert b.to_api()["errors"] == {"object": "list", "data": [{"code": "invalid_json_line", "message": "x", "param": None, "line": 3}]}
 
 
-async def test_aimd_increases_per_window_and_halves_once_per_burst() -> None:
+async def test_aimd_grows_on_success_in_use_and_halves_once_per_burst() -> None:
     a = Aimd(DispatchConfig(gateway="", min_concurrency=2, max_concurrency=10, initial_concurrency=4, decrease_cooldown_s=60))
     assert a.limit == 4
-    for _ in range(4):
-        a.on_success()
-    assert a.limit == 5
+    a.on_success()  # idle limit (nothing in flight): no growth
+    assert a.limit == 4
+    a.inflight = 3
+    a.on_success()
+    a.on_success()
+    assert a.limit == 6
+    a.inflight = 2
+    a.on_success()  # 2 of 6 in use: not limited by the limit, no growth
+    assert a.limit == 6
     a.on_backoff()
     a.on_backoff()  # same burst: ignored
-    assert a.limit == 2.5 and a.decreases == 1
+    assert a.limit == 3 and a.decreases == 1
     a._last_decrease = -1e9
     a.on_backoff()
     assert a.limit == 2  # floor
+    a.inflight = 10
     for _ in range(200):
         a.on_success()
     assert a.limit == 10  # ceiling
+
+
+async def test_aimd_saturated_shed_holds_at_inflight_and_probes_after_an_interval() -> None:
+    a = Aimd(DispatchConfig(gateway="", min_concurrency=1, max_concurrency=50, initial_concurrency=20, increase_interval_s=0.05))
+    a.inflight = 12
+    a.on_saturated()
+    assert a.limit == 12 and a.holds == 1
+    a.inflight = 11
+    a.on_saturated()  # every soft rejection counts (no cooldown): the freed slot must not be retaken at once
+    assert a.limit == 11
+    a.on_success()  # right after a hold: no growth on completions
+    assert a.limit == 11
+    # every slot busy: acquire waits, and after one interval probes one slot more
+    t = asyncio.create_task(a.acquire())
+    await asyncio.sleep(0.01)
+    assert not t.done()
+    await asyncio.wait_for(t, 1)
+    assert a.limit == 12 and a.inflight == 12
 
 
 async def test_aimd_slots_bound_inflight() -> None:
