@@ -59,7 +59,7 @@ class Aimd:
     At most one decrease per ``decrease_cooldown_s`` (one burst of rejections is one signal).
     """
 
-    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_cond", "decreases", "holds")
+    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_freed", "decreases", "holds")
 
     def __init__(self, cfg: DispatchConfig) -> None:
         self.cfg = cfg
@@ -68,26 +68,28 @@ class Aimd:
         self._last_change = 0.0
         self._last_decrease = -1e18
         self._last_hold = -1e18
-        self._cond = asyncio.Condition()
+        self._freed = asyncio.Event()
         self.decreases = 0
         self.holds = 0
 
     async def acquire(self) -> None:
-        async with self._cond:
-            while self.inflight >= int(self.limit):
-                now = time.monotonic()
-                if self.limit < self.cfg.max_concurrency and now - self._last_change >= self.cfg.increase_interval_s:
-                    self.limit += 1.0  # every slot busy for a whole interval without a rejection: probe one more
-                    self._last_change = now
-                    continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._cond.wait(), self.cfg.increase_interval_s)
-            self.inflight += 1
+        # single-threaded event loop: the check and the increment below run without an await in between
+        while self.inflight >= int(self.limit):
+            now = time.monotonic()
+            if self.limit < self.cfg.max_concurrency and now - self._last_change >= self.cfg.increase_interval_s:
+                self.limit += 1.0  # every slot busy for a whole interval without a rejection: probe one more
+                self._last_change = now
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), self.cfg.increase_interval_s)
+        self.inflight += 1
 
-    async def release(self) -> None:
-        async with self._cond:
-            self.inflight -= 1
-            self._cond.notify_all()
+    def release(self) -> None:
+        """Synchronous on purpose: a release that awaited (a lock) could be interrupted by a cancellation and
+        leak its slot — that happened when a cancelled job's lines were dropped mid-request."""
+        self.inflight -= 1
+        freed, self._freed = self._freed, asyncio.Event()
+        freed.set()
 
     def on_success(self) -> None:
         # no growth on completions right after a saturated shed: a completion frees its slot for the next line,
@@ -108,6 +110,8 @@ class Aimd:
         must not take that slot only to be rejected too."""
         now = time.monotonic()
         self._last_hold = self._last_change = now
+        # the rejected request has already given its slot back: no slot is free until a line completes (or the
+        # interval probe), so rejections do not churn
         self.limit = max(float(self.cfg.min_concurrency), min(self.limit, float(self.inflight)))
         self.holds += 1
 
@@ -171,7 +175,7 @@ class Dispatcher:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 err = f"{type(e).__name__}: {e}"
             finally:
-                await self.aimd.release()
+                self.aimd.release()
             self._count(status)
             if 200 <= status < 300:
                 self.aimd.on_success()
