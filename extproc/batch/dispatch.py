@@ -41,6 +41,7 @@ class DispatchConfig:
     decrease_factor: float = 0.5
     decrease_cooldown_s: float = 0.5
     increase_interval_s: float = 0.25
+    race_window_s: float = 0.05  # a saturated shed this soon after a completion does not lower the limit
     max_retries: int = 5  # for other 5xx and transport errors; 429/503 are retried until the deadline
     backoff_s: float = 0.1
     backoff_cap_s: float = 5.0
@@ -59,7 +60,7 @@ class Aimd:
     At most one decrease per ``decrease_cooldown_s`` (one burst of rejections is one signal).
     """
 
-    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_freed", "decreases", "holds")
+    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_freed", "_last_ok", "decreases", "holds", "races")
 
     def __init__(self, cfg: DispatchConfig) -> None:
         self.cfg = cfg
@@ -71,6 +72,8 @@ class Aimd:
         self._freed = asyncio.Event()
         self.decreases = 0
         self.holds = 0
+        self.races = 0
+        self._last_ok = -1e18
 
     async def acquire(self) -> None:
         # single-threaded event loop: the check and the increment below run without an await in between
@@ -92,6 +95,7 @@ class Aimd:
         freed.set()
 
     def on_success(self) -> None:
+        self._last_ok = time.monotonic()
         # no growth on completions right after a saturated shed: a completion frees its slot for the next line,
         # and the interval probe alone looks for more room
         if self.inflight * 2 >= int(self.limit) and time.monotonic() - self._last_hold >= self.cfg.increase_interval_s:
@@ -105,13 +109,15 @@ class Aimd:
         return True
 
     def on_saturated(self) -> None:
-        """Soft signal: hold at the admitted level (what is in flight now, the rejected request excluded). Applied
-        on every such answer, without the cooldown: a rejected request frees its slot at once, and another line
-        must not take that slot only to be rejected too."""
+        """Soft signal: hold at the admitted level (what is in flight now; the rejected request has given its slot
+        back). Applied on every such answer, without the cooldown, so rejections do not churn. Exception: right
+        after a completion (``race_window_s``) the shed is most likely a race — the next line reached the
+        scheduler before the finished one's end did — and the level is kept."""
         now = time.monotonic()
         self._last_hold = self._last_change = now
-        # the rejected request has already given its slot back: no slot is free until a line completes (or the
-        # interval probe), so rejections do not churn
+        if now - self._last_ok < self.cfg.race_window_s:
+            self.races += 1
+            return
         self.limit = max(float(self.cfg.min_concurrency), min(self.limit, float(self.inflight)))
         self.holds += 1
 

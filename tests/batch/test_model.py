@@ -139,6 +139,11 @@ async def test_aimd_saturated_shed_holds_at_inflight_and_probes_after_an_interva
     assert a.limit == 11
     a.on_success()  # right after a hold: no growth on completions
     assert a.limit == 11
+    a.inflight = 10
+    a.on_saturated()  # right after a completion: a race with the scheduler's accounting, the limit is kept
+    assert a.limit == 11 and a.races == 1
+    a._last_ok = -1e9
+    a.inflight = 11
     # every slot busy: acquire waits, and after one interval probes one slot more
     t0 = time.monotonic()
     t = asyncio.create_task(a.acquire())
