@@ -62,8 +62,15 @@ SERVED_HEADER = "x-gateway-destination-endpoint-served"
 SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
 REQUEST_ID_HEADER = "x-extproc-request-id"
 PREFILLER_HEADER = "x-prefiller-host-port"  # P/D disaggregation: the prefill pod the decode sidecar calls
+ENCODER_HEADER = "x-encoder-hosts-ports"  # E/P/D: the encode pods the decode sidecar calls
+OBSERVE_HEADER = "x-extproc-observe"  # the scheduler samples this request for the observation stream
 # Headers only the scheduler (or Envoy) may set: removed from every client request before any route decision.
-SPOOFABLE_HEADERS: tuple[str, ...] = (DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER, PREFILLER_HEADER, REQUEST_ID_HEADER)
+SPOOFABLE_HEADERS: tuple[str, ...] = (
+    DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER, PREFILLER_HEADER, ENCODER_HEADER, REQUEST_ID_HEADER, OBSERVE_HEADER,
+)  # fmt: skip
+# observability mode: Envoy's gRPC access log reports the end of every routed request, batched
+ACCESS_LOG_FLUSH_S = 0.01
+ACCESS_LOG_BUFFER_BYTES = 16384
 LB_METADATA_NAMESPACE = "envoy.lb"
 
 EXTPROC_CLUSTER = "extproc"
@@ -93,7 +100,7 @@ BUFFER_HEADROOM_BYTES = 1024 * 1024
 # Concurrent requests are long LLM streams: Envoy's default circuit breakers (1024) are too low.
 CIRCUIT_BREAKER_LIMIT = 100_000
 # Header names the scheduler may set or remove.
-MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|x-prefiller-host-port|content-length|x-slo-.*)$"
+MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|x-prefiller-host-port|x-encoder-hosts-ports|content-length|x-slo-.*)$"
 
 FailureMode = Literal["fail-open", "fail-close"]
 ResponseObserve = Literal["observability", "streamed", "none"]
@@ -146,6 +153,9 @@ class EnvoyConfigOptions:
     fallback_health_path: str = "/health"
     extproc_tls: SchedulerTls | None = None
     json_local_replies: bool = True
+    # observability mode: end of request from Envoy's gRPC access log (batched) and the observation filter only on
+    # the requests the scheduler samples (x-extproc-observe); False: the observation filter on every request
+    access_log: bool = True
     batch: HostPort | None = None  # ``extproc batch serve``: /v1/files and /v1/batches go there, past ext_proc
 
     def __post_init__(self) -> None:
@@ -655,22 +665,38 @@ def _routes(opts: EnvoyConfigOptions) -> list[Any]:
         RouteMatch,
     )
 
-    route_a = Route(
-        name="extproc_destination",
-        match=RouteMatch(prefix="/", headers=[HeaderMatcher(name=DESTINATION_HEADER, present_match=True)]),
-        route=RouteAction(
-            cluster=OVERRIDE_HOST_CLUSTER if opts.fallback_retries else ORIGINAL_DST_CLUSTER,
-            timeout=_td(opts.route_timeout_s),
-            idle_timeout=_td(opts.stream_idle_timeout_s),
-            retry_policy=_retry_policy(opts),
-        ),
-        response_headers_to_add=[
-            HeaderValueOption(
-                header=HeaderValue(key=SERVED_HEADER, value=f"%REQ({DESTINATION_HEADER})%"),
-                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
-        ],
-    )
+    def destination_route(name: str, headers: list[Any], per_filter: dict[str, Any] | None) -> Any:
+        return Route(
+            name=name,
+            match=RouteMatch(prefix="/", headers=headers),
+            route=RouteAction(
+                cluster=OVERRIDE_HOST_CLUSTER if opts.fallback_retries else ORIGINAL_DST_CLUSTER,
+                timeout=_td(opts.route_timeout_s),
+                idle_timeout=_td(opts.stream_idle_timeout_s),
+                retry_policy=_retry_policy(opts),
+            ),
+            response_headers_to_add=[
+                HeaderValueOption(
+                    header=HeaderValue(key=SERVED_HEADER, value=f"%REQ({DESTINATION_HEADER})%"),
+                    append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                )
+            ],
+            request_headers_to_remove=[OBSERVE_HEADER] if per_filter is not None or headers[1:] else [],
+            typed_per_filter_config=per_filter or {},
+        )
+
+    dest = HeaderMatcher(name=DESTINATION_HEADER, present_match=True)
+    if _sampled_observation(opts):
+        from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ExtProcPerRoute
+
+        # The scheduler's body answer sets the destination (and, for sampled requests, x-extproc-observe) and
+        # clears the route cache; the observation filter then reads its per-route config: on for sampled
+        # requests, disabled for the rest (their end comes from the access log).
+        observed = destination_route("extproc_destination_observed", [dest, HeaderMatcher(name=OBSERVE_HEADER, present_match=True)], None)
+        plain = destination_route("extproc_destination", [dest], {"extproc-observe": _any(ExtProcPerRoute(disabled=True))})
+        route_as = [observed, plain]
+    else:
+        route_as = [destination_route("extproc_destination", [dest], None)]
     if opts.fallback_endpoints:
         route_b = Route(
             name="extproc_fallback",
@@ -694,7 +720,41 @@ def _routes(opts: EnvoyConfigOptions) -> list[Any]:
                 )
             ],
         )
-    return [route_a, route_b]
+    return [*route_as, route_b]
+
+
+def _sampled_observation(opts: EnvoyConfigOptions) -> bool:
+    return opts.response_observe == "observability" and opts.access_log
+
+
+def _access_logs(opts: EnvoyConfigOptions) -> list[Any]:
+    """Envoy's gRPC access log to the scheduler (``extproc.server.accesslog``): one entry per routed request,
+    batched, for the end of every request that the observation stream does not carry."""
+    if opts.extproc is None or not _sampled_observation(opts):
+        return []
+    from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, HeaderFilter
+    from envoy_data_plane.envoy.config.core.v3 import ApiVersion
+    from envoy_data_plane.envoy.config.route.v3 import HeaderMatcher
+    from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import CommonGrpcAccessLogConfig, HttpGrpcAccessLogConfig
+
+    cfg = HttpGrpcAccessLogConfig(
+        common_config=CommonGrpcAccessLogConfig(
+            log_name="extproc",
+            grpc_service=_grpc_service(),
+            transport_api_version=ApiVersion.V3,
+            buffer_flush_interval=_td(ACCESS_LOG_FLUSH_S),
+            buffer_size_bytes=ACCESS_LOG_BUFFER_BYTES,
+        ),
+        additional_request_headers_to_log=[REQUEST_ID_HEADER],
+    )
+    return [
+        AccessLog(
+            name="envoy.access_loggers.http_grpc",
+            # only requests the scheduler routed carry its flight key
+            filter=AccessLogFilter(header_filter=HeaderFilter(header=HeaderMatcher(name=REQUEST_ID_HEADER, present_match=True))),
+            typed_config=_any(cfg),
+        )
+    ]
 
 
 def _batch_routes(opts: EnvoyConfigOptions) -> list[Any]:
@@ -790,6 +850,7 @@ def _listener(opts: EnvoyConfigOptions) -> Any:
         stream_idle_timeout=_td(opts.stream_idle_timeout_s),
         request_timeout=_td(0),
         local_reply_config=local_reply_config() if opts.json_local_replies else None,
+        access_log=_access_logs(opts),
     )
     return Listener(
         name=LISTENER_NAME,
@@ -896,6 +957,8 @@ def render_include(
         "local_reply_config": _to_dict(local_reply_config()),
         "http_filters": [_to_dict(f) for f in _http_filters(opts)],
         "routes": [_to_dict(r) for r in _batch_routes(opts) + _routes(opts)],
+        # observability mode: the HCM's access_log (end of request for requests outside the observation sample)
+        "access_log": [_to_dict(a) for a in _access_logs(opts)],
         "clusters": [_to_dict(c) for c in _clusters(opts)],
     }
 
@@ -1110,6 +1173,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="SNI sent to the scheduler; the scheduler's certificate must carry it as a DNS SAN",
     )
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="observability mode without Envoy's gRPC access log: the observation stream on every request (costlier)",
+    )
     parser.add_argument("--admin", default="127.0.0.1:0", help="admin HOST:PORT (port 0 = free)")
     parser.add_argument("--batch", default=None, metavar="HOST:PORT", help="route /v1/files and /v1/batches to this `extproc batch serve`")
     parser.add_argument("--include", action="store_true", help="print the include snippet instead of a bootstrap")
@@ -1143,6 +1211,7 @@ def run(args: argparse.Namespace) -> int:
         "retries": args.retries,
         "fallback_retries": args.fallback_retries,
         "fallback_health_path": args.fallback_health_path,
+        "access_log": not args.no_access_log,
         "batch": args.batch,
     }
     try:

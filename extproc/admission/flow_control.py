@@ -214,11 +214,19 @@ class FlowController:
         except asyncio.TimeoutError:
             if band.remove(w):
                 self.expired += 1
+                self._drop_if_empty(request.priority, band)
                 raise SchedulingError(503, f"request waited {self.cfg.queue_ttl_s:.0f}s in the flow-control queue without capacity", "queue_timeout") from None
             # released at the very moment the TTL fired: go ahead
         except asyncio.CancelledError:
             band.remove(w)
+            self._drop_if_empty(request.priority, band)
             raise
+
+    def _drop_if_empty(self, prio: int, band: _Band) -> None:
+        """Bands are keyed by a client-supplied priority: an empty one goes, so the map stays as small as the
+        set of priorities actually waiting (and ``notify``'s sort with it)."""
+        if band.size == 0 and self._bands.get(prio) is band:
+            del self._bands[prio]
 
     def notify(self) -> None:
         """Release the head of the best band if its model has capacity. Cheap; call freely."""
@@ -233,6 +241,7 @@ class FlowController:
             if self.saturation.saturated(cands) or self._held(prio, cands):
                 return  # strict priority: lower bands wait while a higher band is blocked
             w = band.pop(self.fairness.get(prio, self.fairness.get("default")))
+            self._drop_if_empty(prio, band)
             if w is not None and not w.future.done():
                 w.future.set_result(None)
                 self.released += 1

@@ -11,8 +11,11 @@ Envoy ``direct_response`` costs a few microseconds. Each listener (127.0.0.1:POR
   (:data:`extproc.datalayer.scrape.METRIC_NAMES`), values varied per pod so scoring has work to do;
 - ``GET /v1/models`` → the model list; ``GET /health`` → 200; anything else → 404;
 
-and every response carries ``x-inference-pod: 127.0.0.1:PORT`` (the same header the simulator sets), so a client
-can check which pod answered.
+and every response carries ``x-inference-pod: 127.0.0.1:PORT`` (the same header the simulator sets, filled in by
+Envoy from ``%DOWNSTREAM_LOCAL_ADDRESS%``), so a client can check which pod answered.
+
+Every listener binds port 0 and the ports are read back from Envoy's admin ``/listeners`` (no free-port guessing,
+so 512 pods start as reliably as 8; picking free ports first raced other processes and collided at 256).
 
 ```python
 async with FakePods(8) as pods:
@@ -31,7 +34,6 @@ from typing import Any, Self
 
 from extproc.datalayer.scrape import M_CACHE_CONFIG, M_KV, M_LORA, M_PREFIX_HITS, M_PREFIX_QUERIES, M_RUNNING, M_WAITING
 from extproc.envoy_runner import EnvoyProcess
-from extproc.netutil import free_port
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ def _route(path: str, method: str | None, status: int, body: str | None, content
 
 
 def _listener(index: int, port: int, models: list[str]) -> dict[str, Any]:
+    """One pod listener; ``port`` 0 lets the kernel choose (the pod header then comes from Envoy's local address)."""
     model = models[0]
     j = "application/json"
     routes = [
@@ -154,7 +157,8 @@ def _listener(index: int, port: int, models: list[str]) -> dict[str, Any]:
                     "domains": ["*"],
                     "routes": routes,
                     "response_headers_to_add": [
-                        {"header": {"key": POD_HEADER, "value": f"127.0.0.1:{port}"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                        {"header": {"key": POD_HEADER, "value": f"127.0.0.1:{port}" if port else "%DOWNSTREAM_LOCAL_ADDRESS%"},
+                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
                     ],
                 }
             ],
@@ -169,7 +173,8 @@ def _listener(index: int, port: int, models: list[str]) -> dict[str, Any]:
 
 
 def bootstrap(ports: list[int], models: list[str]) -> dict[str, Any]:
-    """Envoy bootstrap (plain dict: a test fixture, not production config) with one direct-response listener per port."""
+    """Envoy bootstrap (plain dict: a test fixture, not production config) with one direct-response listener per port
+    (0 = any free port)."""
     if not models:
         raise ValueError("at least one model")
     return {
@@ -192,21 +197,16 @@ class FakePods:
         self.endpoints: list[str] = []
 
     async def start(self) -> Self:
-        # Envoy binds each listener itself; free_port() may race another process, so retry a few times.
-        last: Exception | None = None
-        for _ in range(3):
-            ports = [free_port() for _ in range(self.pods)]
-            if len(set(ports)) != len(ports):
-                continue
-            try:
-                self.envoy = await EnvoyProcess.start(bootstrap(ports, self.models), concurrency=self.concurrency)
-            except Exception as e:  # port taken between free_port() and bind: try new ports
-                last = e
-                log.warning("fake pods failed to start, retrying with new ports: %s", e)
-                continue
-            self.endpoints = [f"127.0.0.1:{p}" for p in ports]
-            return self
-        raise RuntimeError(f"fake pods did not start: {last}")
+        # Every listener binds port 0: Envoy (the kernel) picks free ports atomically and we read them back by
+        # listener name from admin /listeners, so nothing can take a port between choosing and binding it.
+        self.envoy = await EnvoyProcess.start(bootstrap([0] * self.pods, self.models), concurrency=self.concurrency)
+        ports = self.envoy.listener_ports
+        try:
+            self.endpoints = [f"127.0.0.1:{ports[f'pod{i}']}" for i in range(self.pods)]
+        except KeyError as e:
+            await self.stop()
+            raise RuntimeError(f"fake pods: Envoy did not report listener {e} (got {len(ports)} of {self.pods})") from None
+        return self
 
     async def stop(self) -> None:
         if self.envoy is not None:

@@ -246,9 +246,21 @@ def decision_latency(pods: int, requests: int = 2000, seed: int = 0) -> dict[str
 # ---------------------------------------------------------------------------------------------------- proxy runs
 
 
+# Extra scheduler variants an overhead run can compare (``--variants``): name → (response-observe mode, extra
+# ``extproc serve`` arguments). ``extproc-<mode>`` (from ``--observe``) is always the default transport.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "observability-all": ("observability", ("--observe-budget", "-1")),  # observation stream on every request
+    "observability-grpcio": ("observability", ("--grpc-server", "grpcio")),
+    # what observability mode was before (grpcio, the observation stream on every request)
+    "observability-all-grpcio": ("observability", ("--grpc-server", "grpcio", "--observe-budget", "-1")),
+    "none-grpcio": ("none", ("--grpc-server", "grpcio")),
+    "observability-fixed-scrape": ("observability", ("--scrape-adaptive", "off")),
+}
+
+
 @dataclass(slots=True)
 class OverheadOptions:
-    pods: int = 8
+    pods: list[int] = field(default_factory=lambda: [8])
     duration: float = 3.0
     connections: list[int] = field(default_factory=lambda: [1, 16])
     rounds: int = 2
@@ -257,6 +269,8 @@ class OverheadOptions:
     observe: list[str] = field(default_factory=lambda: list(OBSERVE_MODES))
     decision_pods: list[int] = field(default_factory=lambda: [8, 32, 128, 512])
     out_dir: str = "bench-out"
+    variants: list[str] = field(default_factory=list)
+    live_decisions: int = 1000  # decisions measured with the data layer live (200/s), per pod count
 
 
 def resolve_client(requested: str) -> tuple[str, str | None]:
@@ -272,8 +286,8 @@ def resolve_client(requested: str) -> tuple[str, str | None]:
     )
 
 
-def _setup_names(observe: list[str]) -> list[str]:
-    return ["envoy-rr", *(f"extproc-{m}" for m in observe)]
+def _setup_names(observe: list[str], variants: list[str] | None = None) -> list[str]:
+    return ["envoy-rr", *(f"extproc-{m}" for m in observe), *(f"extproc-{v}" for v in variants or [])]
 
 
 async def _warm(url: str, n: int = 20) -> None:
@@ -287,7 +301,8 @@ async def _warm(url: str, n: int = 20) -> None:
                     raise RuntimeError(f"warm-up request to {url} answered {r.status}: {(await r.text())[:300]}")
 
 
-async def _proxy_runs(opts: OverheadOptions, client: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+async def _proxy_runs(opts: OverheadOptions, client: str, pods_n: int) -> dict[str, Any]:
+    """All setups over ``pods_n`` pods: idle CPU, interleaved runs, and decision latency with the data layer live."""
     from extproc.bench.fakepods import FakePods
     from extproc.harness import Stack, StackSpec, start_sim_process, stop_process
 
@@ -296,20 +311,22 @@ async def _proxy_runs(opts: OverheadOptions, client: str) -> tuple[list[dict[str
     async with contextlib.AsyncExitStack() as es:
         upstream_pid: int | None = None
         if opts.upstream == "fake":
-            pods = await es.enter_async_context(FakePods(opts.pods, models=[MODEL]))
+            pods = await es.enter_async_context(FakePods(pods_n, models=[MODEL]))
             eps = list(pods.endpoints)
             assert pods.envoy is not None
             upstream_pid = pods.envoy.pid
         else:
-            proc, info = await start_sim_process(["--pods", str(opts.pods), "--base-port", "0", "--time-scale", "0.001"])
+            proc, info = await start_sim_process(["--pods", str(pods_n), "--base-port", "0", "--time-scale", "0.001"])
             es.push_async_callback(stop_process, proc)
             eps = list(info["endpoints"])
             upstream_pid = proc.pid
         stacks: dict[str, Stack] = {}
         stacks["envoy-rr"] = await es.enter_async_context(Stack(StackSpec(endpoints=eps, config=None, lb_policy="ROUND_ROBIN")))
-        for m in opts.observe:
-            spec = StackSpec(endpoints=eps, config="default", models=[MODEL], response_observe=m)
-            stacks[f"extproc-{m}"] = await es.enter_async_context(Stack(spec))
+        specs: list[tuple[str, str, tuple[str, ...]]] = [(f"extproc-{m}", m, ()) for m in opts.observe]
+        specs += [(f"extproc-{v}", *VARIANTS[v]) for v in opts.variants]
+        for name, mode, extra in specs:
+            spec = StackSpec(endpoints=eps, config="default", models=[MODEL], response_observe=mode, scheduler_args=list(extra))
+            stacks[name] = await es.enter_async_context(Stack(spec))
         for st in stacks.values():
             await _warm(st.url)
 
@@ -323,13 +340,15 @@ async def _proxy_runs(opts: OverheadOptions, client: str) -> tuple[list[dict[str
                 p["pods"] = upstream_pid
             return p
 
-        # idle CPU of every process, all stacks up, no load (scrape loops, timers): subtracted from each run
-        await asyncio.sleep(0.5)
+        # idle CPU of every process, all stacks up, no load (scrape loops, timers): subtracted from each run. The
+        # first seconds after the warm-up still have every pod "active" (just dispatched to): wait them out, as a
+        # scheduler that has been idle for a while would be.
+        await asyncio.sleep(3.0)
         all_pids = {f"{n}:{k}": pid for n in stacks for k, pid in pids_of(n).items()}
-        idle_s = 1.5
+        idle_s = 3.0
         c0 = {k: cpu_seconds(p) for k, p in all_pids.items()}
         await asyncio.sleep(idle_s)
-        idle_cores = {k: (cpu_seconds(p) - c0[k]) / idle_s for k, p in all_pids.items()}
+        idle_cores = {k: round((cpu_seconds(p) - c0[k]) / idle_s, 4) for k, p in all_pids.items()}
 
         names = list(stacks)
         loop = asyncio.get_running_loop()
@@ -346,12 +365,82 @@ async def _proxy_runs(opts: OverheadOptions, client: str) -> tuple[list[dict[str
                     wall = loop.time() - t0
                     used = {k: cpu_seconds(p) - c0[k] for k, p in pids.items()}
                     n = max(1, m["requests"])
-                    row: dict[str, Any] = {"setup": name, "connections": c, "round": rnd, **m}
+                    row: dict[str, Any] = {"setup": name, "connections": c, "round": rnd, "pods": pods_n, **m}
                     for k in pids:
                         row[f"{k}_us"] = round(max(0.0, used[k] - idle[k] * wall) / n * 1e6, 1)
                     rows.append(row)
                     log.info("overhead run %s", row)
-    return rows, idle_cores
+        live = await decision_latency_live(eps, opts.live_decisions) if opts.upstream == "fake" else None
+    return {"pods": pods_n, "runs": rows, "idle_cores": idle_cores, "decision_live": live}
+
+
+async def decision_latency_live(endpoints: list[str], requests: int = 1000, rate: float = 200.0, seed: int = 0) -> dict[str, Any]:
+    """Decision latency of the default profile *with the data layer live*: the same scraper ``extproc serve`` runs
+    polls ``endpoints`` on this event loop while decisions arrive at ``rate`` per second (each dispatch touches its
+    pod and holds one in-flight slot for 50 ms, so pods are active as under load). ``p50_us``/``p99_us``: the
+    decision itself (wall clock); ``cpu_*``: its CPU time; ``lag_p99_us``: from the decision's due time to its end (includes waiting for the loop, i.e.
+    what scraping on the same loop delays)."""
+    from extproc.api import parse_request
+    from extproc.bench.workloads import generate, parse_stages
+    from extproc.datalayer.endpoint import EndpointPool
+    from extproc.datalayer.scrape import MetricsScraper
+    from extproc.scheduling.config import load_config
+
+    pool = EndpointPool(default_models=frozenset({MODEL}))
+    pool.set_endpoints(endpoints)
+    scraper = MetricsScraper(pool)
+    await scraper.start()
+    loop = asyncio.get_running_loop()
+    try:
+        deadline = loop.time() + 20.0
+        while loop.time() < deadline and any(ep.metrics.updated_at == 0.0 for ep in pool.snapshot()):
+            await asyncio.sleep(0.05)
+        sched = load_config("default", pool).scheduler
+        wl = generate("shared-prefix", parse_stages(f"{requests}:1.5"), seed=seed)
+        bodies = [(r.path, r.body_bytes(), r.headers()) for r in wl.requests[:requests]]
+        compute: list[float] = []
+        cpu: list[float] = []
+        lag: list[float] = []
+        scrapes0 = scraper.scrapes
+        t_start = loop.time()
+
+        def release(ep: Any) -> None:
+            ep.inflight -= 1
+
+        for i, (path, raw, headers) in enumerate(bodies):
+            due = t_start + i / rate
+            delay = due - loop.time()
+            await asyncio.sleep(max(0.0, delay))  # yields to the scraper even when behind
+            c = time.thread_time()
+            t = time.perf_counter()
+            req = parse_request(path, raw, headers)
+            result, cycle = sched.schedule(req)
+            ep = result.primary
+            ep.inflight += 1
+            scraper.touch(ep)
+            sched.dispatched(cycle, req, result)
+            loop.call_later(0.05, release, ep)
+            end = time.perf_counter()
+            cpu.append((time.thread_time() - c) * 1e6)
+            compute.append((end - t) * 1e6)
+            lag.append(max(0.0, (loop.time() - due)) * 1e6)
+        elapsed = loop.time() - t_start
+        await asyncio.sleep(0.06)
+        return {
+            "pods": len(endpoints),
+            "requests": len(compute),
+            "rate": rate,
+            "p50_us": round(percentile(compute, 50), 1),
+            "p99_us": round(percentile(compute, 99), 1),
+            # CPU time of the decision (excludes preemption by other processes on a shared machine)
+            "cpu_p50_us": round(percentile(cpu, 50), 1),
+            "cpu_p99_us": round(percentile(cpu, 99), 1),
+            "lag_p50_us": round(percentile(lag, 50), 1),
+            "lag_p99_us": round(percentile(lag, 99), 1),
+            "scrapes_per_s": round((scraper.scrapes - scrapes0) / elapsed, 1),
+        }
+    finally:
+        await scraper.stop()
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -359,11 +448,13 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     return round(statistics.median(vals), 3) if vals else None
 
 
-def summarize(rows: list[dict[str, Any]], observe: list[str], connections: list[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def summarize(
+    rows: list[dict[str, Any]], observe: list[str], connections: list[int], variants: list[str] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Median over rounds per (setup, connections), and extproc-vs-envoy ratios per connection count."""
     table: list[dict[str, Any]] = []
     for c in connections:
-        for name in _setup_names(observe):
+        for name in _setup_names(observe, variants):
             rs = [r for r in rows if r["setup"] == name and r["connections"] == c]
             if not rs:
                 continue
@@ -389,8 +480,8 @@ def summarize(rows: list[dict[str, Any]], observe: list[str], connections: list[
         base = next((t for t in table if t["setup"] == "envoy-rr" and t["connections"] == c), None)
         if base is None:
             continue
-        for m in observe:
-            t = next((t for t in table if t["setup"] == f"extproc-{m}" and t["connections"] == c), None)
+        for name in _setup_names(observe, variants)[1:]:
+            t = next((t for t in table if t["setup"] == name and t["connections"] == c), None)
             if t is None:
                 continue
 
@@ -414,7 +505,7 @@ def _fmt(v: Any) -> str:
 
 
 def run_overhead(
-    pods: int,
+    pods: int | list[int],
     duration: float,
     connections: list[int],
     decision_pods: list[int],
@@ -424,9 +515,10 @@ def run_overhead(
     upstream: str = "fake",
     client: str = "auto",
     observe: list[str] | None = None,
+    variants: list[str] | None = None,
 ) -> int:
     opts = OverheadOptions(
-        pods=pods,
+        pods=[pods] if isinstance(pods, int) else list(pods),
         duration=duration,
         connections=connections,
         rounds=rounds,
@@ -435,8 +527,47 @@ def run_overhead(
         observe=list(observe) if observe is not None else list(OBSERVE_MODES),
         decision_pods=decision_pods,
         out_dir=out_dir,
+        variants=list(variants or []),
     )
     return run(opts)
+
+
+def parse_pods(text: str | int) -> list[int]:
+    """``--pods 8,64,512`` → [8, 64, 512]."""
+    if isinstance(text, int):
+        return [text]
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def _print_pods(res: dict[str, Any], opts: OverheadOptions, client: str) -> None:
+    n = res["pods"]
+    upstream = (
+        f"{n} fake pods (one Envoy --concurrency 1, direct_response)"
+        if opts.upstream == "fake"
+        else f"{n} simulated pods (Python simulator, time_scale 0.001, 1 output token)"
+    )
+    client_txt = "wrk -t1 (closed loop, keep-alive)" if client == "wrk" else "closed-loop aiohttp client in its own process"
+    print(f"## {n} pods. Proxy path: {upstream}; client {client_txt}; front Envoy --concurrency 1; {opts.rounds} rounds x "
+          f"{opts.duration:g} s, interleaved; medians over rounds (req/s min-max in brackets)")  # fmt: skip
+    print("| setup | connections | req/s | p50 ms | p99 ms | scheduler CPU µs/req | front Envoy µs/req | pods µs/req | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t in res["proxy"]:
+        print(
+            f"| {t['setup']} | {t['connections']} | {t['rps']} [{t['rps_min']}-{t['rps_max']}] | {_fmt(t['p50_ms'])} | {_fmt(t['p99_ms'])} | "
+            f"{_fmt(t['sched_us'])} | {_fmt(t['envoy_us'])} | {_fmt(t['pods_us'])} | {t['errors']} |"
+        )
+    for r in res["ratios"]:
+        print(f"{n} pods: {r['setup']} vs envoy-rr at {r['connections']} connection(s): req/s ratio {_fmt(r['rps_ratio'])}, "
+              f"added p50 {_fmt(r['added_p50_ms'])} ms, added p99 {_fmt(r['added_p99_ms'])} ms")  # fmt: skip
+    idle = res["idle_cores"]
+    scheds = ", ".join(f"{k.split(':')[0]} {v:.3f}" for k, v in idle.items() if k.endswith(":sched"))
+    print(f"{n} pods: idle CPU (cores) before load, per scheduler process: {scheds}")
+    live = res.get("decision_live")
+    if live:
+        print(f"{n} pods: decision latency with the data layer live ({live['rate']:g}/s, {live['scrapes_per_s']} scrapes/s): "
+              f"p50 {live['p50_us']} µs, p99 {live['p99_us']} µs (CPU time p50 {live['cpu_p50_us']}, p99 {live['cpu_p99_us']} µs); "
+              f"due-to-done p99 {live['lag_p99_us']} µs")  # fmt: skip
+    print()
 
 
 def run(opts: OverheadOptions) -> int:
@@ -444,37 +575,21 @@ def run(opts: OverheadOptions) -> int:
         print("extproc bench overhead: --upstream is fake|sim, --client is auto|wrk|aiohttp", file=sys.stderr)
         return 2
     bad = [m for m in opts.observe if m not in ("observability", "streamed", "none")]
-    if bad or opts.rounds < 1 or opts.duration <= 0 or not opts.connections or opts.pods < 1:
-        print("extproc bench overhead: need --rounds >= 1, --duration > 0, --pods >= 1, connections, observe in "
-              "observability|streamed|none", file=sys.stderr)  # fmt: skip
+    bad += [v for v in opts.variants if v not in VARIANTS]
+    if bad or opts.rounds < 1 or opts.duration <= 0 or not opts.connections or not opts.pods or min(opts.pods) < 1:
+        print("extproc bench overhead: need --rounds >= 1, --duration > 0, --pods N[,N...] >= 1, connections, observe in "
+              f"observability|streamed|none, variants in {','.join(VARIANTS)}", file=sys.stderr)  # fmt: skip
         return 2
     client, note = resolve_client(opts.client)
     if note:
         print(note)
-    rows, idle = asyncio.run(_proxy_runs(opts, client))
-    table, ratios = summarize(rows, opts.observe, opts.connections)
-    upstream = (
-        f"{opts.pods} fake pods (one Envoy --concurrency 1, direct_response)"
-        if opts.upstream == "fake"
-        else f"{opts.pods} simulated pods (Python simulator, time_scale 0.001, 1 output token)"
-    )
-    client_txt = "wrk -t1 (closed loop, keep-alive)" if client == "wrk" else "closed-loop aiohttp client in its own process"
-    print(f"Proxy path: {upstream}; client {client_txt}; front Envoy --concurrency 1; {opts.rounds} rounds x {opts.duration:g} s, "
-          f"interleaved; medians over rounds (req/s min-max in brackets)")  # fmt: skip
-    print("| setup | connections | req/s | p50 ms | p99 ms | scheduler CPU µs/req | front Envoy µs/req | pods µs/req | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for t in table:
-        print(
-            f"| {t['setup']} | {t['connections']} | {t['rps']} [{t['rps_min']}-{t['rps_max']}] | {_fmt(t['p50_ms'])} | {_fmt(t['p99_ms'])} | "
-            f"{_fmt(t['sched_us'])} | {_fmt(t['envoy_us'])} | {_fmt(t['pods_us'])} | {t['errors']} |"
-        )
-    for r in ratios:
-        print(f"{r['setup']} vs envoy-rr at {r['connections']} connection(s): req/s ratio {_fmt(r['rps_ratio'])}, "
-              f"added p50 {_fmt(r['added_p50_ms'])} ms, added p99 {_fmt(r['added_p99_ms'])} ms")  # fmt: skip
-    sched_idle = sum(v for k, v in idle.items() if k.endswith(":sched"))
-    print(f"idle CPU before load (subtracted per run): schedulers' scrape loops {sched_idle * 100:.1f}% of a core in all")
-    print()
-    print("In-process decision latency (parse + schedule + pre-request), default profile:")
+    per_pods: list[dict[str, Any]] = []
+    for n in opts.pods:
+        res = asyncio.run(_proxy_runs(opts, client, n))
+        res["proxy"], res["ratios"] = summarize(res["runs"], opts.observe, opts.connections, opts.variants)
+        per_pods.append(res)
+        _print_pods(res, opts, client)
+    print("In-process decision latency (parse + schedule + pre-request; no data layer running), default profile:")
     print("| pods | p50 µs | p99 µs |")
     print("|---|---|---|")
     decisions = []
@@ -484,6 +599,7 @@ def run(opts: OverheadOptions) -> int:
         print(f"| {d['pods']} | {d['p50_us']} | {d['p99_us']} |")
     os.makedirs(opts.out_dir, exist_ok=True)
     path = os.path.join(opts.out_dir, "overhead.json")
+    first = per_pods[0]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(
             {
@@ -493,10 +609,13 @@ def run(opts: OverheadOptions) -> int:
                 "upstream": opts.upstream,
                 "client": client,
                 "client_note": note,
-                "runs": rows,
-                "proxy": table,
-                "ratios": ratios,
-                "idle_cores": idle,
+                # per pod count: runs, proxy (medians), ratios, idle_cores, decision_live
+                "per_pods": {str(r["pods"]): r for r in per_pods},
+                # the first pod count's results at the top level too (what single-count readers expect)
+                "runs": first["runs"],
+                "proxy": first["proxy"],
+                "ratios": first["ratios"],
+                "idle_cores": first["idle_cores"],
                 "decision": decisions,
             },
             f,
@@ -511,7 +630,7 @@ def run(opts: OverheadOptions) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The overhead flags (``extproc bench overhead`` can reuse them)."""
-    p.add_argument("--pods", type=int, default=8, help="pods behind Envoy")
+    p.add_argument("--pods", default="8", help="pods behind Envoy: a count or a comma list (8,64,512), one proxy comparison each")
     p.add_argument("--duration", type=float, default=3.0, help="seconds per run (wrk rounds it to whole seconds)")
     p.add_argument("--connections", default="1,16", help="closed-loop connection counts")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (order rotated each round)")
@@ -519,6 +638,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto", help="load generator (auto: wrk if installed)")
     p.add_argument("--observe", default=",".join(OBSERVE_MODES), help="extproc --response-observe modes to compare")
     p.add_argument("--decision-pods", default="8,32,128,512", help="pod counts for in-process decision latency")
+    p.add_argument("--variants", default="", help=f"extra scheduler variants to compare: {','.join(VARIANTS)}")
     p.add_argument("--out", default="bench-out", help="output directory (overhead.json)")
 
 
@@ -527,7 +647,7 @@ def options_from_args(a: argparse.Namespace) -> OverheadOptions:
         return [int(x) for x in s.split(",") if x.strip()]
 
     return OverheadOptions(
-        pods=a.pods,
+        pods=parse_pods(a.pods),
         duration=a.duration,
         connections=ints(a.connections),
         rounds=getattr(a, "rounds", 2),
@@ -536,6 +656,7 @@ def options_from_args(a: argparse.Namespace) -> OverheadOptions:
         observe=[m for m in getattr(a, "observe", ",".join(OBSERVE_MODES)).split(",") if m],
         decision_pods=ints(a.decision_pods),
         out_dir=a.out,
+        variants=[v for v in getattr(a, "variants", "").split(",") if v],
     )
 
 

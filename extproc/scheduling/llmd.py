@@ -90,6 +90,13 @@ ABSORBED: dict[str, str] = {
     "passthrough-parser": "extproc's OpenAI request parser: extproc always parses the body (a body that is not "
     "OpenAI JSON is a 400 here, the reference forwards it unparsed)",
     "vllm-http-parser": "extproc's OpenAI request parser (vLLM's HTTP API is the OpenAI API)",
+    "vllmhttp-parser": "extproc's OpenAI request parser (vLLM's HTTP API is the OpenAI API)",
+    "k8s-notification-source": "extproc's Kubernetes discovery (pod watch)",
+    "file-discovery": "static endpoints: extproc serve --endpoints / --endpoints-file",
+    "models-data-extractor": "the scraper's /v1/models discovery",
+    "disagg-headers-handler": "the P/D profile handler, which sets x-prefiller-host-port itself (deprecated there too)",
+    "prefill-header-handler": "the P/D profile handler, which sets x-prefiller-host-port itself (deprecated there too)",
+    "fcfs-ordering-policy": "extproc's flow-control order within a fairness key (first come, first served)",
     "token-producer": "extproc's tokenizer service: the model's tokenizer when --tokenizers configures it, else the "
     "chars/4 estimate (the reference's 'estimate' backend); the vLLM render URL is not called, so the decision "
     "path stays local",
@@ -105,6 +112,38 @@ ABSORBED: dict[str, str] = {
 # Reference types we cannot honour (yet): the load fails naming the plugin and this reason.
 UNSUPPORTED: dict[str, str] = {
     "multicluster-prefix-cache-scorer": "multi-cluster routing is not implemented",
+    "multicluster-queue-scorer": "multi-cluster routing is not implemented",
+    "multicluster-kv-cache-utilization-scorer": "multi-cluster routing is not implemented",
+    "multicluster-session-affinity-filter": "multi-cluster routing is not implemented",
+    "multicluster-metrics-data-source": "multi-cluster routing is not implemented",
+    "multicluster-metrics-extractor": "multi-cluster routing is not implemented",
+    "multicluster-file-discovery": "multi-cluster routing is not implemented",
+    "anthropic-parser": "extproc parses the OpenAI API only (/v1/completions, /v1/chat/completions, /v1/responses, /v1/embeddings)",
+    "sglanghttp-parser": "extproc parses the OpenAI API only",
+    "vertexai-parser": "extproc parses the OpenAI API only",
+    "vllmgrpc-parser": "extproc parses HTTP OpenAI requests only (no vLLM gRPC)",
+    "latency-scorer": "the reference's latency plugins differ from extproc's predictor: use predicted-latency-scorer / slo-aware-picker (docs/predictor.md)",
+    "predicted-latency-producer": "use extproc's predicted-latency-scorer / slo-aware-picker (docs/predictor.md)",
+    "slo-headroom-tier-filter": "use extproc's slo-aware-picker (docs/predictor.md)",
+    "latency-slo-admitter": "use extproc's slo-admission (docs/predictor.md)",
+    "header-based-testing-filter": "conformance test plugin: run extproc serve --conformance, which honours test-epp-endpoint-selection",
+    "destination-endpoint-served-verifier": "conformance test plugin: extproc serve --conformance echoes x-conformance-test-served-endpoint",
+    "edf-ordering-policy": "flow-control ordering policies are not implemented (FIFO per fairness key)",
+    "slo-deadline-ordering-policy": "flow-control ordering policies are not implemented (FIFO per fairness key)",
+    "static-usage-limit-policy": "not implemented: use soft-reflective-ceiling-policy or the saturation detector thresholds",
+    "priority-holdback-policy": "not implemented: use soft-reflective-ceiling-policy",
+    "sheddable-eviction-filter": "flow-control eviction is not implemented (queued requests expire by TTL)",
+    "priority-then-time-eviction-order-policy": "flow-control eviction is not implemented (queued requests expire by TTL)",
+    "local-syncer": "cross-replica sync of scheduler state is not supported (one scheduler process owns its state)",
+    "p2p-source-producer": "peer-to-peer KV source selection is not implemented",
+    "disaggregatedset-rollout-screener": "DisaggregatedSet rollout screening is not implemented",
+    "disaggregatedset-rollout-pod-extractor": "DisaggregatedSet rollout screening is not implemented",
+    "concurrency-detector": "not implemented: use utilization-detector or the saturation detector's maxInflightPerPod",
+    "session-affinity-filter": "not implemented: use session-affinity-scorer",
+    "header-label-affinity-scorer": "not implemented",
+    "session-id-producer": "not implemented: session-affinity-scorer reads its header itself",
+    "agent-identity": "not implemented",
+    "context-length-aware": "not implemented",
     "multicluster-approx-prefix-cache-producer": "multi-cluster routing is not implemented",
 }
 # Defaults the reference gives a type where ours differ: applied to llm-d.ai/v1alpha1 files when the parameter is
@@ -239,8 +278,16 @@ def _precise_params(producer: Mapping[str, Any], pname: str) -> dict[str, Any]:
         port = _int(_mapping(kve.get("podDiscoveryConfig"), "podDiscoveryConfig", pname), "socketPort", 5557, pname, 1)
         ev["endpointTemplate"] = f"tcp://{{host}}:{port}"  # subscribe to each discovered pod's publisher
     elif kve.get("zmqEndpoint"):
-        ev["endpointTemplate"] = str(kve["zmqEndpoint"])
-        ev["bind"] = True  # the reference binds this endpoint; pods connect to it
+        # The reference binds one endpoint that every pod publishes to (events told apart by topic); extproc runs one
+        # subscriber per pod, so a single shared bind cannot be honoured. Say so loudly; the pods' publishers are
+        # given with --kv-events (or discoverPods), else the scorer matches approximately.
+        log.warning(
+            "kvEventsConfig.zmqEndpoint (one endpoint all pods publish to) is not supported: extproc subscribes to "
+            "each pod's publisher; give them with --kv-events or kvEventsConfig.discoverPods",
+            extra={"plugin": pname, "zmqEndpoint": kve["zmqEndpoint"]},
+        )
+        out["_note"] = (f"kvEventsConfig.zmqEndpoint {kve['zmqEndpoint']} NOT used (shared bind endpoint unsupported): "
+                        "per-pod publishers come from --kv-events or discoverPods, else approximate matching")
     if topic and ev:
         ev["topic"] = str(topic)
     if ev:
@@ -298,6 +345,17 @@ def translate(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Origin], d
         if t in UNSUPPORTED:
             raise TranslationError(n, f"plugin type '{t}' is not supported: {UNSUPPORTED[t]}")
         written = copy.deepcopy(p)
+        if t == "precise-prefix-cache-scorer":  # deprecated composite: producer + scorer in one plugin
+            precise = [m for m, ps in producers.items() if ps["type"] == "precise-prefix-cache-producer"]
+            if precise:
+                log.warning("precise-prefix-cache-scorer: a precise-prefix-cache-producer is configured; its parameters win (as in the reference)", extra={"plugin": n})
+                params = _precise_params(producers[precise[0]]["parameters"], precise[0])
+            else:
+                params = _precise_params({k: v for k, v in p.items() if k != "prefixMatchInfoProducerName"}, n)
+            params.pop("_note", None)
+            out_specs.append({"type": "precise-prefix-cache", "name": n, "parameters": params})
+            origins[n] = Origin(n, t, "precise-prefix-cache", "deprecated composite of precise-prefix-cache-producer + prefix-cache-scorer", written)
+            continue
         if t == "prefix-cache-scorer" and (reference_style or REFERENCE_PREFIX_PARAMS & set(p)):
             new_type, new_params, note = _prefix_scorer(n, p, producers)
             out_specs.append({"type": new_type, "name": n, "parameters": new_params})
@@ -422,7 +480,11 @@ def _prefix_scorer(name: str, params: Mapping[str, Any], producers: Mapping[str,
         raise TranslationError(name, f"parameters {sorted({**ours, **extra})} do not apply to the producer '{pname}'")
     if prod["type"] == "burst-prefix-cache-producer":
         return "burst-prefix-cache", dict(prod["parameters"]), f"burst co-location configured by producer '{pname}' (online placement, no batch window)"
-    return "precise-prefix-cache", _precise_params(prod["parameters"], pname), f"precise KV-event index configured by producer '{pname}'"
+    params = _precise_params(prod["parameters"], pname)
+    note = f"precise KV-event index configured by producer '{pname}'"
+    if "_note" in params:
+        note += "; " + params.pop("_note")
+    return "precise-prefix-cache", params, note
 
 
 def detector_params(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -521,6 +583,8 @@ def _flow_control(raw: Mapping[str, Any], gates: Mapping[str, bool], by_name: Ma
             ref = b.get(k)
             if ref is not None and ref not in by_name:
                 raise TranslationError(ref, f"flowControl.{where}.{k} refers to an undefined plugin")
+            if k == "orderingPolicyRef" and ref is not None and by_name[ref]["type"] == "fcfs-ordering-policy":
+                continue  # FIFO within a fairness key is what extproc does
             if ref is not None:
                 out.setdefault("policyRefs", {})[f"{where}.{k}"] = ref
     return out

@@ -16,6 +16,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FlowControlConfig, FlowController
 from extproc.admission.saturation import SaturationDetector
@@ -23,6 +24,7 @@ from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
 from extproc.observe.metrics import SchedulerMetrics
 from extproc.scheduling.config import ConfigError, SchedulerConfig, load_config
+from extproc.server.accesslog import ALS_METHOD, AccessLogReceiver
 from extproc.server.handler import ExtProcHandler, HandlerSettings, observation_outcome_counter, record_observation
 from extproc.server.tracker import FlightTracker
 
@@ -49,10 +51,14 @@ class ServeOptions:
     metrics_port: int = 9090
     scrape_interval_s: float = 0.05
     scrape_timeout_s: float = 1.0
+    scrape_adaptive: bool = True
+    scrape_idle_interval_s: float = 1.0
+    scrape_budget: float = 2000.0
     unhealthy_after: int = 5
     max_body_bytes: int = 8 * 1024 * 1024
     max_messages_per_stream: int = 100_000
     response_observe: str = "observability"
+    observe_budget: float = 50.0  # observability mode: observed requests per second (< 0: all)
     kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
     tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
     predictor_state_dir: str | None = None
@@ -61,6 +67,9 @@ class ServeOptions:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     grpc_max_concurrent_streams: int = 0
+    # ext_proc transport: "native" (extproc.server.h2grpc, HTTP/2 parsed on the event loop) or "grpcio" (grpc.aio).
+    # TLS always uses grpcio.
+    grpc_server: str = "native"
     seed: int | None = None
     conformance: bool = False  # honour GIE's conformance header test-epp-endpoint-selection
 
@@ -82,13 +91,23 @@ class SchedulerServer:
         self.config: SchedulerConfig | None = None
         self.scraper = MetricsScraper(
             self.pool,
-            ScrapeSettings(interval_s=opts.scrape_interval_s, timeout_s=opts.scrape_timeout_s, unhealthy_after=opts.unhealthy_after),
+            ScrapeSettings(
+                interval_s=opts.scrape_interval_s,
+                timeout_s=opts.scrape_timeout_s,
+                unhealthy_after=opts.unhealthy_after,
+                idle_interval_s=opts.scrape_idle_interval_s,
+                max_scrapes_per_s=opts.scrape_budget,
+                adaptive=opts.scrape_adaptive,
+            ),
             on_scrape=self.metrics.on_scrape,
         )
+        self.services["scraper"] = self.scraper  # the handler tells it which pods just got a request
         self.tracker: FlightTracker | None = None
         self.handler: ExtProcHandler | None = None
+        self.access_log: AccessLogReceiver | None = None
         self.flow: FlowController | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._native: Any = None  # extproc.server.h2grpc.NativeGrpcServer
         self._health_grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -168,6 +187,7 @@ class SchedulerServer:
                 max_body_bytes=self.opts.max_body_bytes,
                 max_messages_per_stream=self.opts.max_messages_per_stream,
                 response_observe=self.opts.response_observe,
+                observe_budget=self.opts.observe_budget,
                 objectives=cfg.objectives,
                 conformance=self.opts.conformance,
             ),
@@ -175,8 +195,13 @@ class SchedulerServer:
             self.services,
             self.flow,
         )
+        # end of request for every routed request comes from Envoy's access log (observability mode)
+        self.access_log = AccessLogReceiver(self.tracker)
+        self.handler.access_log = self.access_log
         # shared services created by plugins (KV-event manager, predictor, ...) start here
         for name, svc in list(self.services.items()):
+            if svc is self.scraper:
+                continue  # started below, after the shared services
             start = getattr(svc, "start", None)
             if callable(start) and asyncio.iscoroutinefunction(start):
                 await start()
@@ -184,25 +209,11 @@ class SchedulerServer:
                 log.info("service started", extra={"service": name})
         await self.scraper.start()
 
-        options = [
-            ("grpc.so_reuseport", 0),
-            # Envoy buffers up to max_body + max(max_body, 1 MiB) (envoy_config.buffer_limit_bytes) and forwards it in
-            # one message; accept all of it so *we* answer an oversize body with a JSON 413, never a gRPC error
-            ("grpc.max_receive_message_length", grpc_message_limit(self.opts.max_body_bytes)),
-            ("grpc.max_send_message_length", grpc_message_limit(self.opts.max_body_bytes)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-        ]
-        if self.opts.grpc_max_concurrent_streams:
-            options.append(("grpc.max_concurrent_streams", self.opts.grpc_max_concurrent_streams))
-        self._grpc = grpc.aio.server(options=options)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.handler, self._grpc)
-        addr = f"{self.opts.host}:{self.opts.grpc_port}"
         creds = self._server_credentials()
-        self.grpc_port = self._grpc.add_secure_port(addr, creds) if creds else self._grpc.add_insecure_port(addr)
-        if not self.grpc_port:
-            raise OSError(f"cannot bind the ext_proc gRPC port {addr}")
-        await self._grpc.start()
+        if self.opts.grpc_server == "native" and creds is None:
+            await self._start_native()
+        else:
+            await self._start_grpcio(creds)
 
         # gRPC health on its own port (liveness / readiness / ext_proc), as the reference does on 9003
         self._health_grpc = grpc.aio.server()
@@ -229,6 +240,60 @@ class SchedulerServer:
             extra={"grpc_port": self.grpc_port, "health_port": self.health_port, "metrics_port": self.metrics_port, "endpoints": len(self.pool), "config": cfg.path},
         )
 
+    def _grpc_methods(self) -> dict[str, Any]:
+        """Native-server methods: ext_proc Process (and whatever else the handler serves)."""
+        from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
+
+        from extproc.server.h2grpc import Method
+
+        handler = self.handler
+        assert handler is not None
+
+        async def process(call: Any) -> None:
+            await handler.Process(None, call)  # type: ignore[arg-type]
+
+        receiver = self.access_log
+        assert receiver is not None
+
+        async def access_logs(call: Any) -> None:
+            await call.write(await receiver.StreamAccessLogs(None, call))  # type: ignore[arg-type]
+
+        return {
+            f"/{EXT_PROC_SERVICE}/Process": Method(ext_pb.ProcessingRequest.FromString, process),
+            ALS_METHOD: Method(als_pb2.StreamAccessLogsMessage.FromString, access_logs),
+        }
+
+    async def _start_native(self) -> None:
+        from extproc.server.h2grpc import NativeGrpcServer
+
+        self._native = NativeGrpcServer(
+            self._grpc_methods(),
+            max_message_bytes=grpc_message_limit(self.opts.max_body_bytes),
+            max_concurrent_streams=self.opts.grpc_max_concurrent_streams,
+        )
+        self.grpc_port = await self._native.start(self.opts.host, self.opts.grpc_port)
+
+    async def _start_grpcio(self, creds: grpc.ServerCredentials | None) -> None:
+        options = [
+            ("grpc.so_reuseport", 0),
+            # Envoy buffers up to max_body + max(max_body, 1 MiB) (envoy_config.buffer_limit_bytes) and forwards it in
+            # one message; accept all of it so *we* answer an oversize body with a JSON 413, never a gRPC error
+            ("grpc.max_receive_message_length", grpc_message_limit(self.opts.max_body_bytes)),
+            ("grpc.max_send_message_length", grpc_message_limit(self.opts.max_body_bytes)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.opts.grpc_max_concurrent_streams:
+            options.append(("grpc.max_concurrent_streams", self.opts.grpc_max_concurrent_streams))
+        self._grpc = grpc.aio.server(options=options)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.handler, self._grpc)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self._grpc)
+        addr = f"{self.opts.host}:{self.opts.grpc_port}"
+        self.grpc_port = self._grpc.add_secure_port(addr, creds) if creds else self._grpc.add_insecure_port(addr)
+        if not self.grpc_port:
+            raise OSError(f"cannot bind the ext_proc gRPC port {addr}")
+        await self._grpc.start()
+
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         o = self.opts
         if not o.tls_cert:
@@ -245,6 +310,9 @@ class SchedulerServer:
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
+        if self._native is not None:
+            await self._native.stop(grace)
+            self._native = None
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
             self._health_grpc = None

@@ -30,13 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (0 = free port)")
     p.add_argument("--scrape-interval", type=float, default=0.05, help="seconds between /metrics scrapes per pod (default 0.05)")
     p.add_argument("--scrape-timeout", type=float, default=1.0)
+    p.add_argument("--scrape-adaptive", choices=["on", "off"], default="on", help="on: idle, unchanged pods are scraped less often (up to --scrape-idle-interval); off: every pod every --scrape-interval")
+    p.add_argument("--scrape-idle-interval", type=float, default=1.0, help="seconds between scrapes of an idle, unchanged pod at most (keep below the 2 s staleness bound)")
+    p.add_argument("--scrape-budget", type=float, default=2000.0, help="at most this many scrapes per second across the pool (0 = unlimited)")
     p.add_argument("--unhealthy-after", type=int, default=5, help="consecutive scrape failures before a pod is filtered out")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request bodies above this get 413")
     p.add_argument("--max-messages-per-stream", type=int, default=100_000)
     p.add_argument("--response-observe", choices=["observability", "streamed", "none"], default="observability", help="how the Envoy config sends response data (must match envoy-config)")
+    p.add_argument("--observe-budget", type=float, default=50.0, help="observability mode: requests per second that also get the observation stream (TTFT, tokens); the access log finishes the rest; -1 = every request")
     p.add_argument("--kv-events", default=None, help="JSON file or inline JSON: {address: {endpoint, replay, topic}} (the simulator's ready line works too)")
     p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")
     p.add_argument("--predictor-state", default=None, help="directory where the latency predictor saves/loads its live model")
+    p.add_argument("--grpc-server", choices=["native", "grpcio"], default="native", help="ext_proc transport: native (HTTP/2 on the event loop, default) or grpcio (grpc.aio); TLS always uses grpcio")
     p.add_argument("--predictor-warm-start", default=None, metavar="FILE",
                    help="latency model to start from, overriding the config's warmStart: a file, 'builtin' (the packaged "
                         "model) or 'none' (start cold and learn online)")
@@ -114,13 +119,18 @@ def options_from_args(args: argparse.Namespace) -> Any:
         metrics_port=args.metrics_port,
         scrape_interval_s=args.scrape_interval,
         scrape_timeout_s=args.scrape_timeout,
+        scrape_adaptive=args.scrape_adaptive == "on",
+        scrape_idle_interval_s=args.scrape_idle_interval,
+        scrape_budget=args.scrape_budget,
         unhealthy_after=args.unhealthy_after,
         max_body_bytes=args.max_body_bytes,
         max_messages_per_stream=args.max_messages_per_stream,
         response_observe=args.response_observe,
+        observe_budget=args.observe_budget,
         kv_events=kv,
         tokenizers=tokenizers,
         predictor_state_dir=args.predictor_state,
+        grpc_server=args.grpc_server,
         predictor_warm_start=args.predictor_warm_start,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

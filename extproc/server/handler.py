@@ -33,12 +33,26 @@ from extproc.datalayer.endpoint import EndpointPool
 from extproc.observe.metrics import SchedulerMetrics
 from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, Scheduler, SchedulingError
 from extproc.server import codec
+from extproc.server.accesslog import AccessLogReceiver, ObservationSampler
 from extproc.server.tracker import Flight, FlightTracker
 
 log = logging.getLogger(__name__)
 
 MODELS_PATHS = ("/v1/models", "/models")
+HDR_PREFILL_MS = "x-pd-prefill-ms"  # P/D sidecar: prefill-leg wall time
+
+
+def _float_header(h: Any) -> float:
+    v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    try:
+        f = float(v)
+    except ValueError:
+        return 0.0
+    return f if 0.0 <= f < 1e9 else 0.0
+
+
 ORPHAN_GRACE_S = 5.0  # observability mode: how long a dispatched flight may wait for its observation stream
+_OBSERVE_HEADER = {codec.HDR_OBSERVE: "1"}
 
 
 @dataclass(slots=True)
@@ -47,6 +61,9 @@ class HandlerSettings:
     max_messages_per_stream: int = 100_000
     max_header_bytes: int = 64 * 1024
     response_observe: str = "observability"  # observability | streamed | none
+    # observability mode: requests per second that also get the observation stream (the rest are finished by the
+    # access log); < 0 = every request (server/accesslog.py)
+    observe_budget: float = 50.0
     objectives: dict[str, int] = field(default_factory=dict)
     conformance: bool = False  # honour the GIE conformance header test-epp-endpoint-selection
 
@@ -87,7 +104,7 @@ def parse_endpoint_selection(value: str) -> frozenset[str]:
 
 
 class _Stream:
-    __slots__ = ("headers", "path", "method", "body", "body_len", "flight", "messages", "observe", "served", "request_id")
+    __slots__ = ("headers", "path", "method", "body", "body_len", "flight", "messages", "observe", "served", "request_id", "sampled")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -100,6 +117,7 @@ class _Stream:
         self.observe = False
         self.served: str | None = None
         self.request_id = ""
+        self.sampled = True  # observability mode: this request also gets the observation stream
 
 
 class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
@@ -124,8 +142,13 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         self.services = services if services is not None else {}
         self._req_counters: dict[tuple[str, int], Any] = {}
         self.tokenizers = self.services.get("tokenizers")
+        self.sampler = ObservationSampler(self.settings.observe_budget)
+        self.access_log: AccessLogReceiver | None = None  # set by the server when it serves the access-log service
+        scraper = self.services.get("scraper")
+        # adaptive scraping: a pod we just sent a request to is scraped at the active rate again
+        self._touch = getattr(scraper, "touch", None)
         # headers a client may never set: the routing headers and those the profile handler sets upstream
-        self._strip = tuple(dict.fromkeys(codec.ROUTING_HEADERS + scheduler.owned_headers))
+        self._strip = tuple(dict.fromkeys(codec.ROUTING_HEADERS + (codec.HDR_OBSERVE,) + scheduler.owned_headers))
 
     # ------------------------------------------------------------------ gRPC entry point
     async def Process(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
@@ -260,7 +283,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         st.request_id = request.request_id
         model = request.target_model
         if model not in self.pool.known_models():
-            return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found", model=model)
+            # counted without the name: a client-chosen model must not mint a metrics series per name
+            return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found")
         if self.tokenizers:
             request.prompt_token_ids = self.tokenizers.tokenize(request)
         snapshot = self.pool.snapshot()
@@ -295,14 +319,29 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         targets = [ep.address for ep in result.targets]
         primary = result.primary
         feats = cycle.data.get(PREDICTOR_FEATURES)
-        st.flight = self.tracker.dispatch(request, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
+        prefill = None
+        if result.headers:
+            paddr = result.headers.get(codec.HDR_PREFILLER)
+            prefill = self.pool.get(paddr) if paddr else None
+        st.flight = self.tracker.dispatch(
+            request, primary, feats.get(primary.address) if isinstance(feats, dict) else None, prefill
+        )
         st.served = primary.address
+        if self._touch is not None:
+            self._touch(primary)
         self.scheduler.dispatched(cycle, request, result)
         new_body = None
         if request.target_model != request.model:
             request.body["model"] = request.target_model
             new_body = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
-        resp = codec.route_response(targets, st.flight.key, from_body=True, body=new_body, headers=result.headers)
+        headers = result.headers
+        if self.settings.response_observe == "observability":
+            al = self.access_log
+            # no access log connected yet: observe everything (the only way the flight can finish)
+            st.sampled = al is None or not al.active or self.sampler.sample()
+            if st.sampled:
+                headers = {**headers, codec.HDR_OBSERVE: "1"} if headers else _OBSERVE_HEADER
+        resp = codec.route_response(targets, st.flight.key, from_body=True, body=new_body, headers=headers)
         self.metrics.decisions.observe(time.perf_counter() - t0)
         if self.flow is not None and self.flow.queued():
             self.flow.notify()  # chain releases one at a time, each after the previous one is dispatched
@@ -342,11 +381,14 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             elif kind == "response_headers":
                 rh = req.response_headers
                 if not st.flight.response_started:
+                    status, pms = 0, 0.0
                     for h in rh.headers.headers:
                         if h.key == ":status":
                             v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-                            st.flight.on_response_headers(int(v) if v.isascii() and v.isdigit() else 0)
-                            break
+                            status = int(v) if v.isascii() and v.isdigit() else 0
+                        elif h.key == HDR_PREFILL_MS:
+                            pms = _float_header(h)
+                    st.flight.on_response_headers(status, pms)
                 if rh.end_of_stream:
                     self._finish_observed(st.flight)
             elif kind == "response_body":
@@ -380,8 +422,9 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         elif self.settings.response_observe == "observability":
             # The routing stream may end right after the routing answer (Envoy sends it no response messages in
             # this mode); the observation stream finishes the flight. If it never attaches (the request was
-            # reset before it reached the observation filter), release the flight after a grace period.
-            if not f.observed:
+            # reset before it reached the observation filter), release the flight after a grace period. A request
+            # outside the observation sample is finished by its access-log entry (server/accesslog.py).
+            if st.sampled and not f.observed:
                 asyncio.get_running_loop().call_later(ORPHAN_GRACE_S, self._release_orphan, f)
         elif not f.response_started:
             # routing stream ended before any response headers: the request never reached a pod or was reset

@@ -140,7 +140,7 @@ def test_response_observe_modes() -> None:
 
 def test_routes_without_fallback_give_json_503() -> None:
     boot = _render(route_timeout_s=0, stream_idle_timeout_s=600, retries=3)
-    route_a, route_b = _routes(boot)
+    route_a, route_b = _routes(boot)[-2:]  # observability mode puts the sampled-observation route first
     assert route_a["match"]["headers"] == [{"name": ec.DESTINATION_HEADER, "present_match": True}]
     assert route_a["route"]["cluster"] == "extproc_original_dst"
     assert route_a["route"]["timeout"] == "0s"
@@ -163,7 +163,7 @@ def test_routes_without_fallback_give_json_503() -> None:
 
 def test_fallback_cluster_and_route() -> None:
     boot = _render(fallback_endpoints="10.0.0.1:8000,10.0.0.2:8000", lb_policy="LEAST_REQUEST", retries=0)
-    route_a, route_b = _routes(boot)
+    route_a, route_b = _routes(boot)[-2:]  # observability mode puts the sampled-observation route first
     assert "retry_policy" not in route_a["route"]
     assert route_b["route"]["cluster"] == "extproc_fallback"
     fb = _clusters(boot)["extproc_fallback"]
@@ -247,6 +247,31 @@ def test_include_has_the_pieces() -> None:
     assert [f["name"] for f in inc["http_filters"]][-1] == "envoy.filters.http.router"
     assert [c["name"] for c in inc["clusters"]] == ["extproc", "extproc_original_dst"]
     assert len(inc["routes"]) == 2 and inc["early_header_mutation_extensions"]
+
+
+def test_observability_mode_access_log_and_sampled_observation_routes() -> None:
+    def hcm(**kw: object) -> dict:
+        b = _render(**kw) if "listen" in kw else ec.render_bootstrap(listen="127.0.0.1:0", extproc="127.0.0.1:9002", **kw)
+        return b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+    h = hcm()
+    (al,) = h["access_log"]
+    assert al["name"] == "envoy.access_loggers.http_grpc"
+    cfg = al["typed_config"]
+    assert cfg["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "extproc"
+    assert cfg["additional_request_headers_to_log"] == ["x-extproc-request-id"]
+    assert al["filter"]["header_filter"]["header"]["name"] == "x-extproc-request-id"
+    routes = h["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["name"] for r in routes[:2]] == ["extproc_destination_observed", "extproc_destination"]
+    assert [m["name"] for m in routes[0]["match"]["headers"]] == ["x-gateway-destination-endpoint", "x-extproc-observe"]
+    assert "typed_per_filter_config" not in routes[0]
+    assert routes[1]["typed_per_filter_config"]["extproc-observe"]["disabled"] is True
+    assert all(r.get("request_headers_to_remove") == ["x-extproc-observe"] for r in routes[:2])
+    assert "x-extproc-observe" in ec.SPOOFABLE_HEADERS  # a client cannot ask for (or dodge) observation
+    for kw in ({"access_log": False}, {"response_observe": "none"}, {"response_observe": "streamed"}):
+        h = hcm(**kw)
+        assert not h.get("access_log")
+        assert [r["name"] for r in h["route_config"]["virtual_hosts"][0]["routes"]][0] == "extproc_destination"
 
 
 # ---------------------------------------------------------------- through the real binary
@@ -355,6 +380,7 @@ def test_reference_include_validates_inside_a_bootstrap() -> None:
         "early_header_mutation_extensions": inc["early_header_mutation_extensions"],
         "http_filters": inc["http_filters"],
         "route_config": {"virtual_hosts": [{"name": "mine", "domains": ["*"], "routes": inc["routes"]}]},
+        "access_log": inc["access_log"],
     }
     boot = {
         "static_resources": {

@@ -101,6 +101,30 @@ async def test_cancelled_waiter_leaves_queue(pool):
     await f.stop()
 
 
+async def test_bands_of_client_priorities_do_not_accumulate(pool):
+    """Priorities come from a client header: every band that empties is dropped (released, expired, cancelled)."""
+    f = fc(pool, queue_ttl_s=0.05)
+    saturate(pool, True)
+    expired = await asyncio.gather(*(f.wait(req(prio=p, i=p)) for p in range(1, 51)), return_exceptions=True)
+    assert all(isinstance(e, SchedulingError) and e.status == 503 for e in expired)
+    t = asyncio.create_task(f.wait(req(prio=77)))
+    await asyncio.sleep(0.01)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    f2 = fc(pool)
+    released = [asyncio.create_task(f2.wait(req(prio=p, i=p))) for p in range(100, 110)]
+    await asyncio.sleep(0.01)
+    saturate(pool, False)
+    for _ in range(10):
+        f2.notify()
+        await asyncio.sleep(0)
+    await asyncio.gather(*released)
+    assert f._bands == {} and f2._bands == {} and f.queued() == f2.queued() == 0
+    await f.stop()
+    await f2.stop()
+
+
 def test_config_validation():
     assert not FlowControlConfig.from_config({}).enabled
     with pytest.raises(ValueError):

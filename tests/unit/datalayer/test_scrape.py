@@ -135,3 +135,127 @@ def test_stale_is_not_saturated():
     det.max_inflight_per_pod = 2
     pool.get("a:1").inflight = 2
     assert det.saturated(pool.snapshot(), now)  # own accounting counts even when metrics look fine
+
+
+# ------------------------------------------------------------------------------------------------ fast parser vs oracle
+
+
+def _oracle(text: bytes) -> tuple:
+    """prometheus_client's full text parser (what parse_metrics used before): the reference for the fast parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got: dict[str, list] = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        for smp in fam.samples:
+            got.setdefault(smp.name, []).append(smp)
+    def s(name: str) -> float:
+        return sum(x.value for x in got.get(name, []))
+    lora = max(got.get("vllm:lora_requests_info", []), key=lambda x: x.value, default=None)
+    cache = (got.get("vllm:cache_config_info") or [None])[-1]
+    return (
+        int(s("vllm:num_requests_waiting")),
+        int(s("vllm:num_requests_running")),
+        max((x.value for x in got.get("vllm:kv_cache_usage_perc", [])), default=0.0),
+        frozenset(a for a in (lora.labels.get("running_lora_adapters", "") if lora else "").split(",") if a),
+        int(float(cache.labels["block_size"])) if cache else 0,
+        int(float(cache.labels["num_gpu_blocks"])) if cache else 0,
+        s("vllm:prefix_cache_queries_total"),
+        s("vllm:prefix_cache_hits_total"),
+    )
+
+
+def _fast(text: bytes) -> tuple:
+    m = parse_metrics(text)
+    return (m.waiting, m.running, m.kv_usage, m.running_loras, m.block_size, m.num_gpu_blocks, m.prefix_cache_queries, m.prefix_cache_hits)
+
+
+def test_fast_parser_matches_prometheus_client_on_the_simulator_exposition() -> None:
+    from extproc.bench.fakepods import metrics_text, pod_metrics
+
+    texts = [VLLM_TEXT] + [metrics_text("m", pod_metrics(i)).encode() for i in range(5)]
+    # a multi-engine (DP ranks) exposition, names sharing prefixes, histogram noise, timestamps
+    texts.append(
+        b'vllm:num_requests_waiting_by_reason{reason="y"} 5.0\n'
+        b"# TYPE vllm:num_requests_waiting gauge\n"
+        b'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+        b'vllm:num_requests_waiting{engine="1",model_name="m"} 3.0 1700000000000\n'
+        b'vllm:num_requests_waiting_by_reason{reason="x"} 99.0\n'
+        b'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
+        b'vllm:num_requests_running{engine="1",model_name="m"} 4.0\n'
+        b'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        b'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5\n'
+        b'vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="m"} 7.0\n'
+        b'vllm:prefix_cache_queries_total{engine="0"} 10.0\n'
+        b'vllm:prefix_cache_queries_created{engine="0"} 1.7e9\n'
+        b'vllm:prefix_cache_queries_total{engine="1"} 5.0\n'
+        b'vllm:prefix_cache_queries_created{engine="1"} 1.7e9\n'
+    )
+    for t in texts:
+        assert _fast(t) == _oracle(t), t[:200]
+
+
+
+
+async def test_adaptive_intervals_back_off_when_idle_and_return_on_dispatch() -> None:
+    hits = {"n": 0}
+    state = {"change": False}
+
+    async def metrics(request):
+        hits["n"] += 1
+        body = VLLM_TEXT.replace(b"} 7.0", b"} %d.0" % hits["n"]) if state["change"] else VLLM_TEXT
+        return web.Response(body=body, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    addr = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    pool = EndpointPool()
+    pool.set_endpoints([addr])
+    scraper = MetricsScraper(pool, ScrapeSettings(interval_s=0.02, idle_interval_s=0.64, timeout_s=2))
+    await scraper.start()
+    try:
+        await asyncio.sleep(1.5)
+        idle = hits["n"]
+        # unchanged and idle: 20, 40, 80, 160, 320, 640, 640 ms ... → far fewer than 1.5 s / 20 ms = 75
+        assert 3 <= idle <= 15, idle
+        ep = pool.get(addr)
+        assert ep.metrics_age() < 0.7  # never stale beyond the idle ceiling
+        hits["n"] = 0
+        scraper.touch(ep)  # traffic after an idle spell: scraped again within the base interval
+        await asyncio.sleep(0.1)
+        assert hits["n"] >= 1, hits["n"]
+        # values changing at every scrape (a busy pod): the base rate
+        state["change"] = True
+        hits["n"] = 0
+        await asyncio.sleep(0.8)
+        assert hits["n"] >= 15, hits["n"]
+    finally:
+        await scraper.stop()
+        await runner.cleanup()
+
+
+async def test_budget_caps_scrapes_per_second() -> None:
+    async def metrics(request):
+        return web.Response(body=VLLM_TEXT, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    pool = EndpointPool()
+    # 20 "pods" (the same server under different host spellings is not possible; use distinct ports via one address list)
+    pool.set_endpoints([f"127.0.0.1:{port}"] + [f"localhost:{port}"])
+    scraper = MetricsScraper(pool, ScrapeSettings(interval_s=0.001, adaptive=False, max_scrapes_per_s=50, timeout_s=2))
+    await scraper.start()
+    try:
+        await asyncio.sleep(1.0)
+        assert 20 <= scraper.scrapes <= 80, scraper.scrapes  # ~50/s, not 2 x 1000/s
+    finally:
+        await scraper.stop()
+        await runner.cleanup()

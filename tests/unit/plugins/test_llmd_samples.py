@@ -14,16 +14,6 @@ from extproc.datalayer.endpoint import EndpointPool
 from extproc.scheduling.config import ConfigError, build_config, load_config
 
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "llmd-configs").glob("*/*.yaml"))
-# Samples whose plugins are not available yet, with the plugin and the reason the load must name.
-PENDING: dict[str, tuple[str, str]] = {
-}
-# P/D plugins (disagg-profile-handler and its deciders) come with the P/D work (issue 13): until they are
-# registered these samples must fail naming one of them.
-PD_TYPES = ("disagg-profile-handler", "prefix-based-pd-decider", "always-disagg-pd-decider", "always-disagg-multimodal-decider")
-PD_SAMPLES = {"pd-epp-config.yaml", "pd-topology-epp-config.yaml", "sim-pd-epp-config.yaml", "sim-e-p-d-epp-config.yaml", "sim-e-pd-epp-config.yaml"}
-# E/P/D samples also need the handler's encode stage; while disagg-profile-handler refuses it, the load must fail
-# naming the handler and 'encode'.
-ENCODE_SAMPLES = {"sim-e-p-d-epp-config.yaml", "sim-e-pd-epp-config.yaml"}
 
 
 def _pool() -> EndpointPool:
@@ -42,25 +32,7 @@ def test_sample_loads(path: Path) -> None:
     from extproc.scheduling import registry
 
     registry.load_builtin_plugins()
-    if path.name in PENDING:
-        plugin, reason = PENDING[path.name]
-        with pytest.raises(ConfigError) as ei:
-            load_config(str(path), _pool(), {})
-        assert ei.value.path == str(path) and ei.value.plugin == plugin and reason in ei.value.reason, str(ei.value)
-        return
-    if path.name in PD_SAMPLES and "disagg-profile-handler" not in registry.PLUGIN_TYPES:
-        with pytest.raises(ConfigError) as ei:
-            load_config(str(path), _pool(), {})
-        assert any(t in str(ei.value) for t in PD_TYPES), str(ei.value)
-        return
-    if path.name in ENCODE_SAMPLES:
-        try:
-            cfg = load_config(str(path), _pool(), {})
-        except ConfigError as e:
-            assert e.plugin == "disagg-profile-handler" and "encode" in e.reason, str(e)
-            return
-    else:
-        cfg = load_config(str(path), _pool(), {})
+    cfg = load_config(str(path), _pool(), {})
     assert cfg.scheduler.profiles
     for name, origin in cfg.origins.items():
         assert origin.reference_type or origin.note == "added implicitly", name
@@ -196,3 +168,38 @@ def test_endpoints_file_with_labels(tmp_path: Path) -> None:
     o = options_from_args(p.parse_args(["--endpoints-file", str(f)]))
     assert o.endpoints == ["10.0.0.1:8000", "10.0.0.2:8000"]
     assert o.labels == {"10.0.0.1:8000": {"llm-d.ai/role": "prefill"}}
+
+
+def test_precise_producer_event_sources() -> None:
+    kv = SAMPLES[0].parent.parent / "deploy" / "sim-epp-kvcache-config.yaml"
+    cfg = load_config(str(kv), _pool(), {})
+    o = cfg.origins["prefix-cache-scorer"]
+    assert o.extproc_type == "precise-prefix-cache" and "zmqEndpoint tcp://0.0.0.0:5557 NOT used" in o.note
+    assert cfg.plugins["prefix-cache-scorer"].block_size == 16
+    perf = SAMPLES[0].parent.parent / "perf" / "precise-prefix.yaml"
+    services: dict = {}
+    cfg = load_config(str(perf), _pool(), services)
+    tmpl = services["kv_events"].template
+    assert tmpl is not None and tmpl.endpoint == "tcp://{host}:5557" and tmpl.topic == "kv@" and tmpl.bind is False
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=[f"{p.parent.name}/{p.name}" for p in SAMPLES])
+async def test_sample_server_becomes_ready(path: Path) -> None:
+    """The scheduler server starts on every loadable sample and reports SERVING on gRPC health."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from extproc.scheduling import registry
+    from extproc.server.app import SchedulerServer, ServeOptions
+
+    registry.load_builtin_plugins()
+    mode = "streamed" if "reporter" in path.name else "observability"
+    s = SchedulerServer(ServeOptions(endpoints=["127.0.0.1:9"], models=["m"], host="127.0.0.1", grpc_port=0, health_port=0,
+                                     metrics_port=0, scrape_interval_s=3600, config=str(path), response_observe=mode))
+    try:
+        await s.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{s.health_port}") as ch:
+            r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="readiness"))
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await s.stop()

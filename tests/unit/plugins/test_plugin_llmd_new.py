@@ -523,3 +523,66 @@ def test_request_attribute_reporter(ctx: PluginContext) -> None:
         build("request-attribute-reporter", ctx, attributes=[{"key": {"name": "x"}, "expression": "usage."}])
     with pytest.raises(ValueError, match="non-empty"):
         build("request-attribute-reporter", ctx, attributes=[])
+
+
+# ------------------------------------------------------------------ round-robin / global-strict fairness policies
+def test_round_robin_and_global_strict_fairness(ctx: PluginContext) -> None:
+    rr = build("round-robin-fairness-policy", ctx)
+    q = {"a": (2, 5.0), "b": (1, 1.0), "c": (1, 3.0)}
+    assert [rr.pick_tenant(q, 10.0) for _ in range(4)] == ["a", "b", "c", "a"]
+    gs = build("global-strict-fairness-policy", ctx)
+    assert gs.pick_tenant(q, 10.0) == "b"  # oldest head first, whoever sent it
+    assert gs.pick_tenant({"a": (1, 5.0), "b": (0, 1.0)}, 10.0) == "a"
+
+
+def test_unsupported_reference_types_name_the_reason() -> None:
+    from extproc.scheduling.config import ConfigError, build_config
+
+    raw = {"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig", "plugins": [{"type": "anthropic-parser"}],
+           "schedulingProfiles": [{"name": "d", "plugins": []}]}
+    with pytest.raises(ConfigError) as ei:
+        build_config(raw, EndpointPool(), path="f.yaml")
+    assert ei.value.plugin == "anthropic-parser" and "OpenAI API only" in ei.value.reason
+
+
+def test_deprecated_precise_prefix_cache_scorer_maps() -> None:
+    from extproc.scheduling.config import build_config
+
+    raw = {"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig",
+           "plugins": [{"type": "precise-prefix-cache-scorer", "parameters": {"tokenProcessorConfig": {"blockSize": 32}}}, {"type": "fcfs-ordering-policy"}],
+           "schedulingProfiles": [{"name": "d", "plugins": [{"pluginRef": "precise-prefix-cache-scorer"}]}],
+           "flowControl": {"defaultPriorityBand": {"orderingPolicyRef": "fcfs-ordering-policy"}}}
+    cfg = build_config(raw, EndpointPool())
+    assert cfg.plugins["precise-prefix-cache-scorer"].type_name == "precise-prefix-cache"
+    assert cfg.plugins["precise-prefix-cache-scorer"].block_size == 32
+
+
+# ------------------------------------------------------------------ E/P/D: encode stage of disagg-profile-handler
+def test_encode_stage_with_multimodal_decider() -> None:
+    import json as _json
+
+    from extproc.api import parse_request
+    from extproc.scheduling.config import build_config
+
+    pool = EndpointPool(default_models=frozenset({"base-model"}))
+    roles = ["encode", "encode", "prefill", "decode"]
+    addrs = [f"10.0.3.{i}:8000" for i in range(4)]
+    pool.set_endpoints(addrs, {a: {"llm-d.ai/role": r} for a, r in zip(addrs, roles)})
+    raw = {
+        "apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig",
+        "plugins": [{"type": "encode-filter"}, {"type": "prefill-filter"}, {"type": "decode-filter"},
+                    {"type": "max-score-picker", "parameters": {"maxNumOfEndpoints": 2}},
+                    {"type": "disagg-profile-handler", "parameters": {"deciders": {"encode": "always-disagg-multimodal-decider", "prefill": "always-disagg-pd-decider"}}},
+                    {"type": "always-disagg-multimodal-decider"}, {"type": "always-disagg-pd-decider"}],
+        "schedulingProfiles": [{"name": "encode", "plugins": [{"pluginRef": "encode-filter"}, {"pluginRef": "max-score-picker"}]},
+                               {"name": "prefill", "plugins": [{"pluginRef": "prefill-filter"}]},
+                               {"name": "decode", "plugins": [{"pluginRef": "decode-filter"}]}],
+    }  # fmt: skip
+    cfg = build_config(raw, pool)
+    body = {"model": "base-model", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]}
+    r, _ = cfg.scheduler.schedule(parse_request("/v1/chat/completions", _json.dumps(body).encode(), {}))
+    assert r.primary_profile == "decode" and r.primary.address == "10.0.3.3:8000"
+    assert sorted(r.headers["x-encoder-hosts-ports"].split(",")) == ["10.0.3.0:8000", "10.0.3.1:8000"]
+    assert r.headers["x-prefiller-host-port"] == "10.0.3.2:8000"
+    r, _ = cfg.scheduler.schedule(make_request())  # text only: no encode stage
+    assert "x-encoder-hosts-ports" not in r.headers and r.headers["x-prefiller-host-port"] == "10.0.3.2:8000"

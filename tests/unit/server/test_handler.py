@@ -389,6 +389,15 @@ async def test_profile_handler_headers_are_set_and_client_copies_stripped(peer_s
     assert hm["x-test-peer-host-port"] == "127.0.0.1:3"
 
 
+async def test_unknown_model_names_do_not_mint_metric_series(server):
+    for i in range(50):
+        out = await exchange(server, [headers_msg("/v1/completions"), body_msg(json.dumps({"model": f"nope-{i}", "prompt": "x"}).encode())])
+        assert out[-1].immediate_response.status.code == 404
+    text = server.metrics.exposition().decode()
+    assert "nope-" not in text
+    assert 'extproc_requests_total{model="",status="404"} 50.0' in text
+
+
 @pytest.mark.parametrize("conformance", [False, True])
 async def test_conformance_header_only_in_conformance_mode(conformance):
     s = SchedulerServer(

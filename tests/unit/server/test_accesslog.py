@@ -1,0 +1,109 @@
+"""End of request from Envoy's gRPC access log; the observation stream only on a sample."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from envoy.data.accesslog.v3 import accesslog_pb2 as al
+from envoy.service.accesslog.v3 import als_pb2
+from extproc.api import parse_request
+from extproc.datalayer.endpoint import Endpoint
+from extproc.envoy_config import find_envoy_binary
+from extproc.server.accesslog import AccessLogReceiver, ObservationSampler
+from extproc.server.tracker import FlightTracker
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _have_envoy() -> bool:
+    try:
+        find_envoy_binary()
+    except Exception:
+        return False
+    return True
+
+
+def _flight(tracker: FlightTracker, ep: Endpoint) -> Any:
+    req = parse_request("/v1/completions", b'{"model":"m","prompt":"hello","max_tokens":4}', {})
+    return tracker.dispatch(req, ep)
+
+
+def _entry(key: str, status: int | None, *, end_after_s: float = 0.002, disconnect: bool = False) -> Any:
+    e = al.HTTPAccessLogEntry()
+    e.request.request_headers["x-extproc-request-id"] = key
+    if status is not None:
+        e.response.response_code.value = status
+    cp = e.common_properties
+    cp.start_time.FromNanoseconds(int(time.time() * 1e9) - 5_000_000)
+    cp.time_to_last_downstream_tx_byte.FromNanoseconds(int(end_after_s * 1e9))
+    cp.response_flags.downstream_connection_termination = disconnect
+    return e
+
+
+def test_access_log_finishes_flights_with_envoys_timing_and_outcomes() -> None:
+    outcomes: list[str] = []
+    done: list[Any] = []
+    tracker = FlightTracker(lambda req, obs: done.append(obs), outcomes.append)
+    ep = Endpoint("10.0.0.1:8000")
+    f_ok, f_err, f_dc, f_obs = (_flight(tracker, ep) for _ in range(4))
+    f_obs.observed = True  # its observation stream owns it
+    f_ok.obs.dispatch_ts -= 1.0  # dispatched a second ago
+    assert ep.inflight == 4
+    msg = als_pb2.StreamAccessLogsMessage()
+    msg.http_logs.log_entry.extend([
+        _entry(f_ok.key, 200), _entry(f_err.key, 503), _entry(f_dc.key, None, disconnect=True), _entry(f_obs.key, 200),
+        _entry("not-a-flight", 200), _entry(f_ok.key, 200),  # unknown and duplicate entries are ignored
+    ])  # fmt: skip
+    rx = AccessLogReceiver(tracker)
+    rx.on_message(msg)
+    assert outcomes == ["ok", "status_503", "disconnected"]
+    assert ep.inflight == 1 and len(tracker) == 1 and not f_obs.finished
+    assert ep.scrape_failures == 1  # the 503 hints the health logic
+    ok_obs = done[0]
+    # completion time comes from Envoy's timing (start + 2 ms, ~3 ms ago), not from when the batch arrived
+    assert ok_obs.status == 200 and time.monotonic() - 0.5 < ok_obs.complete_ts <= time.monotonic() - 0.002
+    assert done[1].complete_ts >= done[1].dispatch_ts  # never before the dispatch
+    assert rx.finished == 3 and rx.entries == 6
+
+
+def test_sampler_budget() -> None:
+    s = ObservationSampler(100.0)
+    n = sum(s.sample() for _ in range(10_000))  # a burst far above the budget: about the burst size passes
+    assert 1 <= n <= 15
+    assert ObservationSampler(-1).sample() and not ObservationSampler(0).sample()
+
+
+@pytest.mark.skipif(not _have_envoy(), reason="envoy binary not installed")
+@pytest.mark.parametrize("budget,expect_als", [("0", True), ("-1", False)])
+async def test_through_envoy_every_flight_ends_by_access_log_or_observation(budget: str, expect_als: bool) -> None:
+    from extproc.bench.fakepods import FakePods
+    from extproc.harness import Stack, StackSpec
+
+    async with FakePods(2, models=["sim-llama"]) as pods:
+        spec = StackSpec(endpoints=pods.endpoints, config="default", in_process=True, scheduler_args=["--observe-budget", budget])
+        async with Stack(spec) as st:
+            srv = st.server
+            async with aiohttp.ClientSession() as s:
+                for k in range(30):
+                    body = {"model": "sim-llama", "prompt": f"p{k}", "max_tokens": 1}
+                    async with s.post(f"{st.url}/v1/completions", json=body, headers={"x-extproc-observe": "1"}) as r:
+                        assert r.status == 200
+                        await r.read()
+            for _ in range(100):
+                if len(srv.tracker) == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(srv.tracker) == 0 and all(e.inflight == 0 for e in srv.pool.snapshot())
+            rx = srv.access_log
+            assert rx.ever_connected and rx.entries >= 29
+            if expect_als:
+                # after the first request (observed: no access log had connected yet) the access log ends them all,
+                # and a client-sent x-extproc-observe header did not buy an observation stream
+                assert rx.finished >= 28
+            else:
+                assert rx.finished == 0
