@@ -146,7 +146,8 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         from extproc.bench import runner
 
-        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed, args.warm_start, not args.non_streaming)
+        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed, args.warm_start, not args.non_streaming,
+                                 pd_prefill, args.link, args.kv_failure_rate, args.kv_load_failure_policy)
         runs = asyncio.run(runner.run_setups(wl, setups, fo, args.out, repeat=args.repeat, show_progress=not args.no_progress))
     report = rep.build_report(meta, [(s.rate, s.duration) for s in wl.stages], runs)
     if getattr(args, "aiperf", False):

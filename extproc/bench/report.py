@@ -116,6 +116,7 @@ def summarize_stage(
         "prefix_cache_queries": prefix_queries,
         "prefix_cache_hits": prefix_hits,
         "errors": errors,
+        **({"prefill_split": sum(1 for r in ok if r.prefill_pod)} if any(r.prefill_pod for r in ok) else {}),
     }
 
 

@@ -76,6 +76,8 @@ class SimRequest:
     ready_at: float = 0.0
     remote_failed: bool = False
     failure_policy: str = "fail"
+    transfer_s: float = 0.0  # for the pod's NIXL metrics: the transfer's duration and size
+    transfer_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -119,6 +121,8 @@ class StepResult:
     preempted: list[str] = field(default_factory=list)
     loras_loaded: list[str] = field(default_factory=list)
     idle: bool = False  # nothing could run: the engine waits for a remote KV transfer to land (duration_s)
+    kv_loads: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes) of transfers that landed
+    kv_load_failures: int = 0
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequest] = field(default_factory=list)
@@ -382,8 +386,11 @@ class Engine:
         cpu_loaded = 0  # blocks loaded back from the CPU tier this step
         failed_outputs: list[RequestOutput] = []
         failed_finished: list[FinishedRequest] = []
+        landed: list[tuple[float, int]] = []
+        n_failed = self.stats.kv_transfer_failures_total
         if self._remote_waiting:
             self._land_failed_transfers(now, failed_outputs, failed_finished)
+        n_failed = self.stats.kv_transfer_failures_total - n_failed
 
         # 1. running requests, in order
         running = self._running
@@ -461,6 +468,7 @@ class Engine:
                     self._remote_waiting -= 1
                     st.kv_transfers_total += 1
                     st.kv_transfer_tokens_total += max(remote - local_hit_tokens, 0)
+                    landed.append((seq.req.transfer_s, seq.req.transfer_bytes))
                 if seq.lora:
                     if seq.lora not in self._lora_slots:
                         if len(self._lora_slots) >= max_loras:
@@ -491,6 +499,7 @@ class Engine:
                 wait = 0.0 if failed_outputs else min(pending) - now
                 res0 = StepResult(wait, failed_outputs, kv.take_events() if kv.events else [], preempted=preempted, idle=True)
                 res0.finished.extend(failed_finished)
+                res0.kv_load_failures = n_failed
                 return res0
 
         # 3. step time
@@ -515,6 +524,8 @@ class Engine:
         outputs: list[RequestOutput] = failed_outputs
         res = StepResult(duration, outputs, [], prefill_tokens, decode_tokens, len(scheduled), preempted, loaded)
         res.finished.extend(failed_finished)
+        res.kv_loads = landed
+        res.kv_load_failures = n_failed
         st = self.stats
         out_ids = self._out_ids
         n_out_ids = len(out_ids)

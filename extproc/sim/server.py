@@ -156,7 +156,7 @@ class SimPod:
         self.faults = Faults()
         self.engine = self._new_engine()
         self.metrics = PodMetrics(
-            self.engine, model, lora_enabled=bool(self.loras), max_loras=profile.max_loras
+            self.engine, model, lora_enabled=bool(self.loras), max_loras=profile.max_loras, kv_connector=kv_connector
         )
         self.publisher: KVEventPublisher | None = None
         self._rng = random.Random(seed)
@@ -292,7 +292,8 @@ class SimPod:
         self.engine = self._new_engine()
         self.engine.slowdown = self.faults.slow_factor
         self.metrics = PodMetrics(
-            self.engine, self.model, lora_enabled=bool(self.loras), max_loras=self.profile.max_loras
+            self.engine, self.model, lora_enabled=bool(self.loras), max_loras=self.profile.max_loras,
+            kv_connector=self.kv_connector,
         )
         if self.publisher is not None:
             self.engine.kv.reset()  # records AllBlocksCleared for subscribers
@@ -770,6 +771,8 @@ class SimPod:
         local = self.engine.cached_prefix_tokens(sreq.prompt_token_ids, sreq.lora)
         secs = transfer_seconds(tokens - local, prof.kv_bytes_per_token // prof.tensor_parallel, self.link)
         sreq.remote_tokens = tokens
+        sreq.transfer_s = secs
+        sreq.transfer_bytes = max(tokens - local, 0) * prof.kv_bytes_per_token
         sreq.ready_at = sreq.arrival + secs * self.time_scale * self.faults.slow_factor
         sreq.remote_failed = self.kv_failure_rate > 0 and self._kv_rng.random() < self.kv_failure_rate
         sreq.failure_policy = self.kv_load_failure_policy

@@ -4,9 +4,9 @@ pkg/epp/framework/plugins/scheduling/profilehandler/disagg/disagg_profile_handle
 Parameters (the reference's nested format; its deprecated flat names ``decodeProfile``, ``prefillProfile``,
 ``prefillDeciderPluginName``, ``deciderPluginName`` are accepted too)::
 
-    profiles: {decode: decode, prefill: prefill}   # profile names (these defaults)
-    deciders: {prefill: <decider plugin name>}      # without it P/D is off: decode only
-    stageOrder: decode-first | prefill-first        # default decode-first
+    profiles: {decode: decode, prefill: prefill, encode: encode}   # profile names (these defaults)
+    deciders: {prefill: <decider>, encode: <decider>}             # without one, that stage is off
+    stageOrder: decode-first | prefill-first                      # default decode-first
 
 decode-first: the ``decode`` profile picks the decode pod; the decider is asked with that pod (so it can look at
 what the pod has cached); if it says split, the ``prefill`` profile picks the prefill pod. prefill-first: the
@@ -15,6 +15,12 @@ prefill pick for topology-aware decode plugins). The decode pod is the routing d
 upstream in ``x-prefiller-host-port: ip:port`` (absent when not split, when no prefill pod is available — the
 decode pod then prefills locally — or when both picks are the same pod). The server strips that header from
 every client request (it is in ``owned_headers``).
+
+Encode stage (E/PD, E/P/D; the reference's ``deciders.encode``, e.g. ``always-disagg-multimodal-decider``): in
+decode-first order it runs after decode (its decider is asked with the decode pod) and before prefill; in
+prefill-first order after prefill (decider asked with no pod). Every target of the ``encode`` profile goes upstream
+in ``x-encoder-hosts-ports: ip:port,ip:port``, for a decode-side sidecar that runs the encode leg (llm-d's does;
+extproc's pd-sidecar does not yet, so with it the decode vLLM encodes the media itself).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from extproc.plugin import (
 log = logging.getLogger(__name__)
 
 PREFILL_HEADER = "x-prefiller-host-port"
+ENCODER_HEADER = "x-encoder-hosts-ports"
 DECODE_FIRST = "decode-first"
 PREFILL_FIRST = "prefill-first"
 
@@ -58,8 +65,11 @@ def parse_stage_order(value: Any) -> str:
 @register
 class DisaggProfileHandler:
     type_name: ClassVar[str] = "disagg-profile-handler"
-    owned_headers: ClassVar[tuple[str, ...]] = (PREFILL_HEADER,)
-    __slots__ = ("name", "decode_profile", "prefill_profile", "decider_name", "stage_order", "decider", "_plugins", "splits")
+    owned_headers: ClassVar[tuple[str, ...]] = (PREFILL_HEADER, ENCODER_HEADER)
+    __slots__ = (
+        "name", "decode_profile", "prefill_profile", "decider_name", "stage_order", "decider", "_plugins", "splits",
+        "encode_profile", "encode_decider_name", "encode_decider", "encodes",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -70,6 +80,8 @@ class DisaggProfileHandler:
         stage_order: str = DECODE_FIRST,
         decider_name: str = "",
         plugins: Mapping[str, Any] | None = None,
+        encode_profile: str = "encode",
+        encode_decider_name: str = "",
     ) -> None:
         self.name = name
         self.decode_profile = decode_profile
@@ -79,6 +91,10 @@ class DisaggProfileHandler:
         self.stage_order = parse_stage_order(stage_order)
         self._plugins = plugins
         self.splits = 0  # requests sent with a prefill pod
+        self.encode_profile = encode_profile
+        self.encode_decider_name = encode_decider_name
+        self.encode_decider: Decider | None = None
+        self.encodes = 0  # requests sent with encoder pods
 
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "DisaggProfileHandler":
@@ -92,8 +108,8 @@ class DisaggProfileHandler:
         deciders = get_mapping(params, "deciders")
         check_keys(profiles, ("decode", "prefill", "encode"))
         check_keys(deciders, ("prefill", "encode"))
-        if "encode" in profiles or "encode" in deciders:
-            raise ValueError("encode disaggregation (E/PD) is not supported")
+        encode = profiles.get("encode") or "encode"
+        encode_decider = deciders.get("encode") or ""
         if flat:
             log.warning("disagg-profile-handler: deprecated flat parameters; use profiles/deciders", extra={"plugin": name})
             decode = params.get("decodeProfile") or "decode"
@@ -103,13 +119,13 @@ class DisaggProfileHandler:
             decode = profiles.get("decode") or "decode"
             prefill = profiles.get("prefill") or "prefill"
             decider = deciders.get("prefill") or ""
-        for key, v in (("decode", decode), ("prefill", prefill), ("deciders.prefill", decider)):
+        for key, v in (("decode", decode), ("prefill", prefill), ("deciders.prefill", decider), ("encode", encode), ("deciders.encode", encode_decider)):
             if not isinstance(v, str):
                 raise TypeError(f"parameter '{key}' must be a string, got {v!r}")
         order = parse_stage_order(params.get("stageOrder", DECODE_FIRST))
         if order == PREFILL_FIRST and decider:
             raise ValueError(f"a prefill decider is not supported with stageOrder {PREFILL_FIRST}")
-        return cls(name, decode, prefill, None, order, decider, ctx.plugins)
+        return cls(name, decode, prefill, None, order, decider, ctx.plugins, encode, encode_decider)
 
     def configure(self, profiles: dict[str, SchedulingProfile]) -> None:
         if self.decode_profile not in profiles:
@@ -121,6 +137,15 @@ class DisaggProfileHandler:
             if not isinstance(p, Decider):
                 raise ValueError(f"deciders.prefill plugin '{self.decider_name}' is not a decider (no disaggregate method)")
             self.decider = p
+        if self.encode_decider_name:
+            p = (self._plugins or {}).get(self.encode_decider_name)
+            if p is None:
+                raise ValueError(f"deciders.encode names plugin '{self.encode_decider_name}', which is not defined")
+            if not isinstance(p, Decider):
+                raise ValueError(f"deciders.encode plugin '{self.encode_decider_name}' is not a decider (no disaggregate method)")
+            if self.encode_profile not in profiles:
+                raise ValueError(f"encode profile '{self.encode_profile}' is not configured ({', '.join(profiles)})")
+            self.encode_decider = p
         if (self.decider is not None or self.stage_order == PREFILL_FIRST) and self.prefill_profile not in profiles:
             raise ValueError(f"prefill profile '{self.prefill_profile}' is not configured ({', '.join(profiles)})")
         if self.decider is None and self.stage_order == DECODE_FIRST:
@@ -129,10 +154,14 @@ class DisaggProfileHandler:
     def pick_profiles(
         self, cycle: CycleState, request: InferenceRequest, profiles: dict[str, SchedulingProfile], results: ProfileResults
     ) -> list[SchedulingProfile]:
-        dname, pname = self.decode_profile, self.prefill_profile
+        dname, pname, ename = self.decode_profile, self.prefill_profile, self.encode_profile
         if self.stage_order == PREFILL_FIRST:
             if pname not in results:
                 return [profiles[pname]]
+            if self.encode_decider is not None and ename not in results:
+                if self.encode_decider.disaggregate(cycle, request, None):
+                    return [profiles[ename]]
+                results[ename] = None  # evaluated: no encode stage
             if dname not in results:
                 pres = results[pname]
                 if pres is not None and pres.targets:
@@ -142,9 +171,15 @@ class DisaggProfileHandler:
         if dname not in results:
             return [profiles[dname]]
         dres = results[dname]
-        if dres is None or not dres.targets or self.decider is None or pname in results:
+        if dres is None or not dres.targets:
             return []
         decode_pod = dres.targets[0]
+        if self.encode_decider is not None and ename not in results:
+            if self.encode_decider.disaggregate(cycle, request, decode_pod):
+                return [profiles[ename]]
+            results[ename] = None  # evaluated: no encode stage
+        if self.decider is None or pname in results:
+            return []
         if self.decider.disaggregate(cycle, request, decode_pod):
             cycle.set(PEER_ENDPOINT, decode_pod)
             return [profiles[pname]]
@@ -161,4 +196,8 @@ class DisaggProfileHandler:
             if p.address != dres.targets[0].address:
                 out.headers[PREFILL_HEADER] = p.address
                 self.splits += 1
+        eres = kept.get(self.encode_profile) if self.encode_decider is not None else None
+        if dres is not None and dres.targets and eres is not None and eres.targets:
+            out.headers[ENCODER_HEADER] = ",".join(e.address for e in eres.targets)
+            self.encodes += 1
         return out

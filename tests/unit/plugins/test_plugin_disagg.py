@@ -52,7 +52,7 @@ def test_always_disagg_splits_decode_pod_is_destination() -> None:
     assert result.primary.address == "10.0.0.2:8000"
     assert result.headers == {PREFILL: "10.0.0.0:8000"}
     assert cycle.get(PEER_ENDPOINT).address == "10.0.0.2:8000"
-    assert cfg.scheduler.owned_headers == (PREFILL,)
+    assert cfg.scheduler.owned_headers == (PREFILL, "x-encoder-hosts-ports")
 
 
 def test_no_decider_means_decode_only() -> None:

@@ -89,6 +89,10 @@ async def test_pd_legs_against_sim_pods(pd_fleet: SimFleet, stream: bool) -> Non
         assert prefill.engine.stats.generation_tokens_total == 1  # prefill leg: one token
         assert decode.engine.stats.kv_transfers_total == 1  # decode leg: KV read, prompt not recomputed
         assert decode.engine.stats.kv_transfer_tokens_total > 600
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{car.address}/metrics") as r:  # passed through to the decode pod
+                text = await r.text()
+        assert 'vllm:nixl_xfer_time_seconds_count{engine="0",model_name="sim-llama"} 1.0' in text
         if stream:
             assert data.rstrip().endswith(b"data: [DONE]")
         else:
