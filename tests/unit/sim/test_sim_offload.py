@@ -91,3 +91,16 @@ def test_tier_aware_index_scores_cpu_blocks_at_a_discount() -> None:
         assert index.lookup(keys, ["p"]) == {"p": 10}  # all 10 blocks are still in some medium (CPU)
         w = cfg.plugins["precise-prefix-cache"]
         assert (w.cpu_weight > 0) is expect_cpu
+
+
+def test_shipped_offload_and_roofline_profiles_load() -> None:
+    from pathlib import Path
+
+    from extproc.sim.profiles import get_profile
+
+    root = Path(__file__).resolve().parents[3] / "models" / "sim-profiles"
+    off = get_profile(str(root / "llama3-8b-h100-cpu-offload.yaml"))
+    assert off.cpu_offload_blocks == 900 and Engine(off).cpu_tier is not None
+    roof = get_profile(str(root / "llama3-8b-h100-roofline.yaml"))
+    eng = Engine(roof)
+    assert eng.step_model is not None and eng.cpu_tier is None
