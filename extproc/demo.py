@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events", action="store_true", help="simulator publishes KV events; scheduler subscribes (use with --config precise-prefix)")
     p.add_argument("--batch", action="store_true", help="also run `extproc batch serve` behind Envoy and a batch job beside the interactive workload (config batch-interactive unless --config is given)")
     p.add_argument("--batch-lines", type=int, default=300, help="lines of the --batch job (default 300)")
+    p.add_argument("--pd", action="store_true",
+                   help="prefill/decode disaggregation: the fleet split into prefill and decode pods, extproc pd-sidecar "
+                        "in front of each decode pod, config pd unless --config is given")
+    p.add_argument("--pd-prefill", type=int, default=None, help="--pd: prefill pods (default: half the pods)")
 
 
 @dataclass(slots=True)
@@ -46,6 +50,7 @@ class Result:
     e2e_ms: float
     output_tokens: int
     error: str = ""
+    prefill: str = ""  # P/D: the prefill pod of a split request (x-pd-prefill-endpoint from the sidecar)
 
 
 @dataclass(slots=True)
@@ -87,6 +92,7 @@ async def send(session: Any, url: str, path: str, body: dict[str, Any], kind: st
         async with session.post(url + path, json=body, headers=headers or {}) as r:
             picked = r.headers.get("x-gateway-destination-endpoint-served", "")
             served = r.headers.get("x-inference-pod", "")
+            prefill = r.headers.get("x-pd-prefill-endpoint", "")
             if body.get("stream") and r.status == 200:
                 buf = b""
                 async for chunk in r.content.iter_any():
@@ -107,7 +113,7 @@ async def send(session: Any, url: str, path: str, body: dict[str, Any], kind: st
                     out_tokens = int(json.loads(data).get("usage", {}).get("completion_tokens", 0))
                 else:
                     err = data[:300].decode(errors="replace")
-            return Result(kind, r.status if not err or r.status != 200 else 599, picked, served, ttft, (time.perf_counter() - t0) * 1000, out_tokens, err)
+            return Result(kind, r.status if not err or r.status != 200 else 599, picked, served, ttft, (time.perf_counter() - t0) * 1000, out_tokens, err, prefill)
     except Exception as e:  # report, never crash the demo
         return Result(kind, 0, "", "", 0.0, (time.perf_counter() - t0) * 1000, 0, f"{type(e).__name__}: {e}")
 
@@ -216,6 +222,15 @@ def _histogram_quantile(text: str, name: str, q: float) -> float | None:
     return None
 
 
+async def pd_spoof_check(session: Any, url: str) -> dict[str, Any]:
+    """A client-supplied x-prefiller-host-port must never reach a sidecar (Envoy and the scheduler strip it)."""
+    body = {"model": DEMO_MODEL, "prompt": "spoof check " * 400, "max_tokens": 2}
+    async with session.post(url + "/v1/completions", json=body, headers={"x-prefiller-host-port": "127.0.0.1:1"}) as r:
+        await r.read()
+        used = r.headers.get("x-pd-prefill-endpoint", "")
+        return {"status": r.status, "expected": 200, "ok": r.status == 200 and used != "127.0.0.1:1" and "x-pd-fallback" not in r.headers}
+
+
 async def error_checks(session: Any, url: str) -> dict[str, dict[str, Any]]:
     """A few deliberate bad requests: each must get its status and a JSON error body."""
     cases = {
@@ -248,7 +263,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import contextlib
     import tempfile
 
-    from extproc.harness import BatchServerProcess, Stack, StackSpec, start_sim_process, stop_process
+    from extproc.harness import BatchServerProcess, Stack, StackSpec, start_sidecar_process, start_sim_process, stop_process
     from extproc.netutil import free_port
 
     console = Console(stderr=True)
@@ -259,14 +274,32 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         sim_args += ["--profile", args.profile]
     if args.kv_events:
         sim_args.append("--kv-events")
+    n_prefill = 0
+    if args.pd:
+        n_prefill = args.pd_prefill if args.pd_prefill is not None else max(1, args.pods // 2)
+        sim_args += ["--pd-prefill", str(n_prefill)]
     console.print(f"[bold]extproc demo[/]: starting {args.pods} simulated vLLM pods, the scheduler ({args.config}) and real Envoy …")
     sim, info = await start_sim_process(sim_args)
+    sidecar_proc = None
+    cars: dict[str, str] = {}  # P/D: sidecar address → the decode pod behind it
     try:
         endpoints: list[str] = info["endpoints"]
+        labels: dict[str, dict[str, str]] = dict(info.get("labels", {}))
+        routed = endpoints
+        if args.pd:
+            prefill_pods = [e for e in endpoints if labels.get(e, {}).get("llm-d.ai/role") == "prefill"]
+            decode_pods = [e for e in endpoints if e not in prefill_pods]
+            sidecar_proc, cars = await start_sidecar_process(decode_pods)
+            routed = prefill_pods + list(cars)
+            labels = {**{e: labels[e] for e in prefill_pods}, **{c: labels[u] for c, u in cars.items()}}
+            console.print(f"P/D: prefill pods {', '.join(prefill_pods)}; decode pods behind pd-sidecars "
+                          + ", ".join(f"{c} → {u}" for c, u in cars.items()))
         config = "batch-interactive" if args.batch and args.config == "default" else args.config
+        if args.pd and args.config == "default":
+            config = "pd"
         batch_port = free_port() if args.batch else 0
         envoy_args = {"batch": f"127.0.0.1:{batch_port}"} if args.batch else {}
-        spec = StackSpec(endpoints=endpoints, config=config, labels=info.get("labels", {}), kv_events=info.get("kv_events") if args.kv_events else None, models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)], envoy_args=envoy_args)
+        spec = StackSpec(endpoints=routed, config=config, labels=labels, kv_events=info.get("kv_events") if args.kv_events else None, models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)], envoy_args=envoy_args)
         async with Stack(spec) as st, contextlib.AsyncExitStack() as bstack:
             batch_srv = None
             if args.batch:
@@ -275,7 +308,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 bstack.push_async_callback(batch_srv.stop)
                 console.print(f"batch service on :{batch_port} behind Envoy (/v1/files, /v1/batches), store {store}")
             assert st.metrics_url is not None
-            await wait_for_scrapes(st.metrics_url, len(endpoints))
+            await wait_for_scrapes(st.metrics_url, len(routed))
             before = await scrape_pod_counters(endpoints)
             wl = build_workload(args.requests, args.seed)
             results: list[Result] = []
@@ -297,6 +330,8 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.gather(*(one(*it) for it in wl.items))
                 wall = time.perf_counter() - t_start
                 checks = await error_checks(session, st.url)
+                if args.pd:
+                    checks["spoofed_prefiller"] = await pd_spoof_check(session, st.url)
                 batch_rep: dict[str, Any] | None = None
                 if args.batch:
                     b = await batch_wait(session, st.url, batch_id)
@@ -310,12 +345,15 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                     sched_metrics = await r.text()
             after = await scrape_pod_counters(endpoints)
     finally:
+        if sidecar_proc is not None:
+            await stop_process(sidecar_proc)
         await stop_process(sim)
 
     ok = [r for r in results if r.status == 200]
     failed = [r for r in results if r.status != 200]
     per_pod = Counter(r.served for r in ok)
-    served_as_picked = sum(1 for r in ok if r.picked and r.picked == r.served)
+    # in P/D the pick is the decode pod's sidecar, which shares the pod with the decode vLLM that serves
+    served_as_picked = sum(1 for r in ok if r.picked and cars.get(r.picked, r.picked) == r.served)
     hits = sum(after[e]["prefix_cache_hits"] - before[e]["prefix_cache_hits"] for e in endpoints)
     queries = sum(after[e]["prefix_cache_queries"] - before[e]["prefix_cache_queries"] for e in endpoints)
     stream_ttft = [r.ttft_ms for r in ok if "stream" in r.kind]
@@ -340,6 +378,15 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         },
         "error_checks": checks,
         **({"batch": batch_rep} if batch_rep is not None else {}),
+        **({"pd": {
+            "prefill_pods": [e for e in endpoints if labels.get(e, {}).get("llm-d.ai/role") == "prefill"],
+            "sidecars": cars,
+            "split": sum(1 for r in ok if r.prefill),
+            "prefilled_locally": sum(1 for r in ok if not r.prefill),
+            "per_prefill_pod": dict(Counter(r.prefill for r in ok if r.prefill)),
+            "per_request": [{"kind": r.kind, "status": r.status, "decode_pod": r.served, "prefill_pod": r.prefill or None}
+                            for r in results],
+        }} if args.pd else {}),
         "failures": [{"kind": r.kind, "status": r.status, "error": r.error[:200]} for r in failed[:20]],
     }
     _print_summary(console, report)
@@ -373,6 +420,10 @@ def _print_summary(console: Any, rep: dict[str, Any]) -> None:
     for name, v in rep["error_checks"].items():
         c.add_row(name, str(v["status"]), str(v["expected"]), "✔" if v["ok"] else "✘")
     console.print(c)
+    if "pd" in rep:
+        pd = rep["pd"]
+        console.print(f"P/D: {pd['split']} requests prefilled on a prefill pod {pd['per_prefill_pod']}, "
+                      f"{pd['prefilled_locally']} on their decode pod (prefix mostly cached there)")
     if "batch" in rep:
         b = rep["batch"]
         console.print(f"batch job {b['id']}: {b['status']}, {b['completed']}/{b['total']} completed, {b['failed']} failed, each custom_id once: {b['each_custom_id_once']}")

@@ -62,10 +62,11 @@ SERVED_HEADER = "x-gateway-destination-endpoint-served"
 SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
 REQUEST_ID_HEADER = "x-extproc-request-id"
 PREFILLER_HEADER = "x-prefiller-host-port"  # P/D disaggregation: the prefill pod the decode sidecar calls
+ENCODER_HEADER = "x-encoder-hosts-ports"  # E/P/D: the encode pods the decode sidecar calls
 OBSERVE_HEADER = "x-extproc-observe"  # the scheduler samples this request for the observation stream
 # Headers only the scheduler (or Envoy) may set: removed from every client request before any route decision.
 SPOOFABLE_HEADERS: tuple[str, ...] = (
-    DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER, PREFILLER_HEADER, REQUEST_ID_HEADER, OBSERVE_HEADER,
+    DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER, PREFILLER_HEADER, ENCODER_HEADER, REQUEST_ID_HEADER, OBSERVE_HEADER,
 )  # fmt: skip
 # observability mode: Envoy's gRPC access log reports the end of every routed request, batched
 ACCESS_LOG_FLUSH_S = 0.01
@@ -99,7 +100,7 @@ BUFFER_HEADROOM_BYTES = 1024 * 1024
 # Concurrent requests are long LLM streams: Envoy's default circuit breakers (1024) are too low.
 CIRCUIT_BREAKER_LIMIT = 100_000
 # Header names the scheduler may set or remove.
-MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|x-prefiller-host-port|content-length|x-slo-.*)$"
+MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|x-prefiller-host-port|x-encoder-hosts-ports|content-length|x-slo-.*)$"
 
 FailureMode = Literal["fail-open", "fail-close"]
 ResponseObserve = Literal["observability", "streamed", "none"]

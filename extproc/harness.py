@@ -298,3 +298,22 @@ class BatchServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             await self.proc.wait()
+
+
+async def start_sidecar_process(upstreams: list[str], timeout_s: float = 30.0) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+    """``extproc pd-sidecar`` in its own process in front of each decode pod; returns (process, {sidecar: pod})."""
+    argv = [sys.executable, "-m", "extproc", "pd-sidecar"]
+    for u in upstreams:
+        argv += ["--listen", "127.0.0.1:0", "--upstream", u]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
+        info = json.loads(line)
+    except (asyncio.TimeoutError, ValueError):
+        await stop_process(proc)
+        raise RuntimeError("extproc pd-sidecar did not start") from None
+    return proc, {c["listen"]: c["upstream"] for c in info["sidecars"]}

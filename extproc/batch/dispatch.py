@@ -41,6 +41,7 @@ class DispatchConfig:
     decrease_factor: float = 0.5
     decrease_cooldown_s: float = 0.5
     increase_interval_s: float = 0.25
+    race_window_s: float = 0.05  # a saturated shed this soon after a completion does not lower the limit
     max_retries: int = 5  # for other 5xx and transport errors; 429/503 are retried until the deadline
     backoff_s: float = 0.1
     backoff_cap_s: float = 5.0
@@ -59,7 +60,7 @@ class Aimd:
     At most one decrease per ``decrease_cooldown_s`` (one burst of rejections is one signal).
     """
 
-    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_cond", "decreases", "holds")
+    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_freed", "_last_ok", "decreases", "holds", "races")
 
     def __init__(self, cfg: DispatchConfig) -> None:
         self.cfg = cfg
@@ -68,28 +69,33 @@ class Aimd:
         self._last_change = 0.0
         self._last_decrease = -1e18
         self._last_hold = -1e18
-        self._cond = asyncio.Condition()
+        self._freed = asyncio.Event()
         self.decreases = 0
         self.holds = 0
+        self.races = 0
+        self._last_ok = -1e18
 
     async def acquire(self) -> None:
-        async with self._cond:
-            while self.inflight >= int(self.limit):
-                now = time.monotonic()
-                if self.limit < self.cfg.max_concurrency and now - self._last_change >= self.cfg.increase_interval_s:
-                    self.limit += 1.0  # every slot busy for a whole interval without a rejection: probe one more
-                    self._last_change = now
-                    continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._cond.wait(), self.cfg.increase_interval_s)
-            self.inflight += 1
+        # single-threaded event loop: the check and the increment below run without an await in between
+        while self.inflight >= int(self.limit):
+            now = time.monotonic()
+            if self.limit < self.cfg.max_concurrency and now - self._last_change >= self.cfg.increase_interval_s:
+                self.limit += 1.0  # every slot busy for a whole interval without a rejection: probe one more
+                self._last_change = now
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), self.cfg.increase_interval_s)
+        self.inflight += 1
 
-    async def release(self) -> None:
-        async with self._cond:
-            self.inflight -= 1
-            self._cond.notify_all()
+    def release(self) -> None:
+        """Synchronous on purpose: a release that awaited (a lock) could be interrupted by a cancellation and
+        leak its slot — that happened when a cancelled job's lines were dropped mid-request."""
+        self.inflight -= 1
+        freed, self._freed = self._freed, asyncio.Event()
+        freed.set()
 
     def on_success(self) -> None:
+        self._last_ok = time.monotonic()
         # no growth on completions right after a saturated shed: a completion frees its slot for the next line,
         # and the interval probe alone looks for more room
         if self.inflight * 2 >= int(self.limit) and time.monotonic() - self._last_hold >= self.cfg.increase_interval_s:
@@ -103,11 +109,15 @@ class Aimd:
         return True
 
     def on_saturated(self) -> None:
-        """Soft signal: hold at the admitted level (what is in flight now, the rejected request excluded). Applied
-        on every such answer, without the cooldown: a rejected request frees its slot at once, and another line
-        must not take that slot only to be rejected too."""
+        """Soft signal: hold at the admitted level (what is in flight now; the rejected request has given its slot
+        back). Applied on every such answer, without the cooldown, so rejections do not churn. Exception: right
+        after a completion (``race_window_s``) the shed is most likely a race — the next line reached the
+        scheduler before the finished one's end did — and the level is kept."""
         now = time.monotonic()
         self._last_hold = self._last_change = now
+        if now - self._last_ok < self.cfg.race_window_s:
+            self.races += 1
+            return
         self.limit = max(float(self.cfg.min_concurrency), min(self.limit, float(self.inflight)))
         self.holds += 1
 
@@ -171,7 +181,7 @@ class Dispatcher:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 err = f"{type(e).__name__}: {e}"
             finally:
-                await self.aimd.release()
+                self.aimd.release()
             self._count(status)
             if 200 <= status < 300:
                 self.aimd.on_success()

@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="simulated pods run this many times slower than the profile (fits real-time load to this machine)")
     p.add_argument("--kv-blocks", type=int, default=None, help="per-pod KV blocks (default: what the workload is sized for)")
+    p.add_argument("--pd-prefill", type=int, default=None,
+                   help="P/D setups: prefill-role pods of the fleet (default: the workload's, else half)")
+    p.add_argument("--link", default="rdma-400g", help="P/D: KV-transfer link profile (rdma-400g | tcp-25g)")
+    p.add_argument("--kv-failure-rate", type=float, default=0.0, help="P/D: probability that a KV transfer fails")
+    p.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail",
+                   help="P/D: decode pods' vLLM kv_load_failure_policy")
     p.add_argument("--warm-start", default=None, metavar="FILE",
                    help="start predictor configs from this latency-model file ('builtin': the packaged one); default: cold, learned online")
     p.add_argument("--non-streaming", action="store_true", help="send every request without 'stream' (default: streaming)")
@@ -109,6 +115,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return 2
     fleet = args.fleet or wl.fleet or "8"
     kv_blocks = args.kv_blocks if args.kv_blocks is not None else wl.kv_blocks
+    pd_prefill = args.pd_prefill if args.pd_prefill is not None else wl.pd_prefill
     meta = {
         "workload": wl.name,
         "seed": args.seed,
@@ -120,6 +127,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "repeat": args.repeat if not args.virtual else 1,
         "workload_params": wl.params,
         "total_requests": len(wl.requests),
+        "pd": {"prefill_pods": pd_prefill, "link": args.link, "kv_failure_rate": args.kv_failure_rate,
+               "kv_load_failure_policy": args.kv_load_failure_policy} if any(s.pd for s in setups) else None,
         "warm_start": args.warm_start,
         "streaming": not args.non_streaming,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -128,16 +137,17 @@ def run_bench(args: argparse.Namespace) -> int:
         from extproc.bench import virtual
 
         try:
-            fl = virtual.layout(fleet, kv_blocks, wl.loras, args.time_scale)
+            fl = virtual.layout(fleet, kv_blocks, wl.loras, args.time_scale, args.link, args.kv_failure_rate, args.kv_load_failure_policy)
         except (ValueError, KeyError) as e:
             print(f"extproc bench: bad --fleet: {e}", file=sys.stderr)
             return 2
         runs = virtual.run_setups(wl, setups, fl, seed=args.seed, show_progress=not args.no_progress,
-                                  warm_start=args.warm_start, stream=not args.non_streaming)
+                                  warm_start=args.warm_start, stream=not args.non_streaming, pd_prefill=pd_prefill)
     else:
         from extproc.bench import runner
 
-        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed, args.warm_start, not args.non_streaming)
+        fo = runner.FleetOptions(fleet, kv_blocks, wl.loras, args.time_scale, args.seed, args.warm_start, not args.non_streaming,
+                                 pd_prefill, args.link, args.kv_failure_rate, args.kv_load_failure_policy)
         runs = asyncio.run(runner.run_setups(wl, setups, fo, args.out, repeat=args.repeat, show_progress=not args.no_progress))
     report = rep.build_report(meta, [(s.rate, s.duration) for s in wl.stages], runs)
     if getattr(args, "aiperf", False):

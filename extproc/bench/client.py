@@ -22,6 +22,7 @@ from extproc.bench.workloads import WorkloadRequest
 log = logging.getLogger(__name__)
 
 POD_HEADERS = ("x-inference-pod", "x-gateway-destination-endpoint-served")
+PREFILL_POD_HEADER = "x-pd-prefill-endpoint"  # set by extproc pd-sidecar on a split request
 
 
 def _content_of(chunk: dict) -> str:  # type: ignore[type-arg]
@@ -48,6 +49,7 @@ async def _send_plain(session: aiohttp.ClientSession, url: str, req: WorkloadReq
             if h in resp.headers:
                 res.pod = resp.headers[h]
                 break
+        res.prefill_pod = resp.headers.get(PREFILL_POD_HEADER, "")
         raw = await resp.read()
         res.e2e_ms = res.ttft_ms = (time.perf_counter() - start) * 1000.0
         if resp.status != 200:
@@ -95,6 +97,7 @@ async def send_one(
                 if h in resp.headers:
                     res.pod = resp.headers[h]
                     break
+            res.prefill_pod = resp.headers.get(PREFILL_POD_HEADER, "")
             if resp.status != 200:
                 text = await resp.text()
                 res.error = f"http {resp.status}: {text[:200]}"

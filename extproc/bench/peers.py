@@ -6,6 +6,12 @@
 Both are their own HTTP proxies (no Envoy). Both wait for ``/health`` on every worker at start; the simulator
 serves that and the other endpoints they probe (``/get_load``, ``/tokenize``, ``/get_model_info``, ...), so they
 run at their best. Setup names are contracts: ``vllm-router-rr|p2c|cache`` and ``sglang-router-rr|p2c|cache``.
+
+``vllm-router-pd`` is vllm-router's own P/D mode (``--vllm-pd-disaggregation --prefill URL --decode URL
+--prefill-policy cache_aware --decode-policy power_of_two``, as the reference's CLI docs show): it sends the
+prefill leg (max_tokens 1, kv_transfer_params do_remote_decode) to a prefill worker and the decode leg with the
+returned kv_transfer_params to a decode worker itself, so it runs against the prefill and decode pods directly
+(no sidecar).
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ class PeerSpec:
     binary: str
     subcommand: tuple[str, ...]
     policy: str
+    pd: bool = False  # vllm-router's P/D mode (the fleet is split into prefill and decode pods)
+    prefill_policy: str = ""
+    decode_policy: str = ""
 
 
 PEERS: dict[str, PeerSpec] = {
@@ -39,6 +48,8 @@ PEERS: dict[str, PeerSpec] = {
     "sglang-router-rr": PeerSpec("sglang-router-rr", "sglang-router", ("launch",), "round_robin"),
     "sglang-router-p2c": PeerSpec("sglang-router-p2c", "sglang-router", ("launch",), "power_of_two"),
     "sglang-router-cache": PeerSpec("sglang-router-cache", "sglang-router", ("launch",), "cache_aware"),
+    "vllm-router-pd": PeerSpec("vllm-router-pd", "vllm-router", (), "cache_aware", pd=True,
+                               prefill_policy="cache_aware", decode_policy="power_of_two"),
 }
 
 
@@ -69,8 +80,19 @@ def free_port() -> int:
 class PeerRouter:
     """A running peer router process. ``async with PeerRouter(name, worker_urls) as p: p.url``."""
 
-    def __init__(self, name: str, worker_urls: list[str], log_path: str | None = None, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        worker_urls: list[str],
+        log_path: str | None = None,
+        startup_timeout: float = 60.0,
+        prefill_urls: list[str] | None = None,
+    ) -> None:
+        """``worker_urls``: every worker; in P/D mode the decode workers, with ``prefill_urls`` the prefill ones."""
         spec = PEERS[name]
+        if spec.pd and not prefill_urls:
+            raise ValueError(f"{name} needs prefill workers (a P/D fleet)")
+        self.prefill_urls = list(prefill_urls or [])
         binary = find_binary(spec.binary)
         if binary is None:
             raise RuntimeError(availability(name) or f"{spec.binary} missing")
@@ -87,7 +109,16 @@ class PeerRouter:
 
     def command(self) -> list[str]:
         cmd = [self.binary, *self.spec.subcommand, "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--worker-urls", *self.worker_urls, "--policy", self.spec.policy]
+        if self.spec.pd:
+            cmd += ["--vllm-pd-disaggregation"]
+            for u in self.prefill_urls:
+                cmd += ["--prefill", u, "none"]
+            for u in self.worker_urls:
+                cmd += ["--decode", u]
+            cmd += ["--policy", self.spec.policy, "--prefill-policy", self.spec.prefill_policy,
+                    "--decode-policy", self.spec.decode_policy]
+        else:
+            cmd += ["--worker-urls", *self.worker_urls, "--policy", self.spec.policy]
         cmd += ["--prometheus-port", str(self.prom_port), "--prometheus-host", "127.0.0.1"]
         # No admission queue in front of the pods (the other setups have none either).
         cmd += ["--max-concurrent-requests", "100000", "--request-timeout-secs", "600"]

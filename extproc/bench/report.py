@@ -29,6 +29,7 @@ class RequestResult:
     output_tokens: int = 0
     pod: str = ""
     error: str = ""
+    prefill_pod: str = ""  # P/D: the pod that ran the prefill leg ("" = local prefill)
 
     @property
     def tpot_ms(self) -> float:
@@ -115,6 +116,7 @@ def summarize_stage(
         "prefix_cache_queries": prefix_queries,
         "prefix_cache_hits": prefix_hits,
         "errors": errors,
+        **({"prefill_split": sum(1 for r in ok if r.prefill_pod)} if any(r.prefill_pod for r in ok) else {}),
     }
 
 

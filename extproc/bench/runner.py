@@ -42,8 +42,12 @@ class FleetOptions:
     seed: int = 0
     warm_start: str | None = None  # predictor configs: a latency-model file; None = cold (learn online)
     stream: bool = True
+    pd_prefill: int = 0  # P/D setups: prefill-role pods of the fleet (0 = half)
+    link: str = "rdma-400g"
+    kv_failure_rate: float = 0.0
+    kv_load_failure_policy: str = "fail"
 
-    def sim_args(self, kv_events: bool) -> list[str]:
+    def sim_args(self, kv_events: bool, pd: bool = False) -> list[str]:
         if self.fleet.strip().isdigit():
             args = ["--pods", self.fleet.strip()]
         else:
@@ -55,7 +59,17 @@ class FleetOptions:
             args += ["--lora", ",".join(self.loras)]
         if kv_events:
             args.append("--kv-events")
+        if pd:
+            n = int(self.fleet) if self.fleet.strip().isdigit() else sum(c for _, c in _parse_fleet(self.fleet))
+            args += ["--pd-prefill", str(self.pd_prefill or n // 2), "--link", self.link,
+                     "--kv-failure-rate", str(self.kv_failure_rate), "--kv-load-failure-policy", self.kv_load_failure_policy]
         return args
+
+
+def _parse_fleet(spec: str) -> list[tuple[str, int]]:
+    from extproc.sim.profiles import parse_fleet
+
+    return parse_fleet(spec)
 
 
 def parse_counters(text: str) -> tuple[float, float]:
@@ -115,6 +129,17 @@ async def scrape_predictor(session: aiohttp.ClientSession, metrics_url: str | No
         return None
 
 
+async def scrape_sum(session: aiohttp.ClientSession, endpoints: list[str], name: str) -> float:
+    """Sum of every sample of ``name`` over the pods' /metrics."""
+    total = 0.0
+    for addr in endpoints:
+        async with session.get(f"http://{addr}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            for line in (await r.text()).splitlines():
+                if line.startswith(name):
+                    total += float(line.rsplit(" ", 1)[-1])
+    return total
+
+
 def real_availability(setup: SetupSpec) -> str | None:
     if setup.kind == "peer":
         return peers.availability(setup.name)
@@ -134,22 +159,41 @@ async def _run_one(
     round_no: int,
     on_done: Callable[[RequestResult], None],
 ) -> tuple[list[RequestResult], list[tuple[float, float] | None], dict[str, Any]]:
-    from extproc.harness import Stack, StackSpec, start_sim_process, stop_process
+    from extproc.harness import Stack, StackSpec, start_sidecar_process, start_sim_process, stop_process
 
-    proc, info = await start_sim_process(fleet.sim_args(kv_events=setup.kv_events))
+    proc, info = await start_sim_process(fleet.sim_args(kv_events=setup.kv_events, pd=setup.pd))
+    sidecar_proc: asyncio.subprocess.Process | None = None
     try:
         endpoints: list[str] = list(info["endpoints"])
         labels: dict[str, dict[str, str]] = dict(info.get("labels") or {})
         config: dict[str, Any] = {"kind": setup.kind, "mode": "real", "pods": len(endpoints), "fleet": fleet.fleet}
+        routed = endpoints  # what the proxy routes to
+        prefill_pods = [a for a in endpoints if labels.get(a, {}).get("llm-d.ai/role") == "prefill"]
+        decode_pods = [a for a in endpoints if a not in prefill_pods]
+        if setup.pd:
+            config.update(prefill_pods=prefill_pods, decode_pods=decode_pods, link=fleet.link,
+                          kv_failure_rate=fleet.kv_failure_rate, kv_load_failure_policy=fleet.kv_load_failure_policy)
+        if setup.pd and setup.kind == "extproc":
+            # the decode pods sit behind extproc pd-sidecar (the routing destination is the sidecar, as in llm-d)
+            sidecar_proc, cars = await start_sidecar_process(decode_pods)
+            routed = prefill_pods + list(cars)
+            labels = {**{a: labels[a] for a in prefill_pods}, **{c: labels[u] for c, u in cars.items()}}
+            config["sidecars"] = cars
         proxy: Any
         if setup.kind == "peer":
-            proxy = peers.PeerRouter(
-                setup.name, [f"http://{a}" for a in endpoints], log_path=os.path.join(out_dir, f"{setup.name}.r{round_no}.log")
-            )
+            if setup.pd:
+                proxy = peers.PeerRouter(
+                    setup.name, [f"http://{a}" for a in decode_pods], log_path=os.path.join(out_dir, f"{setup.name}.r{round_no}.log"),
+                    prefill_urls=[f"http://{a}" for a in prefill_pods],
+                )
+            else:
+                proxy = peers.PeerRouter(
+                    setup.name, [f"http://{a}" for a in endpoints], log_path=os.path.join(out_dir, f"{setup.name}.r{round_no}.log")
+                )
             config.update(proxy.config())
         else:
             spec = StackSpec(
-                endpoints=endpoints,
+                endpoints=routed,
                 config=setup.config if setup.kind == "extproc" else None,
                 lb_policy=setup.lb_policy,
                 labels=labels,
@@ -179,6 +223,8 @@ async def _run_one(
                 if pred1 is not None:
                     pred_stages.append({k: pred1[k] - (pred0 or {}).get(k, 0.0) for k in ("decisions", "fallback_decisions", "retrains", "samples")})
                     pred_last = pred1
+            if setup.pd:  # how many KV transfers the decode pods actually loaded (NixlConnector's histogram)
+                config["kv_transfers"] = int(await scrape_sum(scraper, decode_pods, "vllm:nixl_xfer_time_seconds_count"))
             if pred_last is not None:
                 config["predictor"] = {
                     "warm_start": fleet.warm_start,
@@ -193,6 +239,8 @@ async def _run_one(
                 }
         return results, prefix, config
     finally:
+        if sidecar_proc is not None:
+            await stop_process(sidecar_proc)
         await stop_process(proc)
 
 

@@ -22,6 +22,7 @@ class SetupSpec:
     lb_policy: str | None = None  # envoy
     config: str | None = None  # extproc: built-in config name
     kv_events: bool = False  # extproc-precise: the fleet must publish KV events
+    pd: bool = False  # P/D: the fleet is split into prefill- and decode-role pods (NixlConnector on all)
 
 
 SETUPS: dict[str, SetupSpec] = {
@@ -32,9 +33,13 @@ SETUPS: dict[str, SetupSpec] = {
     "extproc-prefix-load": SetupSpec("extproc-prefix-load", "extproc", config="prefix-load"),
     "extproc-load-only": SetupSpec("extproc-load-only", "extproc", config="load-only"),
     "extproc-precise": SetupSpec("extproc-precise", "extproc", config="precise-prefix", kv_events=True),
+    "extproc-precise-gpu-only": SetupSpec(
+        "extproc-precise-gpu-only", "extproc", config="precise-prefix-gpu-only", kv_events=True
+    ),
     "extproc-approx-111": SetupSpec("extproc-approx-111", "extproc", config="approx-111"),
     "extproc-predicted": SetupSpec("extproc-predicted", "extproc", config="predicted-latency"),
-    **{name: SetupSpec(name, "peer") for name in peers.PEERS},
+    "extproc-pd": SetupSpec("extproc-pd", "extproc", config="pd", pd=True),
+    **{name: SetupSpec(name, "peer", pd=spec.pd) for name, spec in peers.PEERS.items()},
 }
 
 DEFAULT_SETUPS = ("envoy-rr", "envoy-lr", "extproc-random", "extproc-default", "extproc-prefix-load")

@@ -15,6 +15,14 @@ power-of-two-choices over active requests. Peer routers (own Rust proxies) canno
 KV events, when a config needs them, are handed to the KV-event index in-process at the end of the step that
 produced them (vLLM publishes a step's events once the step returns); the index's speculative TTLs and
 in-flight holds run on virtual time.
+
+P/D setups (``SetupSpec.pd``) split the fleet into prefill- and decode-role pods (``llm-d.ai/role`` labels). A
+request the scheduler splits (``x-prefiller-host-port`` in the result's headers) runs as the decode-side sidecar
+runs it: a prefill leg (``max_tokens`` 1) on the prefill pod; when it finishes, the decode leg on the decode pod
+with the prompt's KV arriving after the transfer time of ``extproc.sim.kvtransfer`` (only the blocks the decode
+pod's prefix cache lacks are moved), failing with the fleet's failure rate and policy. Both legs count in the
+tracker's in-flight accounting (the prefill pod until its leg ends); the client's TTFT is the decode pod's first
+token.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ from extproc.server.tracker import Flight
 
 log = logging.getLogger(__name__)
 
+PREFILL_HEADER = "x-prefiller-host-port"
+PREFILL_SUFFIX = ":prefill"
+
 _ARRIVAL = 0
 _STEP_END = 1
 _SCRAPE = 2
@@ -52,16 +63,43 @@ class FleetLayout:
     kv_blocks: int | None = None
     loras: tuple[str, ...] = ()
     time_scale: float = 1.0  # as the real fleet's --time-scale (to compare with a real-time run)
+    roles: tuple[str, ...] = ()  # P/D: llm-d.ai/role per pod (empty = aggregated fleet)
+    link: str = "rdma-400g"
+    kv_failure_rate: float = 0.0
+    kv_load_failure_policy: str = "fail"
 
     @property
     def labels(self) -> dict[str, dict[str, str]]:
         from extproc.sim.profiles import get_profile
 
-        # what a real pod exposes (its accelerator), never the simulator's profile name
-        return {addr: {"accelerator": get_profile(prof).accelerator} for prof, addr in self.pods}
+        # what a real pod exposes (its accelerator, its role label), never the simulator's profile name
+        out: dict[str, dict[str, str]] = {}
+        for i, (prof, addr) in enumerate(self.pods):
+            lab = {"accelerator": get_profile(prof).accelerator}
+            if self.roles:
+                lab["llm-d.ai/role"] = self.roles[i]
+            out[addr] = lab
+        return out
+
+    def split(self, prefill: int) -> "FleetLayout":
+        """The same pods, the first ``prefill`` of them prefill-role, the rest decode-role (0 = half)."""
+        n = len(self.pods)
+        k = prefill if prefill > 0 else n // 2
+        if not 0 < k < n:
+            raise ValueError(f"a P/D split needs 1..{n - 1} prefill pods, got {k}")
+        return FleetLayout(self.pods, self.kv_blocks, self.loras, self.time_scale, tuple(["prefill"] * k + ["decode"] * (n - k)),
+                           self.link, self.kv_failure_rate, self.kv_load_failure_policy)
 
 
-def layout(fleet: str, kv_blocks: int | None = None, loras: tuple[str, ...] = (), time_scale: float = 1.0) -> FleetLayout:
+def layout(
+    fleet: str,
+    kv_blocks: int | None = None,
+    loras: tuple[str, ...] = (),
+    time_scale: float = 1.0,
+    link: str = "rdma-400g",
+    kv_failure_rate: float = 0.0,
+    kv_load_failure_policy: str = "fail",
+) -> FleetLayout:
     """``fleet``: ``N`` (N pods of llama3-8b-h100) or ``profile:N,profile:M``."""
     from extproc.sim.profiles import parse_fleet
 
@@ -71,7 +109,12 @@ def layout(fleet: str, kv_blocks: int | None = None, loras: tuple[str, ...] = ()
         for _ in range(n):
             i = len(pods)
             pods.append((prof, f"10.{i // 250}.{i % 250}.1:8000"))
-    return FleetLayout(pods, kv_blocks, loras, time_scale)
+    from extproc.sim.kvtransfer import FAILURE_POLICIES, get_link
+
+    get_link(link)
+    if not 0.0 <= kv_failure_rate <= 1.0 or kv_load_failure_policy not in FAILURE_POLICIES:
+        raise ValueError("kv_failure_rate must be within [0, 1] and kv_load_failure_policy fail|recompute")
+    return FleetLayout(pods, kv_blocks, loras, time_scale, (), link, kv_failure_rate, kv_load_failure_policy)
 
 
 @dataclass(slots=True)
@@ -84,6 +127,10 @@ class _Live:
     flight: Flight
     first: float = 0.0
     out_tokens: int = 0
+    ids: list[int] | None = None
+    max_tokens: int = 0
+    lora: str | None = None
+    prefill_pod: str = ""  # P/D: the pod that ran (or runs) the prefill leg
 
 
 @dataclass(slots=True)
@@ -92,6 +139,7 @@ class _Pod:
     engine: Any  # extproc.sim.engine.Engine
     stepping: bool = False
     pending: Any = None  # StepResult of the step in progress
+    token: int = 0  # bumps on every step start: an idle wait cut short by an arrival leaves a stale STEP_END
 
 
 @dataclass(slots=True)
@@ -203,7 +251,8 @@ class _Gateway:
             self.scheduler.completed(request, obs)
 
     def decide(self, req: Any) -> Flight:
-        """Admit, schedule and dispatch one parsed request; raises SchedulingError with the client's status."""
+        """Admit, schedule and dispatch one parsed request; raises SchedulingError with the client's status.
+        A P/D split leaves the prefill pod in ``flight.prefill_endpoint`` (accounted until its leg ends)."""
         if self.envoy is not None:
             return self.tracker.dispatch(req, self.envoy.pick())
         model = req.target_model
@@ -212,7 +261,9 @@ class _Gateway:
         result, cycle = self.scheduler.schedule(req)
         primary = result.primary
         feats = cycle.data.get(PREDICTOR_FEATURES)
-        flight = self.tracker.dispatch(req, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
+        paddr = result.headers.get(PREFILL_HEADER) if result.headers else None
+        prefill = self.pool.get(paddr) if paddr else None
+        flight = self.tracker.dispatch(req, primary, feats.get(primary.address) if isinstance(feats, dict) else None, prefill)
         self.scheduler.dispatched(cycle, req, result)
         return flight
 
@@ -268,8 +319,12 @@ def run_virtual(
     from extproc.sim.profiles import get_profile
     from extproc.sim.tokenizer import get_tokenizer
 
+    from extproc.sim.kvtransfer import get_link, transfer_seconds
+
     wall0 = time.perf_counter()
     tok = get_tokenizer()
+    link = get_link(fleet.link)
+    kv_rng = random.Random(f"kv:{seed}")
     pool = EndpointPool(default_models=frozenset((MODEL, *fleet.loras)))
     pool.set_endpoints([a for _, a in fleet.pods], fleet.labels)
     endpoints = list(pool.snapshot())
@@ -328,6 +383,7 @@ def run_virtual(
     stage_marks: list[tuple[float, float]] = [counters()]
     pred_marks: list[tuple[int, int, int, int]] = [gw.predictor_marks()]
     live: dict[str, _Live] = {}
+    prefill_legs: dict[str, _Live] = {}  # P/D: prefill-leg request id → the request
     results: list[RequestResult | None] = [None] * len(workload.requests)
     remaining = len(workload.requests)
     done = 0
@@ -346,8 +402,85 @@ def run_virtual(
         steps += 1
         pod.stepping = True
         pod.pending = res
-        heapq.heappush(events, (at + res.duration_s, seq, _STEP_END, pod))
+        pod.token += 1
+        heapq.heappush(events, (at + res.duration_s, seq, _STEP_END, (pod, pod.token)))
         seq += 1
+
+    def kick(pod: _Pod, at: float) -> None:
+        """New work on ``pod``: start a step now unless one runs (an idle wait for a KV transfer is cut short)."""
+        if not pod.stepping:
+            start_step(pod, at)
+        elif pod.pending is not None and pod.pending.idle:
+            res = pod.pending
+            pod.stepping = False
+            pod.pending = None
+            deliver(pod, res)
+            start_step(pod, at)
+
+    def start_decode_leg(lv: _Live, block_ids: list[int], at: float) -> None:
+        """The sidecar's decode leg: the prompt's KV comes from the prefill pod over ``link``."""
+        pod = pods[lv.flight.endpoint.address]
+        eng = pod.engine
+        ids = lv.ids or []
+        prof = eng.profile
+        tokens = min(len(block_ids) * prof.block_size, max(len(ids) - 1, 0))
+        local = eng.cached_prefix_tokens(ids, lv.lora)
+        secs = transfer_seconds(tokens - local, prof.kv_bytes_per_token // prof.tensor_parallel, link) * fleet.time_scale
+        failed = fleet.kv_failure_rate > 0 and kv_rng.random() < fleet.kv_failure_rate
+        eng.add_request(SimRequest(lv.flight.request.request_id, ids, lv.max_tokens, lora=lv.lora, arrival=at,
+                                   remote_tokens=tokens, ready_at=at + secs, remote_failed=failed,
+                                   failure_policy=fleet.kv_load_failure_policy))
+        kick(pod, at)
+
+    def deliver(pod: _Pod, res: Any) -> None:
+        """Hand a finished step's outputs to the requests (and its KV events to the index)."""
+        nonlocal remaining, done
+        if kv_feed is not None and res.kv_events:
+            # vLLM records a step's KV events while scheduling it and publishes them once the step returns
+            kv_feed(pod.endpoint.address, res.kv_events)
+        for out in res.outputs:
+            leg = prefill_legs.get(out.request_id)
+            if leg is not None:  # P/D prefill leg: its one token is the sidecar's cue for the decode leg
+                if out.finished:
+                    del prefill_legs[out.request_id]
+                    leg.flight.release_prefill()
+                    start_decode_leg(leg, out.block_ids or [], now)
+                continue
+            lv = live.get(out.request_id)
+            if lv is None:
+                continue
+            if out.finish_reason == "error":  # a failed KV transfer under kv_load_failure_policy=fail
+                del live[out.request_id]
+                lv.flight.on_response_headers(500)
+                gw.tracker.finish(lv.flight, "status_500")
+                finish_failed(lv.wr_index, lv.stage, lv.arrival, 500, "kv_transfer_failed: KV load from the prefill pod failed")
+                continue
+            if out.num_output_tokens > lv.out_tokens:
+                first = out.first_token
+                if first:
+                    lv.first = now
+                lv.out_tokens = out.num_output_tokens
+                gw.tokens(lv.flight, now, first)
+            if out.finished:
+                del live[out.request_id]
+                gw.finish(lv.flight, now, lv.out_tokens)
+                ttft = lv.first if stream else now  # the client's first byte
+                results[lv.wr_index] = RequestResult(
+                    lv.wr_index,
+                    lv.stage,
+                    lv.arrival,
+                    True,
+                    status=200,
+                    ttft_ms=(ttft - lv.arrival) * 1000.0,
+                    e2e_ms=(now - lv.arrival) * 1000.0,
+                    output_tokens=lv.out_tokens,
+                    pod=lv.flight.endpoint.address,
+                    prefill_pod=lv.prefill_pod,
+                )
+                remaining -= 1
+                done += 1
+                if progress is not None and done % 100 == 0:
+                    progress(100)
 
     # the predictor's step-phase features read "now" and each pod's last chunk time: give them virtual time
     prev_clock = set_clock(lambda: now)
@@ -374,53 +507,34 @@ def run_virtual(
                     continue
                 pod = pods[flight.endpoint.address]
                 lora = wr.model if wr.model in fleet.loras else None
+                pep = flight.prefill_endpoint
+                target = pods[pep.address] if pep is not None else pod
                 try:
-                    pod.engine.add_request(SimRequest(req.request_id, ids, wr.max_tokens, lora=lora, arrival=now))
+                    if pep is not None:  # P/D: the sidecar's prefill leg first
+                        target.engine.add_request(
+                            SimRequest(req.request_id + PREFILL_SUFFIX, ids, 1, lora=lora, arrival=now, remote_decode=True)
+                        )
+                    else:
+                        pod.engine.add_request(SimRequest(req.request_id, ids, wr.max_tokens, lora=lora, arrival=now))
                 except ValueError as e:  # the pod refuses it (too long): a 400 from the pod, as in real time
                     flight.on_response_headers(400)
                     gw.tracker.finish(flight, "status_400")
                     finish_failed(wr.index, wr.stage, now, 400, str(e))
                     continue
-                live[req.request_id] = _Live(wr.index, wr.stage, now, flight)
-                if not pod.stepping:
-                    start_step(pod, now)
+                lv = _Live(wr.index, wr.stage, now, flight, ids=ids, max_tokens=wr.max_tokens, lora=lora,
+                           prefill_pod=pep.address if pep is not None else "")
+                live[req.request_id] = lv
+                if pep is not None:
+                    prefill_legs[req.request_id + PREFILL_SUFFIX] = lv
+                kick(target, now)
             elif kind == _STEP_END:
-                pod = data
+                pod, token = data
+                if token != pod.token or not pod.stepping:
+                    continue  # an idle wait that an arrival cut short
                 res = pod.pending
                 pod.stepping = False
                 pod.pending = None
-                if kv_feed is not None and res.kv_events:
-                    # vLLM records a step's KV events while scheduling it and publishes them once the step returns
-                    kv_feed(pod.endpoint.address, res.kv_events)
-                for out in res.outputs:
-                    lv = live.get(out.request_id)
-                    if lv is None:
-                        continue
-                    if out.num_output_tokens > lv.out_tokens:
-                        first = out.first_token
-                        if first:
-                            lv.first = now
-                        lv.out_tokens = out.num_output_tokens
-                        gw.tokens(lv.flight, now, first)
-                    if out.finished:
-                        del live[out.request_id]
-                        gw.finish(lv.flight, now, lv.out_tokens)
-                        ttft = lv.first if stream else now  # the client's first byte
-                        results[lv.wr_index] = RequestResult(
-                            lv.wr_index,
-                            lv.stage,
-                            lv.arrival,
-                            True,
-                            status=200,
-                            ttft_ms=(ttft - lv.arrival) * 1000.0,
-                            e2e_ms=(now - lv.arrival) * 1000.0,
-                            output_tokens=lv.out_tokens,
-                            pod=lv.flight.endpoint.address,
-                        )
-                        remaining -= 1
-                        done += 1
-                        if progress is not None and done % 100 == 0:
-                            progress(100)
+                deliver(pod, res)
                 if pod.engine.has_work():
                     start_step(pod, now)
             else:  # scrape
@@ -471,8 +585,10 @@ def run_setups(
     show_progress: bool = True,
     warm_start: str | None = None,
     stream: bool = True,
+    pd_prefill: int = 0,
 ) -> list[SetupRun]:
-    """Run every setup on a fresh virtual fleet (cold caches) with the same trace."""
+    """Run every setup on a fresh virtual fleet (cold caches) with the same trace. P/D setups get the same pods
+    split into ``pd_prefill`` prefill pods (0 = half) and decode pods."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     runs: list[SetupRun] = []
@@ -487,7 +603,8 @@ def run_setups(
                 continue
             task = prog.add_task(f"[virtual] {s.name}", total=len(workload.requests))
             try:
-                vr = run_virtual(workload, s, fleet, seed=seed, progress=lambda n, t=task: prog.advance(t, n),
+                fl = fleet.split(pd_prefill) if s.pd else fleet
+                vr = run_virtual(workload, s, fl, seed=seed, progress=lambda n, t=task: prog.advance(t, n),
                                  warm_start=warm_start, stream=stream)
             except Exception as e:  # one broken setup must not lose the others' results
                 log.exception("virtual setup failed", extra={"setup": s.name})
@@ -502,5 +619,10 @@ def run_setups(
                 cfg["config"] = s.config
             if "predictor" in vr.extra:
                 cfg["predictor"] = vr.extra["predictor"]
+            if s.pd:
+                cfg.update(pd_roles={a: r for (_, a), r in zip(fl.pods, fl.roles)}, link=fl.link,
+                           kv_failure_rate=fl.kv_failure_rate, kv_load_failure_policy=fl.kv_load_failure_policy,
+                           prefill_pods=sum(1 for r in fl.roles if r == "prefill"),
+                           split_requests=sum(1 for r in vr.results if r.prefill_pod))
             runs.append(SetupRun(s.name, "ok", config=cfg, results=vr.results, prefix=vr.prefix))
     return runs

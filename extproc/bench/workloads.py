@@ -18,6 +18,10 @@ Shapes follow the GIE / llm-d benchmarking workloads (see /docs/benchmarks.md fo
   cluster (llm-d blog, 2026): the whole premium tier is hardware the shipped warm-start model never saw.
 - ``long-prompts``: 100–200 KB bodies (documents with questions), few documents shared by many requests.
 - ``bursty``: shared-prefix traffic arriving in bursts (on/off), the thundering-herd case.
+- ``pd``: long prompts, short outputs (the llm-d P/D guide's ISL/OSL 5000/250 fits the simulated Llama-3-8B's
+  8k context as is): documents shared by a few requests each plus a unique question, so part of a prompt may be
+  cached on the decode pod (what the prefix-based P/D decider looks at). P/D setups split the same fleet into
+  ``pd_prefill`` prefill pods and the rest decode pods.
 """
 
 from __future__ import annotations
@@ -155,6 +159,7 @@ class Workload:
     fleet: str = ""  # fleet the workload is meant for (FleetSpec.fleet syntax), "" = homogeneous default
     loras: tuple[str, ...] = ()
     kv_blocks: int | None = None  # per-pod KV blocks the workload is sized for (None = profile default)
+    pd_prefill: int = 0  # P/D setups: how many of the fleet's pods are prefill-role (0 = half)
 
     def stage_requests(self, stage: int) -> list[WorkloadRequest]:
         return [r for r in self.requests if r.stage == stage]
@@ -382,6 +387,27 @@ def gen_long_prompts(rng: random.Random, stages: list[Stage]) -> tuple[list[Work
     return out, _params(p), {}
 
 
+@dataclass(slots=True, frozen=True)
+class PDParams:
+    documents: int = 1000  # few repeats: most prompts are cold, as in the reference's random 5000/250 prompts
+    document_tokens: int = 4_500  # shared part of the ~5k-token prompt
+    question_min: int = 200
+    question_max: int = 1_000  # unique part: the non-cached tokens when the document is cached
+    output_tokens: int = 250
+    pd_prefill: int = 6  # of the default 8-pod fleet: prefill is ~95% of the work at ISL/OSL 5000/250
+
+
+def gen_pd(rng: random.Random, stages: list[Stage]) -> tuple[list[WorkloadRequest], dict[str, Any], dict[str, Any]]:
+    p = PDParams()
+    docs = [f"[document {d}]\n" + text(rng, p.document_tokens) for d in range(p.documents)]
+    out = []
+    for i, (stage, t) in enumerate(poisson_arrivals(rng, stages)):
+        d = rng.randrange(p.documents)
+        q = f"Question {i}: " + text(rng, rng.randint(p.question_min, p.question_max))
+        out.append(WorkloadRequest(i, stage, t, "completions", MODEL, p.output_tokens, parts=(docs[d], q), group=d))
+    return out, _params(p), {"pd_prefill": p.pd_prefill}
+
+
 def _params(p: Any) -> dict[str, Any]:
     return {k: getattr(p, k) for k in p.__slots__}
 
@@ -396,6 +422,7 @@ WORKLOADS: dict[str, Generator] = {
     "three-vendor": gen_three_vendor,
     "long-prompts": gen_long_prompts,
     "bursty": gen_bursty,
+    "pd": gen_pd,
 }
 
 # Default stages: Poisson rates stepped up to and past the saturation of an 8-pod simulated fleet.
@@ -407,6 +434,7 @@ DEFAULT_STAGES: dict[str, str] = {
     "three-vendor": "4:20,8:20,16:20,24:20",
     "long-prompts": "0.5:20,1:20,2:20,3:20",
     "bursty": "4:20,8:20,16:20,24:20",
+    "pd": "20:30,30:30,40:30",
 }
 
 
@@ -427,4 +455,5 @@ def generate(name: str, stages: Sequence[Stage] | None = None, seed: int = 0) ->
         fleet=str(fleet.get("fleet", "")),
         loras=tuple(fleet.get("loras", ())),
         kv_blocks=fleet.get("kv_blocks"),
+        pd_prefill=int(fleet.get("pd_prefill", 0)),
     )

@@ -120,7 +120,7 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
     plugin_specs = raw.get("plugins") or []
     if not isinstance(plugin_specs, list):
         raise ConfigError(path, None, "'plugins' must be a list")
-    plugins: dict[str, Any] = {}
+    plugins: dict[str, Any] = ctx.plugins  # one dict: a plugin may look up others by name (complete at configure time)
     for i, spec in enumerate(plugin_specs):
         if not isinstance(spec, dict) or "type" not in spec:
             raise ConfigError(path, f"plugins[{i}]", "each plugin needs a 'type'")

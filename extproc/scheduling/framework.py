@@ -120,6 +120,8 @@ class Observation:
     status: int = 0
     error: str = ""
     features: Any = None  # the predictor's feature row for the chosen pod at decision time, if any
+    prefill_endpoint: str = ""  # P/D: the prefill pod of a split request ("" = prefilled on the decode pod)
+    prefill_ms: float = 0.0  # P/D: prefill-leg wall time reported by the decode pod's sidecar (x-pd-prefill-ms)
 
     @property
     def ttft_ms(self) -> float:

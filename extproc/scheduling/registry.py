@@ -24,6 +24,9 @@ class PluginContext:
     pool: EndpointPool
     services: dict[str, Any] = field(default_factory=dict)
     config_path: str = "<built-in>"
+    # the config's plugins by instance name, filled as they are built; complete when a profile handler's
+    # ``configure`` runs (the P/D handler resolves ``deciders.prefill`` there, whatever the plugin order)
+    plugins: dict[str, Any] = field(default_factory=dict)
 
 
 PluginFactory = Callable[[str, dict[str, Any], PluginContext], Any]

@@ -19,12 +19,14 @@ HDR_DESTINATION = "x-gateway-destination-endpoint"
 HDR_SERVED = "x-gateway-destination-endpoint-served"
 HDR_SUBSET = "x-gateway-destination-endpoint-subset"
 HDR_REQUEST_ID = "x-extproc-request-id"
+HDR_PREFILLER = "x-prefiller-host-port"  # P/D: the prefill pod (set only by the disagg-profile-handler)
 HDR_OBSERVE = "x-extproc-observe"  # set on sampled requests: selects the route with the observation filter on
 # GIE conformance hooks (honoured only with ``extproc serve --conformance``): the request header restricts the
 # candidates to the listed addresses, the response header echoes the endpoint that served
 HDR_CONFORMANCE_SELECTION = "test-epp-endpoint-selection"
 HDR_CONFORMANCE_SERVED = "x-conformance-test-served-endpoint"
-ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET)
+# Headers a client may never send upstream: stripped from every request, whatever the config
+ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET, HDR_PREFILLER)
 LB_NAMESPACE = "envoy.lb"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

@@ -39,8 +39,20 @@ from extproc.server.tracker import Flight, FlightTracker
 log = logging.getLogger(__name__)
 
 MODELS_PATHS = ("/v1/models", "/models")
-ORPHAN_GRACE_S = 5.0
-_OBSERVE_HEADER = {codec.HDR_OBSERVE: "1"}  # observability mode: how long a dispatched flight may wait for its observation stream
+HDR_PREFILL_MS = "x-pd-prefill-ms"  # P/D sidecar: prefill-leg wall time
+
+
+def _float_header(h: Any) -> float:
+    v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    try:
+        f = float(v)
+    except ValueError:
+        return 0.0
+    return f if 0.0 <= f < 1e9 else 0.0
+
+
+ORPHAN_GRACE_S = 5.0  # observability mode: how long a dispatched flight may wait for its observation stream
+_OBSERVE_HEADER = {codec.HDR_OBSERVE: "1"}
 
 
 @dataclass(slots=True)
@@ -307,7 +319,13 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         targets = [ep.address for ep in result.targets]
         primary = result.primary
         feats = cycle.data.get(PREDICTOR_FEATURES)
-        st.flight = self.tracker.dispatch(request, primary, feats.get(primary.address) if isinstance(feats, dict) else None)
+        prefill = None
+        if result.headers:
+            paddr = result.headers.get(codec.HDR_PREFILLER)
+            prefill = self.pool.get(paddr) if paddr else None
+        st.flight = self.tracker.dispatch(
+            request, primary, feats.get(primary.address) if isinstance(feats, dict) else None, prefill
+        )
         st.served = primary.address
         if self._touch is not None:
             self._touch(primary)
@@ -363,11 +381,14 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             elif kind == "response_headers":
                 rh = req.response_headers
                 if not st.flight.response_started:
+                    status, pms = 0, 0.0
                     for h in rh.headers.headers:
                         if h.key == ":status":
                             v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-                            st.flight.on_response_headers(int(v) if v.isascii() and v.isdigit() else 0)
-                            break
+                            status = int(v) if v.isascii() and v.isdigit() else 0
+                        elif h.key == HDR_PREFILL_MS:
+                            pms = _float_header(h)
+                    st.flight.on_response_headers(status, pms)
                 if rh.end_of_stream:
                     self._finish_observed(st.flight)
             elif kind == "response_body":

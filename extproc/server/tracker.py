@@ -45,6 +45,7 @@ class Flight:
         "tail",
         "observed",
         "response_started",
+        "prefill_endpoint",
     )
 
     def __init__(
@@ -62,11 +63,24 @@ class Flight:
         self.tail = b""  # last bytes of the body, for the usage block
         self.observed = False  # an observability stream attached
         self.response_started = False
+        # P/D: the prefill pod of the request's first leg, accounted until the decode pod answers (the sidecar
+        # sends the decode leg only once the prefill leg is done)
+        self.prefill_endpoint: Endpoint | None = None
 
     # -- response side -------------------------------------------------------------------------------
-    def on_response_headers(self, status: int) -> None:
+    def on_response_headers(self, status: int, prefill_ms: float = 0.0) -> None:
         self.obs.status = status
         self.response_started = True
+        if prefill_ms > 0:
+            self.obs.prefill_ms = prefill_ms
+        self.release_prefill()
+
+    def release_prefill(self) -> None:
+        pep = self.prefill_endpoint
+        if pep is not None:
+            self.prefill_endpoint = None
+            pep.inflight -= 1
+            pep.inflight_prefill_tokens -= self.prefill_tokens
 
     def on_body_chunk(self, data: bytes, now: float) -> None:
         if data:
@@ -118,7 +132,9 @@ class FlightTracker:
     def __len__(self) -> int:
         return len(self._flights)
 
-    def dispatch(self, request: InferenceRequest, endpoint: Endpoint, features: object = None) -> Flight:
+    def dispatch(
+        self, request: InferenceRequest, endpoint: Endpoint, features: object = None, prefill: Endpoint | None = None
+    ) -> Flight:
         prompt_tokens = request.prompt_tokens_estimate
         decode = request.max_tokens if request.max_tokens is not None else 16
         obs = Observation(
@@ -135,6 +151,11 @@ class FlightTracker:
         self._flights[f.key] = f
         endpoint.inflight += 1
         endpoint.inflight_prefill_tokens += prompt_tokens
+        if prefill is not None and prefill is not endpoint:
+            f.prefill_endpoint = prefill
+            obs.prefill_endpoint = prefill.address
+            prefill.inflight += 1
+            prefill.inflight_prefill_tokens += prompt_tokens
         return f
 
     def get(self, key: str) -> Flight | None:
@@ -152,6 +173,7 @@ class FlightTracker:
 
     def _finish(self, f: Flight, outcome: str, complete_ts: float | None = None) -> None:
         f.finished = True
+        f.release_prefill()
         ep = f.endpoint
         if f.in_prefill:
             ep.inflight_prefill_tokens -= f.prefill_tokens

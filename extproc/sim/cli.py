@@ -1,4 +1,6 @@
-"""``extproc sim``: run a simulated vLLM fleet until SIGTERM/SIGINT; ``extproc sim calibrate ...`` fits a profile.
+"""``extproc sim``: run a simulated vLLM fleet until SIGTERM/SIGINT; ``extproc sim calibrate ...`` fits a profile
+to a real vLLM server; ``extproc sim validate SPEC --out DIR`` / ``extproc sim fit SPEC --out FILE`` check and fit
+the roofline step model against measured runs (extproc.sim.fidelity).
 
 When the fleet is up it prints one JSON line on stdout::
 
@@ -37,8 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-blocks", type=int, default=None, help="override num_gpu_blocks of every profile")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every simulated duration")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pd-prefill", type=int, default=0,
+                        help="P/D fleet: the first N pods are prefill-role, the rest decode-role (NixlConnector on all)")
+    parser.add_argument("--link", default="rdma-400g", help="P/D KV-transfer link profile: rdma-400g | tcp-25g")
+    parser.add_argument("--kv-failure-rate", type=float, default=0.0, help="P/D: probability a KV transfer fails")
+    parser.add_argument("--kv-load-failure-policy", choices=["fail", "recompute"], default="fail",
+                        help="P/D: what a decode pod does when a KV transfer fails (vLLM KVTransferConfig)")
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=False)
+    from extproc.sim import fidelity_args
+
+    fidelity_args.add_validate_arguments(
+        sub.add_parser("validate", help="simulate a SPEC of measured runs; report.json + plot of predicted vs measured")
+    )
+    fidelity_args.add_fit_arguments(sub.add_parser("fit", help="fit the roofline step model's coefficients on a SPEC"))
     cal = sub.add_parser("calibrate", help="fit a profile's coefficients from a real vLLM server")
     mod = _calibrate_module()
     if mod is not None:
@@ -48,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "sim_command", None) in ("validate", "fit"):
+        from extproc.sim import fidelity
+
+        return fidelity.run_validate(args) if args.sim_command == "validate" else fidelity.run_fit(args)
     if getattr(args, "sim_command", None) == "calibrate":
         mod = _calibrate_module()
         if mod is None:
@@ -78,8 +96,15 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             time_scale=args.time_scale,
             kv_events_array_encoding=args.kv_events_array,
+            prefill_pods=args.pd_prefill,
+            link=args.link,
+            kv_failure_rate=args.kv_failure_rate,
+            kv_load_failure_policy=args.kv_load_failure_policy,
         )
-        spec.profiles()
+        spec.roles(len(spec.profiles()))
+        from extproc.sim.kvtransfer import get_link
+
+        get_link(spec.link)
     except (KeyError, ValueError) as e:
         print(f"extproc sim: {e}", file=sys.stderr)
         return 2

@@ -32,12 +32,13 @@ that computes its last pending token; it finishes after ``max_tokens`` tokens (i
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
 
 from extproc.sim.kvcache import KVCache, KVEvent, hash_block
+from extproc.sim.offload import CPUOffloadTier
 from extproc.sim.profiles import Profile
 from extproc.sim.tokenizer import get_tokenizer
 
@@ -65,6 +66,18 @@ class SimRequest:
     max_tokens: int | None = None
     lora: str | None = None
     arrival: float = 0.0
+    # P/D (vLLM NixlConnector semantics). Prefill leg: ``remote_decode`` keeps the prompt's block ids in the
+    # finishing output (they go back to the router in kv_transfer_params). Decode leg: ``remote_tokens`` prompt
+    # tokens arrive over the network and are usable from ``ready_at`` (engine time; until then the request waits
+    # like vLLM's WAITING_FOR_REMOTE_KVS); ``remote_failed`` marks a transfer that fails, handled by
+    # ``failure_policy`` ("fail": the request ends with finish_reason "error"; "recompute": local prefill).
+    remote_decode: bool = False
+    remote_tokens: int = 0
+    ready_at: float = 0.0
+    remote_failed: bool = False
+    failure_policy: str = "fail"
+    transfer_s: float = 0.0  # for the pod's NIXL metrics: the transfer's duration and size
+    transfer_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -79,6 +92,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    block_ids: list[int] | None = None  # prefill leg (remote_decode): the prompt's KV blocks, on the last output
+    num_remote_tokens: int = 0  # decode leg: prompt tokens whose KV came over the network
 
 
 @dataclass(slots=True)
@@ -105,6 +120,9 @@ class StepResult:
     num_scheduled: int = 0
     preempted: list[str] = field(default_factory=list)
     loras_loaded: list[str] = field(default_factory=list)
+    idle: bool = False  # nothing could run: the engine waits for a remote KV transfer to land (duration_s)
+    kv_loads: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes) of transfers that landed
+    kv_load_failures: int = 0
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequest] = field(default_factory=list)
@@ -120,6 +138,10 @@ class EngineStats:
     prompt_tokens_cached_total: int = 0
     steps_total: int = 0
     busy_time_s: float = 0.0
+    kv_transfers_total: int = 0  # decode side: remote KV loads that completed
+    kv_transfer_failures_total: int = 0
+    kv_transfer_tokens_total: int = 0
+    kv_transfer_seconds_total: float = 0.0
     finished_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -144,6 +166,7 @@ class _Seq:
         "t_first",
         "t_last",
         "counted_cache",
+        "remote_tokens",
     )
 
     def __init__(self, req: SimRequest, max_out: int, lora_id: int | None, digest: int) -> None:
@@ -166,6 +189,7 @@ class _Seq:
         self.t_first = -1.0
         self.t_last = -1.0
         self.counted_cache = False
+        self.remote_tokens = req.remote_tokens
 
 
 class Engine:
@@ -199,6 +223,7 @@ class Engine:
         self._running: list[_Seq] = []
         self._seqs: dict[str, _Seq] = {}
         self._lora_slots: OrderedDict[str, None] = OrderedDict()
+        self._remote_waiting = 0  # waiting requests still expecting a remote KV transfer (decode leg)
         self._lora_ids: dict[str, int] = {}
         self._out_ids = get_tokenizer().output_token_ids
         p = profile
@@ -207,6 +232,19 @@ class Engine:
         self._b2 = p.b2_ms / 1000.0
         self._a0 = p.a0_ms / 1000.0
         self._lora_load = p.lora_load_ms / 1000.0
+        # physics-based step time (extproc.sim.roofline) when the profile carries one; else b0 + b1 + b2
+        self.step_model: Callable[[Sequence[tuple[_Seq, int]]], float] | None = None
+        if p.roofline is not None:
+            from extproc.sim.roofline import step_model_from_profile
+
+            self.step_model = step_model_from_profile(p.roofline)
+        # CPU KV-offload tier (extproc.sim.offload): write-through copies of GPU-cached blocks, loaded back on a miss
+        self.cpu_tier: CPUOffloadTier | None = None
+        if p.cpu_offload_blocks > 0:
+            self.cpu_tier = CPUOffloadTier(
+                p.cpu_offload_blocks, p.block_size, p.cpu_load_ms_per_block / 1000.0, record_events=record_kv_events
+            )
+            self.kv.on_store = self.cpu_tier.store
 
     # ---- gauges -----------------------------------------------------------------------------------------------
     @property
@@ -278,6 +316,8 @@ class Engine:
         seq = _Seq(req, max_out, lora_id, digest)
         self._seqs[req.request_id] = seq
         self._waiting.append(seq)
+        if req.remote_tokens > 0:
+            self._remote_waiting += 1
 
     def abort(self, request_id: str) -> bool:
         seq = self._seqs.pop(request_id, None)
@@ -287,6 +327,8 @@ class Engine:
             self._running.remove(seq)
         elif seq.state == _WAITING:
             self._waiting.remove(seq)
+            if seq.remote_tokens > 0:
+                self._remote_waiting -= 1
         if seq.blocks:
             self.kv.free(seq.blocks)
             seq.blocks = []
@@ -308,7 +350,10 @@ class Engine:
         self._waiting.clear()
         self._running.clear()
         self._lora_slots.clear()
+        self._remote_waiting = 0
         self.kv.reset()
+        if self.cpu_tier is not None:
+            self.cpu_tier.reset()
         return dropped
 
     # ---- the step ---------------------------------------------------------------------------------------------
@@ -337,6 +382,15 @@ class Engine:
         prefill_tokens = 0
         decode_tokens = 0
         admitted = 0
+        cpu = self.cpu_tier
+        cpu_loaded = 0  # blocks loaded back from the CPU tier this step
+        failed_outputs: list[RequestOutput] = []
+        failed_finished: list[FinishedRequest] = []
+        landed: list[tuple[float, int]] = []
+        n_failed = self.stats.kv_transfer_failures_total
+        if self._remote_waiting:
+            self._land_failed_transfers(now, failed_outputs, failed_finished)
+        n_failed = self.stats.kv_transfer_failures_total - n_failed
 
         # 1. running requests, in order
         running = self._running
@@ -372,19 +426,32 @@ class Engine:
             active_loras = {s.lora for s in running if s.lora}
             while waiting and budget > 0 and len(running) < max_seqs:
                 seq = waiting[0]
+                if seq.remote_tokens > 0 and seq.req.ready_at > now:
+                    skipped.append(waiting.popleft())  # WAITING_FOR_REMOTE_KVS: keeps its place
+                    continue
                 if seq.lora and seq.lora not in active_loras and len(active_loras) >= max_loras:
                     skipped.append(waiting.popleft())
                     continue
                 num_tokens = len(seq.tokens)
                 kv.extend_hashes(seq.hashes, seq.tokens, seq.lora)
                 hits = kv.lookup(seq.hashes, (num_tokens - 1) // bs)
-                hit_tokens = len(hits) * bs
+                cpu_hits = cpu.match(seq.hashes, len(hits), (num_tokens - 1) // bs) if cpu is not None else 0
+                local_hit_tokens = hit_tokens = (len(hits) + cpu_hits) * bs
+                remote = seq.remote_tokens
+                if remote > 0 and seq.num_out == 0:
+                    remote = min(remote, num_tokens - 1)  # the last prompt token is always computed locally
+                    if remote > hit_tokens:
+                        hit_tokens = remote
+                        cpu_hits = 0  # the transfer brings those blocks too
+                else:
+                    remote = 0
                 n = min(num_tokens - hit_tokens, budget)
                 need = -(-(hit_tokens + n) // bs) - len(hits)
                 if need > kv.num_free_blocks - kv.num_evictable_in(hits):
                     break
                 kv.touch(hits)
                 new = kv.allocate(need) if need > 0 else []
+                cpu_loaded += cpu_hits
                 assert new is not None
                 waiting.popleft()
                 seq.blocks = hits + new
@@ -392,9 +459,16 @@ class Engine:
                 seq.num_cached_blocks = len(hits)
                 st = self.stats
                 st.prefix_cache_queries += num_tokens
-                st.prefix_cache_hits += hit_tokens
+                st.prefix_cache_hits += len(hits) * bs  # GPU hits (vLLM counts connector hits apart)
                 if not seq.counted_cache:
-                    seq.num_cached_prompt = hit_tokens
+                    seq.num_cached_prompt = local_hit_tokens
+                if seq.remote_tokens > 0:
+                    # the transfer has landed: its blocks are this request's now (a preemption recomputes them)
+                    seq.remote_tokens = 0
+                    self._remote_waiting -= 1
+                    st.kv_transfers_total += 1
+                    st.kv_transfer_tokens_total += max(remote - local_hit_tokens, 0)
+                    landed.append((seq.req.transfer_s, seq.req.transfer_bytes))
                 if seq.lora:
                     if seq.lora not in self._lora_slots:
                         if len(self._lora_slots) >= max_loras:
@@ -417,20 +491,41 @@ class Engine:
             if skipped:
                 waiting.extendleft(reversed(skipped))
 
+        if not scheduled and (failed_outputs or self._remote_waiting):
+            # nothing runnable: the engine idles until the next remote KV transfer lands (or returns at once, to
+            # report transfers that failed)
+            pending = [s.req.ready_at for s in self._waiting if s.remote_tokens > 0 and s.req.ready_at > now]
+            if failed_outputs or pending:
+                wait = 0.0 if failed_outputs else min(pending) - now
+                res0 = StepResult(wait, failed_outputs, kv.take_events() if kv.events else [], preempted=preempted, idle=True)
+                res0.finished.extend(failed_finished)
+                res0.kv_load_failures = n_failed
+                return res0
+
         # 3. step time
         for seq, n in scheduled:
             if seq.num_computed + n == len(seq.tokens) and seq.num_computed >= seq.num_prompt and n == 1:
                 decode_tokens += 1
             else:
                 prefill_tokens += n
-        cost = self._b0 + self._b1 * prefill_tokens + self._b2 * decode_tokens + self._a0 * admitted
+        if self.step_model is not None:
+            cost = self.step_model(scheduled) + self._a0 * admitted
+        else:
+            cost = self._b0 + self._b1 * prefill_tokens + self._b2 * decode_tokens + self._a0 * admitted
         cost += self._lora_load * len(loaded)
+        if cpu_loaded:
+            assert cpu is not None
+            cost += cpu.load_s_per_block * cpu_loaded
+            cpu.blocks_loaded += cpu_loaded
         duration = cost * self.time_scale * self.slowdown
         end = now + duration
 
         # 4. execute: advance computed tokens, cache full blocks, sample tokens
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = failed_outputs
         res = StepResult(duration, outputs, [], prefill_tokens, decode_tokens, len(scheduled), preempted, loaded)
+        res.finished.extend(failed_finished)
+        res.kv_loads = landed
+        res.kv_load_failures = n_failed
         st = self.stats
         out_ids = self._out_ids
         n_out_ids = len(out_ids)
@@ -464,7 +559,8 @@ class Engine:
             outputs.append(
                 RequestOutput(
                     seq.rid, [tok], first, done, "length" if done else None, seq.num_prompt, seq.num_out,
-                    seq.num_cached_prompt,
+                    seq.num_cached_prompt, list(seq.blocks) if (done and seq.req.remote_decode) else None,
+                    seq.req.remote_tokens,
                 )
             )
             if done:
@@ -483,9 +579,35 @@ class Engine:
         if finished_any:
             self._running = [s for s in self._running if s.state == _RUNNING]
         res.kv_events = kv.take_events() if kv.events else []
+        if cpu is not None and cpu.events:
+            res.kv_events.extend(cpu.take_events())
         st.steps_total += 1
         st.busy_time_s += duration
         return res
+
+    def _land_failed_transfers(self, now: float, outputs: list[RequestOutput], finished: list[FinishedRequest]) -> None:
+        """Remote KV loads whose time has come and that failed: ``fail`` ends the request with an error,
+        ``recompute`` turns it into a local prefill (vLLM's kv_load_failure_policy)."""
+        st = self.stats
+        for seq in [s for s in self._waiting if s.remote_tokens > 0 and s.req.remote_failed and s.req.ready_at <= now]:
+            st.kv_transfer_failures_total += 1
+            self._remote_waiting -= 1
+            seq.remote_tokens = 0
+            if seq.req.failure_policy == "recompute":
+                continue  # stays in the queue, prefills locally
+            self._waiting.remove(seq)
+            del self._seqs[seq.rid]
+            seq.state = _DONE
+            fr = st.finished_reasons
+            fr["error"] = fr.get("error", 0) + 1
+            outputs.append(RequestOutput(seq.rid, [], False, True, "error", seq.num_prompt, 0, 0))
+            finished.append(FinishedRequest(seq.rid, "error", seq.req.arrival, now, now, now, seq.num_prompt, 0))
+
+    def has_ready_work(self, now: float) -> bool:
+        """Work that can run at ``now`` (not only requests waiting for a remote KV transfer)."""
+        if self._running:
+            return True
+        return any(s.remote_tokens <= 0 or s.req.ready_at <= now for s in self._waiting)
 
     def step_time(self, prefill_tokens: int, decode_tokens: int, admitted: int = 0, loras_loaded: int = 0) -> float:
         """The step-time formula alone (seconds, before time_scale/slowdown), for tests and calibration."""

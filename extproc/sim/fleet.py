@@ -6,7 +6,10 @@
     async with SimFleet(spec) as fleet:
         fleet.endpoints     # ["127.0.0.1:port", ...]
         fleet.pods          # [SimPod, ...]: .address .profile .engine .kv_events_endpoint .replay_endpoint .topic
-        fleet.labels        # {address: {"accelerator": the profile's accelerator}}
+        fleet.labels        # {address: {"accelerator": the profile's accelerator}} (+ "llm-d.ai/role" in a P/D fleet)
+
+P/D: ``FleetSpec(pods=8, prefill_pods=4)`` makes the first 4 pods prefill-role and the rest decode-role, every
+pod with vLLM's NixlConnector (kv_role kv_both) over ``link``; see ``extproc.sim.kvtransfer``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from types import TracebackType
 from extproc.sim.profiles import Profile, get_profile, parse_fleet
 from extproc.sim.server import SimPod
 
-__all__ = ["FleetSpec", "SimFleet", "SimPod"]
+__all__ = ["FleetSpec", "SimFleet", "SimPod", "ROLE_LABEL"]
+
+ROLE_LABEL = "llm-d.ai/role"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,17 @@ class FleetSpec:
     seed: int = 0
     time_scale: float = 1.0
     kv_events_array_encoding: bool = False
+    prefill_pods: int = 0  # > 0: a P/D fleet (that many prefill-role pods first, the rest decode-role)
+    link: str = "rdma-400g"
+    kv_failure_rate: float = 0.0
+    kv_load_failure_policy: str = "fail"
+
+    def roles(self, n: int) -> list[str]:
+        if self.prefill_pods <= 0:
+            return ["both"] * n
+        if self.prefill_pods >= n:
+            raise ValueError(f"a P/D fleet needs at least one decode pod ({self.prefill_pods} prefill of {n} pods)")
+        return ["prefill"] * self.prefill_pods + ["decode"] * (n - self.prefill_pods)
 
     def profiles(self) -> list[Profile]:
         """One profile per pod, in pod order, with the ``kv_blocks`` override applied."""
@@ -60,6 +76,8 @@ class SimFleet:
         if spec.time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         self.spec = spec
+        profs = spec.profiles()
+        roles = spec.roles(len(profs))
         self.pods: list[SimPod] = [
             SimPod(
                 prof,
@@ -71,8 +89,13 @@ class SimFleet:
                 time_scale=spec.time_scale,
                 kv_events=spec.kv_events,
                 kv_events_array_encoding=spec.kv_events_array_encoding,
+                role=roles[i],
+                kv_connector=spec.prefill_pods > 0,
+                link=spec.link,
+                kv_failure_rate=spec.kv_failure_rate,
+                kv_load_failure_policy=spec.kv_load_failure_policy,
             )
-            for i, prof in enumerate(spec.profiles())
+            for i, prof in enumerate(profs)
         ]
         self._started = False
 
@@ -82,8 +105,15 @@ class SimFleet:
 
     @property
     def labels(self) -> dict[str, dict[str, str]]:
-        # what a real pod exposes: its hardware (the node's accelerator label), not the simulator's profile name
-        return {p.address: {"accelerator": p.profile.accelerator} for p in self.pods}
+        # what a real pod exposes: its hardware (the node's accelerator label), not the simulator's profile name;
+        # in a P/D fleet also its llm-d.ai/role
+        out: dict[str, dict[str, str]] = {}
+        for p in self.pods:
+            lab = {"accelerator": p.profile.accelerator}
+            if p.kv_connector:
+                lab[ROLE_LABEL] = p.role
+            out[p.address] = lab
+        return out
 
     @property
     def kv_events(self) -> dict[str, dict[str, str | None]]:

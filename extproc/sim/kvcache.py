@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -31,11 +31,13 @@ class BlockStored:
     block_size: int
     lora_id: int | None
     lora_name: str | None
+    medium: str = "GPU"
 
 
 @dataclass(slots=True)
 class BlockRemoved:
     block_hashes: list[int]
+    medium: str = "GPU"
 
 
 @dataclass(slots=True)
@@ -72,6 +74,7 @@ class KVCache:
         "_free",
         "events",
         "record_events",
+        "on_store",
     )
 
     def __init__(
@@ -95,6 +98,9 @@ class KVCache:
         self._cached: dict[int, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.events: list[KVEvent] = []
+        # called with (block_hashes, parent_hash, token_ids, lora_id, lora_name) for blocks newly cached, e.g. by
+        # the CPU offload tier (extproc.sim.offload), whether or not events are recorded
+        self.on_store: Callable[[list[int], int | None, list[int], int | None, str | None], None] | None = None
 
     # ---- state ----------------------------------------------------------------------------------------------
     @property
@@ -221,6 +227,10 @@ class KVCache:
             cached[h] = b
             bhash[b] = h
             stored.append(h)
+        if stored and self.on_store is not None:
+            bs = self.block_size
+            self.on_store(list(hashes[start:end]), hashes[start - 1] if start > 0 else None,
+                          list(token_ids[start * bs : end * bs]), lora_id, lora_name)
         if stored and self.record_events:
             bs = self.block_size
             parent = hashes[start - 1] if start > 0 else None

@@ -40,7 +40,7 @@ def encode_event(ev: KVEvent, *, array_encoding: bool = False) -> Any:
         if array_encoding:
             return [
                 "BlockStored", ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size, ev.lora_id,
-                MEDIUM_GPU, ev.lora_name,
+                ev.medium, ev.lora_name,
             ]
         return {
             "type": "BlockStored",
@@ -49,7 +49,7 @@ def encode_event(ev: KVEvent, *, array_encoding: bool = False) -> Any:
             "token_ids": ev.token_ids,
             "block_size": ev.block_size,
             "lora_id": ev.lora_id,
-            "medium": MEDIUM_GPU,
+            "medium": ev.medium,
             "lora_name": ev.lora_name,
             "extra_keys": [([ev.lora_name] if ev.lora_name else None) for _ in ev.block_hashes],
             "group_idx": 0,
@@ -57,8 +57,8 @@ def encode_event(ev: KVEvent, *, array_encoding: bool = False) -> Any:
         }
     if isinstance(ev, BlockRemoved):
         if array_encoding:
-            return ["BlockRemoved", ev.block_hashes, MEDIUM_GPU]
-        return {"type": "BlockRemoved", "block_hashes": ev.block_hashes, "medium": MEDIUM_GPU, "group_idx": 0}
+            return ["BlockRemoved", ev.block_hashes, ev.medium]
+        return {"type": "BlockRemoved", "block_hashes": ev.block_hashes, "medium": ev.medium, "group_idx": 0}
     if isinstance(ev, AllBlocksCleared):
         return ["AllBlocksCleared"] if array_encoding else {"type": "AllBlocksCleared"}
     raise TypeError(f"not a KV event: {ev!r}")

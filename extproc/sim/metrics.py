@@ -43,6 +43,9 @@ _TPOT_BUCKETS = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )
 _FINISH_REASONS = ("stop", "length", "abort", "error")
+# vLLM's NixlConnector metrics (vllm/distributed/kv_transfer/kv_connector/v1/nixl/stats.py)
+_NIXL_XFER_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+_NIXL_BYTES_BUCKETS = tuple(2 ** (10 + i) for i in range(1, 25, 2))
 
 
 class _Hist:
@@ -74,8 +77,14 @@ class _Hist:
 class PodMetrics(Collector):
     """Per-pod collector; ``observe(step_result)`` after each engine step, ``render()`` for ``/metrics``."""
 
-    def __init__(self, engine: Engine, model_name: str, *, lora_enabled: bool, max_loras: int) -> None:
+    def __init__(
+        self, engine: Engine, model_name: str, *, lora_enabled: bool, max_loras: int, kv_connector: bool = False
+    ) -> None:
         self.engine = engine
+        self.kv_connector = kv_connector
+        self.nixl_xfer = _Hist(_NIXL_XFER_BUCKETS)
+        self.nixl_bytes = _Hist(_NIXL_BYTES_BUCKETS)
+        self.nixl_failed = 0
         self.model_name = model_name
         self.lora_enabled = lora_enabled
         self.max_loras = max_loras
@@ -99,6 +108,10 @@ class PodMetrics(Collector):
         obs = self.itl.observe
         for v in res.itl_s:
             obs(v)
+        for secs, nbytes in res.kv_loads:
+            self.nixl_xfer.observe(secs)
+            self.nixl_bytes.observe(nbytes)
+        self.nixl_failed += res.kv_load_failures
         for f in res.finished:
             self.e2e.observe(f.finished - f.arrival)
             self.queue.observe(max(0.0, f.scheduled - f.arrival))
@@ -180,6 +193,15 @@ class PodMetrics(Collector):
                 [str(self.max_loras), ",".join(eng.waiting_loras), ",".join(eng.running_loras)], time.time()
             )
             yield lora
+
+        if self.kv_connector:
+            yield self.nixl_xfer.family(
+                "vllm:nixl_xfer_time_seconds", "Histogram of transfer duration for NIXL KV Cache transfers.", labels, values
+            )
+            yield self.nixl_bytes.family(
+                "vllm:nixl_bytes_transferred", "Histogram of bytes transferred per NIXL KV Cache transfers.", labels, values
+            )
+            yield counter("vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache transfers.", self.nixl_failed)
 
         yield self.ttft.family(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels, values

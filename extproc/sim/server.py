@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 POD_HEADER = "x-inference-pod"
 _DIE_AFTER_CHUNKS = 3
+_KV_LOAD_FAILED = "KV cache load from the prefill instance failed (kv_load_failure_policy=fail)"
 _JSON = "application/json"
 
 _tok_json: dict[int, bytes] = {}
@@ -80,13 +81,15 @@ class Faults:
 
 
 class _Stream:
-    __slots__ = ("tokens", "finished", "waiter", "num_cached")
+    __slots__ = ("tokens", "finished", "waiter", "num_cached", "error", "block_ids")
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.finished = False
         self.waiter: asyncio.Future[None] | None = None
         self.num_cached = 0
+        self.error = False  # finished with finish_reason "error" (a failed remote KV load, policy "fail")
+        self.block_ids: list[int] | None = None  # prefill leg: the prompt's KV blocks
 
 
 class _HTTPError(Exception):
@@ -122,7 +125,25 @@ class SimPod:
         time_scale: float = 1.0,
         kv_events: bool = False,
         kv_events_array_encoding: bool = False,
+        role: str = "both",
+        kv_connector: bool = False,
+        link: str = "rdma-400g",
+        kv_failure_rate: float = 0.0,
+        kv_load_failure_policy: str = "fail",
     ) -> None:
+        from extproc.sim.kvtransfer import FAILURE_POLICIES, get_link
+
+        if not 0.0 <= kv_failure_rate <= 1.0:
+            raise ValueError("kv_failure_rate must be within [0, 1]")
+        if kv_load_failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"kv_load_failure_policy must be one of {FAILURE_POLICIES}")
+        self.role = role  # llm-d.ai/role label value: prefill | decode | both
+        self.kv_connector = kv_connector  # NixlConnector configured (kv_role kv_both): honours kv_transfer_params
+        self.link = get_link(link)
+        self.kv_failure_rate = kv_failure_rate
+        self.kv_load_failure_policy = kv_load_failure_policy
+        self.engine_id = uuid.uuid4().hex
+        self._kv_rng = random.Random(f"kv:{seed}")
         self.profile = profile
         self.model = model
         self.loras = tuple(loras)
@@ -135,7 +156,7 @@ class SimPod:
         self.faults = Faults()
         self.engine = self._new_engine()
         self.metrics = PodMetrics(
-            self.engine, model, lora_enabled=bool(self.loras), max_loras=profile.max_loras
+            self.engine, model, lora_enabled=bool(self.loras), max_loras=profile.max_loras, kv_connector=kv_connector
         )
         self.publisher: KVEventPublisher | None = None
         self._rng = random.Random(seed)
@@ -271,7 +292,8 @@ class SimPod:
         self.engine = self._new_engine()
         self.engine.slowdown = self.faults.slow_factor
         self.metrics = PodMetrics(
-            self.engine, self.model, lora_enabled=bool(self.loras), max_loras=self.profile.max_loras
+            self.engine, self.model, lora_enabled=bool(self.loras), max_loras=self.profile.max_loras,
+            kv_connector=self.kv_connector,
         )
         if self.publisher is not None:
             self.engine.kv.reset()  # records AllBlocksCleared for subscribers
@@ -300,6 +322,13 @@ class SimPod:
                 now = loop.time()
                 res = eng.step(now)
                 delay = now + res.duration_s - loop.time()
+                if res.idle:
+                    # waiting for a remote KV transfer to land: a new arrival may run meanwhile
+                    self._deliver(res)
+                    wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(wake.wait(), delay if delay > 0 else 0)
+                    continue
                 await asyncio.sleep(delay if delay > 0 else 0)
                 self._deliver(res)
         except asyncio.CancelledError:
@@ -316,8 +345,11 @@ class SimPod:
                 continue
             st.tokens.extend(o.token_ids)
             st.num_cached = o.num_cached_tokens
+            if o.block_ids is not None:
+                st.block_ids = o.block_ids
             if o.finished:
                 st.finished = True
+                st.error = o.finish_reason == "error"
                 del streams[o.request_id]
             w = st.waiter
             if w is not None and not w.done():
@@ -428,8 +460,12 @@ class SimPod:
             return _error_response(500, "simulated internal server error (fault injection)", "InternalServerError")
         loop = asyncio.get_running_loop()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        sreq = SimRequest(rid, ids, max_tokens, lora, loop.time())
+        kvp = self._kv_transfer_params(body) if self.kv_connector else None
+        if kvp is not None:
+            self._apply_kv_params(sreq, kvp)
         try:
-            self.engine.add_request(SimRequest(rid, ids, max_tokens, lora, loop.time()))
+            self.engine.add_request(sreq)
         except ValueError as e:
             raise _bad_request(str(e)) from None
         stream = _Stream()
@@ -443,7 +479,7 @@ class SimPod:
                 include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
                 resp = await self._stream(request, rid, stream, str(model_name), chat, include_usage, len(ids))
             else:
-                resp = await self._complete(rid, stream, str(model_name), chat, len(ids))
+                resp = await self._complete(rid, stream, str(model_name), chat, len(ids), sreq.remote_decode)
             done = True
             return resp
         finally:
@@ -596,10 +632,14 @@ class SimPod:
             finally:
                 stream.waiter = None
 
-    async def _complete(self, rid: str, stream: _Stream, model: str, chat: bool, n_prompt: int) -> web.Response:
+    async def _complete(
+        self, rid: str, stream: _Stream, model: str, chat: bool, n_prompt: int, remote_decode: bool = False
+    ) -> web.Response:
         await self._wait_tokens(stream, 0)
         while not stream.finished:
             await self._wait_tokens(stream, len(stream.tokens))
+        if stream.error:
+            return _error_response(500, _KV_LOAD_FAILED, "InternalServerError")
         text = self._tokenizer.decode(stream.tokens)
         n_out = len(stream.tokens)
         usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out, "completion_tokens": n_out,
@@ -616,8 +656,15 @@ class SimPod:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None,
                       "prompt_logprobs": None}
             obj = "text_completion"
-        out = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice],
-               "usage": usage}
+        out: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
+                               "choices": [choice], "usage": usage}
+        if remote_decode:
+            # what vLLM's NixlConnector.request_finished returns for a do_remote_decode request
+            out["kv_transfer_params"] = {
+                "do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": stream.block_ids or [],
+                "remote_engine_id": self.engine_id, "remote_request_id": rid, "remote_host": self.host,
+                "remote_port": self.port, "tp_size": self.profile.tensor_parallel,
+            }
         return web.Response(body=json.dumps(out).encode(), content_type=_JSON)
 
     async def _stream(
@@ -673,6 +720,12 @@ class SimPod:
                 if request.transport is not None:
                     request.transport.close()
                 return resp
+            if stream.finished and stream.error:
+                parts.append(b"data: " + json.dumps({"error": {"message": _KV_LOAD_FAILED, "type": "InternalServerError",
+                                                              "param": None, "code": 500}}).encode() + b"\n\n")
+                parts.append(b"data: [DONE]\n\n")
+                await resp.write(b"".join(parts))
+                break
             if stream.finished:
                 if include_usage:
                     parts.append(
@@ -685,6 +738,46 @@ class SimPod:
             await resp.write(b"".join(parts))
         await resp.write_eof()
         return resp
+
+    # ---- P/D: vLLM NixlConnector's kv_transfer_params ---------------------------------------------------------
+    @staticmethod
+    def _kv_transfer_params(body: dict[str, Any]) -> dict[str, Any] | None:
+        kvp = body.get("kv_transfer_params")
+        if kvp is None:
+            return None
+        if not isinstance(kvp, dict):
+            raise _bad_request("kv_transfer_params must be an object", "kv_transfer_params")
+        return kvp
+
+    def _apply_kv_params(self, sreq: SimRequest, kvp: dict[str, Any]) -> None:
+        from extproc.sim.kvtransfer import transfer_seconds
+
+        if kvp.get("do_remote_decode"):
+            sreq.remote_decode = True  # prefill leg: the decode pod will read this prompt's blocks
+            return
+        if not kvp.get("do_remote_prefill"):
+            return
+        blocks = kvp.get("remote_block_ids")
+        if not isinstance(blocks, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+            raise _bad_request("kv_transfer_params.remote_block_ids must be a list of block ids", "kv_transfer_params")
+        if not isinstance(kvp.get("remote_engine_id"), str) or not kvp.get("remote_host"):
+            raise _bad_request("kv_transfer_params needs remote_engine_id and remote_host", "kv_transfer_params")
+        n_prompt = len(sreq.prompt_token_ids)
+        tokens = min(len(blocks) * self.profile.block_size, max(n_prompt - 1, 0))
+        if tokens <= 0:
+            return
+        prof = self.profile
+        # NixlConnector reads only the blocks the local prefix cache lacks (get_num_new_matched_tokens)
+        local = self.engine.cached_prefix_tokens(sreq.prompt_token_ids, sreq.lora)
+        secs = transfer_seconds(tokens - local, prof.kv_bytes_per_token // prof.tensor_parallel, self.link)
+        sreq.remote_tokens = tokens
+        sreq.transfer_s = secs
+        sreq.transfer_bytes = max(tokens - local, 0) * prof.kv_bytes_per_token
+        sreq.ready_at = sreq.arrival + secs * self.time_scale * self.faults.slow_factor
+        sreq.remote_failed = self.kv_failure_rate > 0 and self._kv_rng.random() < self.kv_failure_rate
+        sreq.failure_policy = self.kv_load_failure_policy
+        st = self.engine.stats
+        st.kv_transfer_seconds_total += secs
 
     # ---- other endpoints --------------------------------------------------------------------------------------
     async def _health(self, request: web.Request) -> web.Response:

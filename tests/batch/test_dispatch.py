@@ -123,3 +123,18 @@ async def test_concurrency_limit_bounds_requests_on_the_wire(server: tuple[Scrip
         outs = await asyncio.gather(*(d.send("/v1/completions", {"model": "m"}, request_id=str(i), deadline=time.time() + 10) for i in range(12)))
     assert all(o.ok for o in outs)
     assert s.peak == 3 and d.aimd.inflight == 0
+
+
+async def test_cancelled_sends_give_their_slots_back(server: tuple[Scripted, str]) -> None:
+    # regression: an awaiting release could be interrupted by the cancel of a dropped job and leak its slot
+    s, url = server
+    s.delay = 0.05
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(DispatchConfig(gateway=url, initial_concurrency=10, min_concurrency=2, max_concurrency=10), sess)
+        for _ in range(3):
+            ts = [asyncio.create_task(d.send("/v1/completions", {"model": "m"}, request_id=str(i), deadline=time.time() + 10)) for i in range(40)]
+            await asyncio.sleep(0.08)
+            for t in ts:
+                t.cancel()
+            await asyncio.gather(*ts, return_exceptions=True)
+            assert d.aimd.inflight == 0

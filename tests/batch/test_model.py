@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -134,16 +135,22 @@ async def test_aimd_saturated_shed_holds_at_inflight_and_probes_after_an_interva
     a.on_saturated()
     assert a.limit == 12 and a.holds == 1
     a.inflight = 11
-    a.on_saturated()  # every soft rejection counts (no cooldown): the freed slot must not be retaken at once
+    a.on_saturated()  # every soft rejection counts (no cooldown): the freed slot is not retaken at once
     assert a.limit == 11
     a.on_success()  # right after a hold: no growth on completions
     assert a.limit == 11
+    a.inflight = 10
+    a.on_saturated()  # right after a completion: a race with the scheduler's accounting, the limit is kept
+    assert a.limit == 11 and a.races == 1
+    a._last_ok = -1e9
+    a.inflight = 11
     # every slot busy: acquire waits, and after one interval probes one slot more
+    t0 = time.monotonic()
     t = asyncio.create_task(a.acquire())
     await asyncio.sleep(0.01)
     assert not t.done()
     await asyncio.wait_for(t, 1)
-    assert a.limit == 12 and a.inflight == 12
+    assert a.limit == 12 and a.inflight == 12 and time.monotonic() - t0 >= 0.04
 
 
 async def test_aimd_slots_bound_inflight() -> None:
@@ -153,6 +160,6 @@ async def test_aimd_slots_bound_inflight() -> None:
     third = asyncio.create_task(a.acquire())
     await asyncio.sleep(0.01)
     assert not third.done() and a.inflight == 2
-    await a.release()
+    a.release()
     await asyncio.wait_for(third, 1)
     assert a.inflight == 2

@@ -86,6 +86,28 @@ async def test_scheduler_down_fail_close_is_json_500(fleet: SimFleet) -> None:
         assert status == 503 and error_of(body)["code"] == "no_destination"
 
 
+async def test_scheduler_hung_is_json_504(fleet: SimFleet) -> None:
+    """A scheduler that accepts the connection and never answers: Envoy's message timeout, as JSON."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never read, never answer
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        spec = StackSpec(endpoints=fleet.endpoints, models=[MODEL], start_scheduler=False, grpc_port=port, envoy_args={"message_timeout_s": 0.5})
+        async with Stack(spec) as st:
+            status, ctype, body = await _curl_post(st.url + "/v1/completions", ["--data-binary", json.dumps({"model": MODEL, "prompt": "x"})])
+            assert status == 504 and ctype.startswith("application/json"), (status, ctype, body)
+            assert error_of(body)["code"] == "gateway_timeout"
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
 def _mtls_stack(fleet: SimFleet, pki: PKI, client: tuple[Path, Path] | None, ca: Path) -> StackSpec:
     _, cert, key = pki.write_server("extproc-scheduler")
     tls = SchedulerTls(ca=str(ca), cert=str(client[0]) if client else "", key=str(client[1]) if client else "", sni="localhost")

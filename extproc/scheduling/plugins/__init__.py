@@ -8,6 +8,8 @@ _BUILTIN_MODULES = (
     "filters",
     "profile_handlers",
     "role_filters",
+    "pd_deciders",
+    "disagg",
     "no_hit_lru",
     "utilization_filter",
     "prefix_affinity_filter",

@@ -373,8 +373,12 @@ class PrefixCacheScorer:
         self.index.record(matched.get(target.address, 0) if hashes else 0)
         if not hashes or target.removed:
             return
-        if self.auto_tune:
-            cap = self._capacity_for(target)
-            if cap:
-                self.index.set_capacity(target.address, cap)
-        self.index.add(hashes, target.address)
+        # every pod the request goes to holds its prefix afterwards: the primary, and in P/D also the prefill pod
+        for _profile, ep in result.endpoints():
+            if ep.removed:
+                continue
+            if self.auto_tune:
+                cap = self._capacity_for(ep)
+                if cap:
+                    self.index.set_capacity(ep.address, cap)
+            self.index.add(hashes, ep.address)

@@ -14,15 +14,6 @@ from extproc.datalayer.endpoint import EndpointPool
 from extproc.scheduling.config import ConfigError, build_config, load_config
 
 SAMPLES = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "llmd-configs").glob("*/*.yaml"))
-# Samples whose plugins are not available yet, with the plugin and the reason the load must name.
-PENDING: dict[str, tuple[str, str]] = {}
-# P/D plugins (disagg-profile-handler and its deciders) come with the P/D work (issue 13): until they are
-# registered these samples must fail naming one of them.
-PD_TYPES = ("disagg-profile-handler", "prefix-based-pd-decider", "always-disagg-pd-decider", "always-disagg-multimodal-decider")
-PD_SAMPLES = {"pd-epp-config.yaml", "pd-topology-epp-config.yaml", "sim-pd-epp-config.yaml", "sim-e-p-d-epp-config.yaml", "sim-e-pd-epp-config.yaml"}
-# E/P/D samples also need the handler's encode stage; while disagg-profile-handler refuses it, the load must fail
-# naming the handler and 'encode'.
-ENCODE_SAMPLES = {"sim-e-p-d-epp-config.yaml", "sim-e-pd-epp-config.yaml"}
 
 
 def _pool() -> EndpointPool:
@@ -41,25 +32,7 @@ def test_sample_loads(path: Path) -> None:
     from extproc.scheduling import registry
 
     registry.load_builtin_plugins()
-    if path.name in PENDING:
-        plugin, reason = PENDING[path.name]
-        with pytest.raises(ConfigError) as ei:
-            load_config(str(path), _pool(), {})
-        assert ei.value.path == str(path) and ei.value.plugin == plugin and reason in ei.value.reason, str(ei.value)
-        return
-    if path.name in PD_SAMPLES and "disagg-profile-handler" not in registry.PLUGIN_TYPES:
-        with pytest.raises(ConfigError) as ei:
-            load_config(str(path), _pool(), {})
-        assert any(t in str(ei.value) for t in PD_TYPES), str(ei.value)
-        return
-    if path.name in ENCODE_SAMPLES:
-        try:
-            cfg = load_config(str(path), _pool(), {})
-        except ConfigError as e:
-            assert e.plugin == "disagg-profile-handler" and "encode" in e.reason, str(e)
-            return
-    else:
-        cfg = load_config(str(path), _pool(), {})
+    cfg = load_config(str(path), _pool(), {})
     assert cfg.scheduler.profiles
     for name, origin in cfg.origins.items():
         assert origin.reference_type or origin.note == "added implicitly", name
@@ -220,17 +193,11 @@ async def test_sample_server_becomes_ready(path: Path) -> None:
     from extproc.server.app import SchedulerServer, ServeOptions
 
     registry.load_builtin_plugins()
-    if path.name in PD_SAMPLES and "disagg-profile-handler" not in registry.PLUGIN_TYPES:
-        return  # asserted to fail at load in test_sample_loads until the P/D handler exists
     mode = "streamed" if "reporter" in path.name else "observability"
     s = SchedulerServer(ServeOptions(endpoints=["127.0.0.1:9"], models=["m"], host="127.0.0.1", grpc_port=0, health_port=0,
                                      metrics_port=0, scrape_interval_s=3600, config=str(path), response_observe=mode))
     try:
-        try:
-            await s.start()
-        except ConfigError as e:
-            assert path.name in ENCODE_SAMPLES and e.plugin == "disagg-profile-handler" and "encode" in e.reason, str(e)
-            return
+        await s.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{s.health_port}") as ch:
             r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="readiness"))
         assert r.status == health_pb2.HealthCheckResponse.SERVING

@@ -555,3 +555,34 @@ def test_deprecated_precise_prefix_cache_scorer_maps() -> None:
     cfg = build_config(raw, EndpointPool())
     assert cfg.plugins["precise-prefix-cache-scorer"].type_name == "precise-prefix-cache"
     assert cfg.plugins["precise-prefix-cache-scorer"].block_size == 32
+
+
+# ------------------------------------------------------------------ E/P/D: encode stage of disagg-profile-handler
+def test_encode_stage_with_multimodal_decider() -> None:
+    import json as _json
+
+    from extproc.api import parse_request
+    from extproc.scheduling.config import build_config
+
+    pool = EndpointPool(default_models=frozenset({"base-model"}))
+    roles = ["encode", "encode", "prefill", "decode"]
+    addrs = [f"10.0.3.{i}:8000" for i in range(4)]
+    pool.set_endpoints(addrs, {a: {"llm-d.ai/role": r} for a, r in zip(addrs, roles)})
+    raw = {
+        "apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig",
+        "plugins": [{"type": "encode-filter"}, {"type": "prefill-filter"}, {"type": "decode-filter"},
+                    {"type": "max-score-picker", "parameters": {"maxNumOfEndpoints": 2}},
+                    {"type": "disagg-profile-handler", "parameters": {"deciders": {"encode": "always-disagg-multimodal-decider", "prefill": "always-disagg-pd-decider"}}},
+                    {"type": "always-disagg-multimodal-decider"}, {"type": "always-disagg-pd-decider"}],
+        "schedulingProfiles": [{"name": "encode", "plugins": [{"pluginRef": "encode-filter"}, {"pluginRef": "max-score-picker"}]},
+                               {"name": "prefill", "plugins": [{"pluginRef": "prefill-filter"}]},
+                               {"name": "decode", "plugins": [{"pluginRef": "decode-filter"}]}],
+    }  # fmt: skip
+    cfg = build_config(raw, pool)
+    body = {"model": "base-model", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]}
+    r, _ = cfg.scheduler.schedule(parse_request("/v1/chat/completions", _json.dumps(body).encode(), {}))
+    assert r.primary_profile == "decode" and r.primary.address == "10.0.3.3:8000"
+    assert sorted(r.headers["x-encoder-hosts-ports"].split(",")) == ["10.0.3.0:8000", "10.0.3.1:8000"]
+    assert r.headers["x-prefiller-host-port"] == "10.0.3.2:8000"
+    r, _ = cfg.scheduler.schedule(make_request())  # text only: no encode stage
+    assert "x-encoder-hosts-ports" not in r.headers and r.headers["x-prefiller-host-port"] == "10.0.3.2:8000"

@@ -1,0 +1,54 @@
+"""Virtual-time P/D: the same scheduler plugins split requests; prefill legs on prefill pods, decode on decode pods,
+KV transfer time on TTFT, transfer failures per kv_load_failure_policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc.bench import virtual
+from extproc.bench.setups import SETUPS
+from extproc.bench.workloads import generate, parse_stages
+
+
+@pytest.fixture(scope="module")
+def wl():  # type: ignore[no-untyped-def]
+    return generate("pd", parse_stages("10:3"), seed=1)
+
+
+def test_pd_splits_and_serves_on_decode_pods(wl) -> None:  # type: ignore[no-untyped-def]
+    fl = virtual.layout("8").split(6)
+    roles = {a: r for (_, a), r in zip(fl.pods, fl.roles)}
+    vr = virtual.run_virtual(wl, SETUPS["extproc-pd"], fl, seed=1)
+    assert len(vr.results) == len(wl.requests) and all(r.ok for r in vr.results)
+    split = [r for r in vr.results if r.prefill_pod]
+    assert len(split) > 0.8 * len(vr.results)  # cold ~5k-token prompts: nonCachedTokens 256 splits them
+    assert all(roles[r.pod] == "decode" for r in vr.results)
+    assert all(roles[r.prefill_pod] == "prefill" for r in split)
+
+
+def test_tcp_link_costs_ttft(wl) -> None:  # type: ignore[no-untyped-def]
+    def ttft(link: str) -> float:
+        fl = virtual.layout("8", link=link).split(6)
+        rs = virtual.run_virtual(wl, SETUPS["extproc-pd"], fl, seed=1).results
+        return sorted(r.ttft_ms for r in rs)[len(rs) // 2]
+
+    # ~5k tokens x 128 KiB = 655 MB: ~17 ms over RDMA 400G, ~265 ms over TCP 25G
+    assert ttft("tcp-25g") - ttft("rdma-400g") > 150
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_transfer_failures(wl, policy: str) -> None:  # type: ignore[no-untyped-def]
+    fl = virtual.layout("8", kv_failure_rate=1.0, kv_load_failure_policy=policy).split(6)
+    rs = virtual.run_virtual(wl, SETUPS["extproc-pd"], fl, seed=1).results
+    split = [r for r in rs if r.prefill_pod or r.status == 500]
+    assert split
+    if policy == "fail":
+        assert all(r.status == 500 and not r.ok for r in split)
+    else:
+        assert all(r.ok for r in rs)
+
+
+def test_aggregated_setup_ignores_roles(wl) -> None:  # type: ignore[no-untyped-def]
+    vr = virtual.run_virtual(wl, SETUPS["extproc-default"], virtual.layout("8"), seed=1)
+    assert all(r.ok and not r.prefill_pod for r in vr.results)
+    assert len({r.pod for r in vr.results}) > 4
