@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from extproc.netutil import free_ports
+from extproc.sse import DONE, data_payloads
 
 if TYPE_CHECKING:
     import aiohttp
@@ -466,12 +467,8 @@ async def send_one(session: aiohttp.ClientSession, base_url: str, model: str, re
     async with session.post(base_url.rstrip("/") + "/v1/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"{base_url}: HTTP {resp.status}: {(await resp.text())[:500]}")
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
+        async for data in data_payloads(resp.content.iter_any()):
+            if data == DONE:
                 break
             chunk = json.loads(data)
             for ch in chunk.get("choices") or ():
