@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.contract import DEFAULT_MAX_BODY_BYTES
+
 API_CHAT = "chat"
 API_COMPLETIONS = "completions"
 API_EMBEDDINGS = "embeddings"
@@ -196,7 +198,7 @@ def parse_request(
     headers: dict[str, str] | None = None,
     *,
     request_id: str | None = None,
-    max_body_bytes: int = 8 * 1024 * 1024,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     priority_of_objective: dict[str, int] | None = None,
 ) -> InferenceRequest:
     """Parse an OpenAI-style request body for ``path``. Raises ``RequestError``."""

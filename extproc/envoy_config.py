@@ -31,6 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from extproc.contract import (  # the Envoy contract, defined once (re-exported here for the renderer's users)
+    BUFFER_HEADROOM_BYTES,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_RESPONSE_OBSERVE,
+    DESTINATION_HEADER,
+    ENCODER_HEADER,
+    LB_METADATA_NAMESPACE,
+    OBSERVE_HEADER,
+    PREFILLER_HEADER,
+    REQUEST_ID_HEADER,
+    RESPONSE_OBSERVE_MODES,
+    SERVED_HEADER,
+    SUBSET_HEADER,
+    ResponseObserve,
+    envoy_buffer_limit_bytes,
+)
 from extproc.netutil import HostPort, is_ip_literal, parse_host_port, parse_host_ports
 
 log = logging.getLogger(__name__)
@@ -57,13 +73,6 @@ __all__ = [
     "run",
 ]
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-SERVED_HEADER = "x-gateway-destination-endpoint-served"
-SUBSET_HEADER = "x-gateway-destination-endpoint-subset"
-REQUEST_ID_HEADER = "x-extproc-request-id"
-PREFILLER_HEADER = "x-prefiller-host-port"  # P/D disaggregation: the prefill pod the decode sidecar calls
-ENCODER_HEADER = "x-encoder-hosts-ports"  # E/P/D: the encode pods the decode sidecar calls
-OBSERVE_HEADER = "x-extproc-observe"  # the scheduler samples this request for the observation stream
 # Headers only the scheduler (or Envoy) may set: removed from every client request before any route decision.
 SPOOFABLE_HEADERS: tuple[str, ...] = (
     DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER, PREFILLER_HEADER, ENCODER_HEADER, REQUEST_ID_HEADER, OBSERVE_HEADER,
@@ -71,7 +80,6 @@ SPOOFABLE_HEADERS: tuple[str, ...] = (
 # observability mode: Envoy's gRPC access log reports the end of every routed request, batched
 ACCESS_LOG_FLUSH_S = 0.01
 ACCESS_LOG_BUFFER_BYTES = 16384
-LB_METADATA_NAMESPACE = "envoy.lb"
 
 EXTPROC_CLUSTER = "extproc"
 ORIGINAL_DST_CLUSTER = "extproc_original_dst"
@@ -93,17 +101,12 @@ NO_DESTINATION_BODY = json.dumps(
     separators=(",", ":"),
 )
 
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-# Headers, framing and a body somewhat over the scheduler's limit must still reach the scheduler
-# (it answers 413 with a JSON body); only far larger bodies hit Envoy's own buffer limit.
-BUFFER_HEADROOM_BYTES = 1024 * 1024
 # Concurrent requests are long LLM streams: Envoy's default circuit breakers (1024) are too low.
 CIRCUIT_BREAKER_LIMIT = 100_000
 # Header names the scheduler may set or remove.
 MUTATION_ALLOW_EXPRESSION = r"^(x-gateway-.*|x-extproc-.*|x-prefiller-host-port|x-encoder-hosts-ports|content-length|x-slo-.*)$"
 
 FailureMode = Literal["fail-open", "fail-close"]
-ResponseObserve = Literal["observability", "streamed", "none"]
 LbPolicyName = Literal["ROUND_ROBIN", "LEAST_REQUEST", "LEAST_REQUEST_FULL_SCAN"]
 LB_POLICIES: tuple[str, ...] = ("ROUND_ROBIN", "LEAST_REQUEST", "LEAST_REQUEST_FULL_SCAN")
 
@@ -141,7 +144,7 @@ class EnvoyConfigOptions:
     fallback_endpoints: tuple[HostPort, ...] = ()
     endpoints: tuple[HostPort, ...] = ()
     lb_policy: LbPolicyName = "ROUND_ROBIN"
-    response_observe: ResponseObserve = "observability"
+    response_observe: ResponseObserve = DEFAULT_RESPONSE_OBSERVE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     message_timeout_s: float = 2.0
     admin: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 0))
@@ -164,7 +167,7 @@ class EnvoyConfigOptions:
     def __post_init__(self) -> None:
         if self.failure_mode not in ("fail-open", "fail-close"):
             raise ValueError(f"failure_mode must be fail-open or fail-close, not {self.failure_mode!r}")
-        if self.response_observe not in ("observability", "streamed", "none"):
+        if self.response_observe not in RESPONSE_OBSERVE_MODES:
             raise ValueError(f"response_observe must be observability|streamed|none, not {self.response_observe!r}")
         if self.lb_policy not in LB_POLICIES:
             raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}, not {self.lb_policy!r}")
@@ -185,7 +188,7 @@ class EnvoyConfigOptions:
 
     @property
     def buffer_limit_bytes(self) -> int:
-        return self.max_body_bytes + max(self.max_body_bytes, BUFFER_HEADROOM_BYTES)
+        return envoy_buffer_limit_bytes(self.max_body_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1143,8 +1146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--response-observe",
-        choices=("observability", "streamed", "none"),
-        default="observability",
+        choices=RESPONSE_OBSERVE_MODES,
+        default=DEFAULT_RESPONSE_OBSERVE,
         help="observability: second send-and-go ext_proc filter sees response body/trailers; streamed: the "
         "main filter streams response bodies synchronously; none: response headers only",
     )

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, DEFAULT_SCRAPE_INTERVAL_S, ResponseObserve
 from extproc.envoy_config import render_bootstrap
 from extproc.envoy_runner import EnvoyProcess
 
@@ -41,13 +42,13 @@ class StackSpec:
     models: list[str] = field(default_factory=list)
     failure_mode: str = "fail-close"
     fallback_endpoints: list[str] | None = None  # fail-open fallback cluster (default: the endpoints)
-    response_observe: str = "observability"
+    response_observe: ResponseObserve = DEFAULT_RESPONSE_OBSERVE
     scheduler_args: list[str] = field(default_factory=list)
     envoy_concurrency: int = 1
     envoy_args: dict[str, Any] = field(default_factory=dict)  # extra render_bootstrap keyword arguments
     in_process: bool = False
-    scrape_interval_s: float = 0.05
-    max_body_bytes: int = 8 * 1024 * 1024
+    scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     start_scheduler: bool = True  # False: render Envoy for a scheduler that is not running (failure-mode tests)
     grpc_port: int = 0  # fixed ext_proc port (needed when start_scheduler=False or for restarts)
 

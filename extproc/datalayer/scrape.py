@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from extproc.contract import DEFAULT_SCRAPE_INTERVAL_S
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ class PodClient:
 
 @dataclass(slots=True)
 class ScrapeSettings:
-    interval_s: float = 0.05  # pods whose values change (or just got traffic after an idle spell)
+    interval_s: float = DEFAULT_SCRAPE_INTERVAL_S  # pods whose values change (or just got traffic after an idle spell)
     timeout_s: float = 1.0
     unhealthy_after: int = 5  # consecutive failures before a pod is filtered out
     models_interval_s: float = 5.0

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FlowControlConfig, FlowController
+from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, DEFAULT_SCRAPE_INTERVAL_S, ResponseObserve, envoy_buffer_limit_bytes
 from extproc.admission.saturation import SaturationDetector
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
@@ -36,7 +37,7 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 def grpc_message_limit(max_body_bytes: int) -> int:
     """Largest ext_proc message we accept: Envoy's request buffer (2 × the body limit, at least body + 1 MiB)
     plus room for headers and framing."""
-    return max_body_bytes + max(max_body_bytes, 1024 * 1024) + 1024 * 1024
+    return envoy_buffer_limit_bytes(max_body_bytes) + 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -49,15 +50,15 @@ class ServeOptions:
     grpc_port: int = 9002
     health_port: int = 9003
     metrics_port: int = 9090
-    scrape_interval_s: float = 0.05
+    scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
     scrape_timeout_s: float = 1.0
     scrape_adaptive: bool = True
     scrape_idle_interval_s: float = 1.0
     scrape_budget: float = 2000.0
     unhealthy_after: int = 5
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_messages_per_stream: int = 100_000
-    response_observe: str = "observability"
+    response_observe: ResponseObserve = DEFAULT_RESPONSE_OBSERVE
     observe_budget: float = 50.0  # observability mode: observed requests per second (< 0: all)
     kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
     tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
@@ -276,7 +277,7 @@ class SchedulerServer:
     async def _start_grpcio(self, creds: grpc.ServerCredentials | None) -> None:
         options = [
             ("grpc.so_reuseport", 0),
-            # Envoy buffers up to max_body + max(max_body, 1 MiB) (envoy_config.buffer_limit_bytes) and forwards it in
+            # Envoy buffers up to max_body + max(max_body, 1 MiB) (contract.envoy_buffer_limit_bytes) and forwards it in
             # one message; accept all of it so *we* answer an oversize body with a JSON 413, never a gRPC error
             ("grpc.max_receive_message_length", grpc_message_limit(self.opts.max_body_bytes)),
             ("grpc.max_send_message_length", grpc_message_limit(self.opts.max_body_bytes)),

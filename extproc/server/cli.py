@@ -11,6 +11,8 @@ import signal
 import sys
 from typing import Any
 
+from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, DEFAULT_SCRAPE_INTERVAL_S, RESPONSE_OBSERVE_MODES
+
 log = logging.getLogger("extproc.serve")
 
 
@@ -28,15 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (0 = free port)")
     p.add_argument("--health-port", type=int, default=9003, help="gRPC health port (0 = free port)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (0 = free port)")
-    p.add_argument("--scrape-interval", type=float, default=0.05, help="seconds between /metrics scrapes per pod (default 0.05)")
+    p.add_argument("--scrape-interval", type=float, default=DEFAULT_SCRAPE_INTERVAL_S, help=f"seconds between /metrics scrapes per pod (default {DEFAULT_SCRAPE_INTERVAL_S})")
     p.add_argument("--scrape-timeout", type=float, default=1.0)
     p.add_argument("--scrape-adaptive", choices=["on", "off"], default="on", help="on: idle, unchanged pods are scraped less often (up to --scrape-idle-interval); off: every pod every --scrape-interval")
     p.add_argument("--scrape-idle-interval", type=float, default=1.0, help="seconds between scrapes of an idle, unchanged pod at most (keep below the 2 s staleness bound)")
     p.add_argument("--scrape-budget", type=float, default=2000.0, help="at most this many scrapes per second across the pool (0 = unlimited)")
     p.add_argument("--unhealthy-after", type=int, default=5, help="consecutive scrape failures before a pod is filtered out")
-    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request bodies above this get 413")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="request bodies above this get 413")
     p.add_argument("--max-messages-per-stream", type=int, default=100_000)
-    p.add_argument("--response-observe", choices=["observability", "streamed", "none"], default="observability", help="how the Envoy config sends response data (must match envoy-config)")
+    p.add_argument("--response-observe", choices=RESPONSE_OBSERVE_MODES, default=DEFAULT_RESPONSE_OBSERVE, help="how the Envoy config sends response data (must match envoy-config)")
     p.add_argument("--observe-budget", type=float, default=50.0, help="observability mode: requests per second that also get the observation stream (TTFT, tokens); the access log finishes the rest; -1 = every request")
     p.add_argument("--kv-events", default=None, help="JSON file or inline JSON: {address: {endpoint, replay, topic}} (the simulator's ready line works too)")
     p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")

@@ -12,22 +12,25 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 
+from extproc import contract
+
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
 
-HDR_DESTINATION = "x-gateway-destination-endpoint"
-HDR_SERVED = "x-gateway-destination-endpoint-served"
-HDR_SUBSET = "x-gateway-destination-endpoint-subset"
-HDR_REQUEST_ID = "x-extproc-request-id"
-HDR_PREFILLER = "x-prefiller-host-port"  # P/D: the prefill pod (set only by the disagg-profile-handler)
-HDR_OBSERVE = "x-extproc-observe"  # set on sampled requests: selects the route with the observation filter on
+# The Envoy contract's names (defined once in extproc.contract)
+HDR_DESTINATION = contract.DESTINATION_HEADER
+HDR_SERVED = contract.SERVED_HEADER
+HDR_SUBSET = contract.SUBSET_HEADER
+HDR_REQUEST_ID = contract.REQUEST_ID_HEADER
+HDR_PREFILLER = contract.PREFILLER_HEADER  # P/D: the prefill pod (set only by the disagg-profile-handler)
+HDR_OBSERVE = contract.OBSERVE_HEADER  # set on sampled requests: selects the route with the observation filter on
 # GIE conformance hooks (honoured only with ``extproc serve --conformance``): the request header restricts the
 # candidates to the listed addresses, the response header echoes the endpoint that served
 HDR_CONFORMANCE_SELECTION = "test-epp-endpoint-selection"
 HDR_CONFORMANCE_SERVED = "x-conformance-test-served-endpoint"
 # Headers a client may never send upstream: stripped from every request, whatever the config
 ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET, HDR_PREFILLER)
-LB_NAMESPACE = "envoy.lb"
+LB_NAMESPACE = contract.LB_METADATA_NAMESPACE
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 

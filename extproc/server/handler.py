@@ -29,6 +29,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FlowController
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, error_body, parse_request
+from extproc.contract import DEFAULT_MAX_BODY_BYTES
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.observe.metrics import SchedulerMetrics
 from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, Scheduler, SchedulingError
@@ -57,7 +58,7 @@ _OBSERVE_HEADER = {codec.HDR_OBSERVE: "1"}
 
 @dataclass(slots=True)
 class HandlerSettings:
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_messages_per_stream: int = 100_000
     max_header_bytes: int = 64 * 1024
     response_observe: str = "observability"  # observability | streamed | none

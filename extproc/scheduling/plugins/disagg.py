@@ -29,6 +29,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from extproc.contract import ENCODER_HEADER, PREFILLER_HEADER
 from extproc.plugin import (
     PEER_ENDPOINT,
     CycleState,
@@ -45,8 +46,7 @@ from extproc.plugin import (
 
 log = logging.getLogger(__name__)
 
-PREFILL_HEADER = "x-prefiller-host-port"
-ENCODER_HEADER = "x-encoder-hosts-ports"
+PREFILL_HEADER = PREFILLER_HEADER
 DECODE_FIRST = "decode-first"
 PREFILL_FIRST = "prefill-first"
 

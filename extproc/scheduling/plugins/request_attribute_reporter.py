@@ -17,6 +17,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from extproc.contract import LB_METADATA_NAMESPACE
 from extproc.plugin import InferenceRequest, PluginContext, check_keys, get_mapping, get_str, register
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class RequestAttributeReporter:
             check_keys(a, ("key", "expression", "condition"))
             key = get_mapping(a, "key")
             check_keys(key, ("namespace", "name"))
-            ns = get_str(key, "namespace", "envoy.lb")
+            ns = get_str(key, "namespace", LB_METADATA_NAMESPACE)
             kname = get_str(key, "name", "")
             expr = _compile(env, get_str(a, "expression", ""), f"attributes[{i}].expression")
             cond = _compile(env, get_str(a, "condition", ""), f"attributes[{i}].condition") if a.get("condition") else None
