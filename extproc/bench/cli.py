@@ -10,6 +10,7 @@ extproc bench overhead --pods 8 --duration 3
 from __future__ import annotations
 
 import argparse
+import json
 import datetime as _dt
 import logging
 import sys
@@ -43,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-start", default=None, metavar="FILE",
                    help="start predictor configs from this latency-model file ('builtin': the packaged one); default: cold, learned online")
     p.add_argument("--non-streaming", action="store_true", help="send every request without 'stream' (default: streaming)")
+    p.add_argument("--pd-sweep", default=None, metavar="T,T,...",
+                   help="virtual: sweep prefix-based-pd-decider nonCachedTokens over these values (e.g. 0,16,256,1024) "
+                        "instead of --setups; writes pd_sweep.json and pd_sweep.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--aiperf", action="store_true",
@@ -141,6 +145,18 @@ def run_bench(args: argparse.Namespace) -> int:
         except (ValueError, KeyError) as e:
             print(f"extproc bench: bad --fleet: {e}", file=sys.stderr)
             return 2
+        if args.pd_sweep:
+            from extproc.bench.pd_sweep import run_sweep
+
+            try:
+                ts = [int(x) for x in args.pd_sweep.split(",") if x.strip()]
+            except ValueError:
+                print(f"extproc bench: bad --pd-sweep {args.pd_sweep!r}", file=sys.stderr)
+                return 2
+            rep_ = run_sweep(wl, fl, ts, args.out, seed=args.seed, pd_prefill=pd_prefill, show_progress=not args.no_progress)
+            print(json.dumps(rep_["setups"], indent=1))
+            print(f"wrote {args.out}/pd_sweep.json, {args.out}/pd_sweep.png")
+            return 0 if all(r.get("status") == "ok" for r in rep_["setups"].values()) else 1
         runs = virtual.run_setups(wl, setups, fl, seed=args.seed, show_progress=not args.no_progress,
                                   warm_start=args.warm_start, stream=not args.non_streaming, pd_prefill=pd_prefill)
     else:

@@ -95,7 +95,6 @@ async def scrape_counters(session: aiohttp.ClientSession, endpoints: list[str]) 
 def parse_predictor(text: str) -> dict[str, float] | None:
     """The latency predictor's counters from the scheduler's /metrics page (None: no predictor there)."""
     vals: dict[str, float] = {"decisions": 0.0, "fallback_decisions": 0.0, "retrains": 0.0, "samples": 0.0}
-    seen = False
     for line in text.splitlines():
         if not line.startswith("extproc_predictor_"):
             continue
@@ -109,14 +108,14 @@ def parse_predictor(text: str) -> dict[str, float] | None:
             vals["decisions"] += v
         elif name == "extproc_predictor_predictions_total":
             vals["decisions"] += v
-            seen = True
         elif name == "extproc_predictor_retrains_total":
             vals["retrains"] = v
         elif name == "extproc_predictor_samples":
             vals["samples"] = v
         elif name in ("extproc_predictor_ttft_mape", "extproc_predictor_tpot_mape"):
             vals[name.removeprefix("extproc_predictor_")] = v if v == v else None  # type: ignore[assignment]
-    return vals if seen or vals["decisions"] else None
+    # the metrics exist (at 0) whenever the predictor module is loaded; a config without a predictor never moves them
+    return vals if vals["decisions"] or vals["samples"] else None
 
 
 async def scrape_predictor(session: aiohttp.ClientSession, metrics_url: str | None) -> dict[str, float] | None:

@@ -89,3 +89,36 @@ def test_report_schema_catches_problems() -> None:
     problems = validate_report(rep)
     assert any("ttft_ms.p99" in p for p in problems)
     assert any("without a reason" in p for p in problems)
+
+
+def test_predictor_counters_from_scheduler_metrics() -> None:
+    from extproc.bench.runner import parse_predictor
+
+    page = "\n".join([
+        "# HELP extproc_predictor_fallback_total x",
+        'extproc_predictor_fallback_total{reason="no_model"} 200.0',
+        'extproc_predictor_fallback_total{reason="error"} 1.0',
+        "extproc_predictor_predictions_total 99.0",
+        "extproc_predictor_retrains_total 3.0",
+        "extproc_predictor_samples 300.0",
+        "extproc_predictor_ttft_mape 0.12",
+        "extproc_predictor_tpot_mape NaN",
+    ])
+    p = parse_predictor(page)
+    assert p is not None
+    assert p["decisions"] == 300 and p["fallback_decisions"] == 201 and p["retrains"] == 3 and p["samples"] == 300
+    assert p["ttft_mape"] == 0.12 and p["tpot_mape"] is None
+    idle = "extproc_predictor_predictions_total 0.0\nextproc_predictor_samples 0.0\n"
+    assert parse_predictor(idle) is None  # a config without a predictor: the metrics exist but never move
+
+
+def test_predictor_block_contract_keys_and_tail_mape() -> None:
+    from extproc.bench.report import PREDICTOR_KEYS, predictor_block
+
+    raw = {"warm_start": None, "samples_trained": 2100, "retrains": 5, "fallback_decisions": 200, "decisions": 2100,
+           "online_ttft_mape": 0.1, "online_tpot_mape": 0.2,
+           "curve_raw": [[1900.0, 10.0, 100.0, 5.0, 100.0], [2000.0, 8.0, 100.0, 4.0, 100.0], [2100.0, 6.0, 100.0, 3.0, 50.0]]}
+    b = predictor_block(raw)
+    assert list(b)[: len(PREDICTOR_KEYS)] == list(PREDICTOR_KEYS)
+    assert b["online_ttft_mape_after_2000"] == 0.06 and b["online_tpot_mape_after_2000"] == 0.06
+    assert "curve_raw" not in b

@@ -103,3 +103,21 @@ def test_body_is_json_with_stream_usage() -> None:
     b = json.loads(r.body_bytes())
     assert b["stream"] is True and b["stream_options"] == {"include_usage": True}
     assert b["prompt"] == r.prompt()
+
+
+def test_three_vendor_fleet_mixes_three_vendors_never_seen_by_the_warm_start_model() -> None:
+    from extproc.bench.virtual import layout
+    from extproc.predictor.persistence import load_initial_model
+    from extproc.sim.profiles import get_profile, parse_fleet
+
+    wl = generate("three-vendor", seed=0)
+    profiles = [get_profile(n) for n, _ in parse_fleet(wl.fleet)]
+    accel = {p.accelerator for p in profiles}
+    assert any("MI300X" in a for a in accel) and any("Gaudi3" in a for a in accel) and any("L40S" in a for a in accel)
+    for p in profiles:
+        assert p.sources and ("data sheet" in p.sources or "white paper" in p.sources or "b0:" in p.sources)
+    labels = layout(wl.fleet).labels
+    assert {v["accelerator"] for v in labels.values()} == accel  # pods expose hardware, not profile names
+    model, _ = load_initial_model(None, "builtin")
+    assert model is not None
+    assert not ({get_profile("llama3-8b-mi300x").accelerator, get_profile("llama3-8b-gaudi3").accelerator} & set(model.pod_classes))

@@ -664,3 +664,25 @@ def test_plain_envoy_bootstrap_passes_envoy_validate(tmp_path: Path) -> None:
     cfg.write_text(by_kind(build(MANIFESTS / "overlays/plain-envoy"), "ConfigMap", "extproc-envoy")["data"]["envoy.yaml"])
     r = subprocess.run([envoy, "--mode", "validate", "-c", str(cfg), "--log-level", "error"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pd_example_roles_sidecar_and_config() -> None:
+    """The P/D example: prefill and decode Deployments labelled by role in the pool, the sidecar on the pool's
+    port in front of the decode vLLM, NixlConnector everywhere, the scheduler running the shipped pd config."""
+    objs = build(MANIFESTS / "examples/pd")
+    pool = by_kind(objs, "InferencePool")
+    port = pool["spec"]["targetPorts"][0]["number"]
+    pre = by_kind(objs, "Deployment", "vllm-llama3-8b-prefill")
+    dec = by_kind(objs, "Deployment", "vllm-llama3-8b-decode")
+    for dep, role in ((pre, "prefill"), (dec, "decode")):
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert labels["llm-d.ai/role"] == role and pool["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    car, vllm = dec["spec"]["template"]["spec"]["containers"]
+    assert car["args"][:5] == ["pd-sidecar", "--listen", f"0.0.0.0:{port}", "--upstream", "127.0.0.1:8200"]
+    assert vllm["args"][vllm["args"].index("--port") + 1] == "8200"
+    for c in (vllm, pre["spec"]["template"]["spec"]["containers"][0]):
+        kt = json.loads(c["args"][c["args"].index("--kv-transfer-config") + 1])
+        assert kt["kv_connector"] == "NixlConnector" and kt["kv_role"] == "kv_both"
+    cm = by_kind(objs, "ConfigMap", "vllm-llama3-8b-epp-config")
+    shipped = (Path(__file__).resolve().parents[3] / "extproc/configs/pd.yaml").read_text()
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == yaml.safe_load(shipped)
