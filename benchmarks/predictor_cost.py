@@ -23,7 +23,7 @@ from extproc.datalayer.endpoint import Endpoint, PodMetrics
 from extproc.predictor.features import PodClassCodes, build_matrix
 from extproc.predictor.persistence import load_model, resolve_model_path
 from extproc.predictor.service import PredictorService, ServiceConfig
-from extproc.predictor.simdata import generate
+from extproc.sim.trainingdata import generate
 from extproc.predictor.trainer import TrainerConfig, fit_models
 from extproc.scheduling.framework import CycleState, ScoredEndpoint
 from extproc.scheduling.plugins.latency import PredictedLatencyScorer

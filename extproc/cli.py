@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("extproc.bench.cli", "routing-quality and overhead benchmarks, side by side with peers"),
     "config": ("extproc.config_cli", "check a plugin config (llm-d EndpointPickerConfig or extproc's): resolved profiles and plugins"),
     "envoy-config": ("extproc.envoy_config", "render a validated Envoy bootstrap for extproc"),
-    "predictor": ("extproc.predictor.cli", "train / evaluate the TTFT/TPOT latency predictor"),
+    "predictor": ("extproc.sim.predictor_cli", "train / evaluate the TTFT/TPOT latency predictor"),
     "pd-sidecar": ("extproc.sidecar.cli", "decode-side P/D proxy: prefill leg on x-prefiller-host-port, then local decode"),
     "batch": ("extproc.batch.cli", "the OpenAI Batch API beside the gateway (serve, status)"),
 }

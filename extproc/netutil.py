@@ -6,7 +6,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-__all__ = ["HostPort", "free_port", "parse_host_port", "parse_host_ports", "is_ip_literal"]
+__all__ = ["HostPort", "free_port", "free_ports", "parse_host_port", "parse_host_ports", "is_ip_literal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +81,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago (bind to port 0 and release it).
 
     Prefer letting the server bind port 0 itself where it can; this is for programs that
-    must be told a port up front.
+    must be told a port up front. The one free-port helper of the project (see :func:`free_ports`).
     """
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that were free on ``host`` a moment ago (all held open together, then released)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()

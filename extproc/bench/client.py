@@ -18,6 +18,7 @@ import aiohttp
 
 from extproc.bench.report import RequestResult
 from extproc.bench.workloads import WorkloadRequest
+from extproc.sse import DONE, data_payloads
 
 log = logging.getLogger(__name__)
 
@@ -103,33 +104,25 @@ async def send_one(
                 res.error = f"http {resp.status}: {text[:200]}"
                 res.e2e_ms = (time.perf_counter() - start) * 1000.0
                 return res
-            buf = b""
             done = False
-            async for data in resp.content.iter_any():
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    line = line.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        continue
-                    try:
-                        chunk = json.loads(payload)
-                    except ValueError:
-                        continue
-                    if "error" in chunk and not chunk.get("choices"):
-                        res.error = f"stream error: {str(chunk['error'])[:200]}"
-                        continue
-                    if _content_of(chunk):
-                        chunks += 1
-                        if not first:
-                            first = time.perf_counter()
-                    u = chunk.get("usage")
-                    if u and u.get("completion_tokens") is not None:
-                        usage_tokens = int(u["completion_tokens"])
+            async for payload in data_payloads(resp.content.iter_any()):
+                if payload == DONE:
+                    done = True
+                    continue
+                try:
+                    chunk = json.loads(payload)
+                except ValueError:
+                    continue
+                if "error" in chunk and not chunk.get("choices"):
+                    res.error = f"stream error: {str(chunk['error'])[:200]}"
+                    continue
+                if _content_of(chunk):
+                    chunks += 1
+                    if not first:
+                        first = time.perf_counter()
+                u = chunk.get("usage")
+                if u and u.get("completion_tokens") is not None:
+                    usage_tokens = int(u["completion_tokens"])
             end = time.perf_counter()
             res.e2e_ms = (end - start) * 1000.0
             res.ttft_ms = ((first or end) - start) * 1000.0

@@ -249,6 +249,7 @@ def decision_latency(pods: int, requests: int = 2000, seed: int = 0) -> dict[str
 # Extra scheduler variants an overhead run can compare (``--variants``): name → (response-observe mode, extra
 # ``extproc serve`` arguments). ``extproc-<mode>`` (from ``--observe``) is always the default transport.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "observability-nowait": ("observability", ()),  # + Envoy: send_body_without_waiting_for_header_response
     "observability-all": ("observability", ("--observe-budget", "-1")),  # observation stream on every request
     "observability-grpcio": ("observability", ("--grpc-server", "grpcio")),
     # what observability mode was before (grpcio, the observation stream on every request)
@@ -290,15 +291,25 @@ def _setup_names(observe: list[str], variants: list[str] | None = None) -> list[
     return ["envoy-rr", *(f"extproc-{m}" for m in observe), *(f"extproc-{v}" for v in variants or [])]
 
 
-async def _warm(url: str, n: int = 20) -> None:
+async def _warm(url: str, n: int = 20, attempts: int = 50) -> None:
+    """``n`` successful requests (opens the connections, lets the scheduler see the pods); a few transient failures
+    while a freshly started stack settles (hundreds of pods being scraped for the first time) are retried."""
     import aiohttp
 
+    ok = 0
+    last = ""
     async with aiohttp.ClientSession() as s:
-        for _ in range(n):
+        for _ in range(attempts):
             async with s.post(url + _PATH, data=_BODY, headers={"content-type": "application/json"}) as r:
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"warm-up request to {url} answered {r.status}: {(await r.text())[:300]}")
+                body = await r.read()
+                if r.status == 200:
+                    ok += 1
+                    if ok >= n:
+                        return
+                    continue
+                last = f"{r.status}: {body[:300]!r}"
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"warm-up requests to {url} kept failing ({ok}/{n} ok), last answer {last}")
 
 
 async def _proxy_runs(opts: OverheadOptions, client: str, pods_n: int) -> dict[str, Any]:
@@ -325,7 +336,8 @@ async def _proxy_runs(opts: OverheadOptions, client: str, pods_n: int) -> dict[s
         specs: list[tuple[str, str, tuple[str, ...]]] = [(f"extproc-{m}", m, ()) for m in opts.observe]
         specs += [(f"extproc-{v}", *VARIANTS[v]) for v in opts.variants]
         for name, mode, extra in specs:
-            spec = StackSpec(endpoints=eps, config="default", models=[MODEL], response_observe=mode, scheduler_args=list(extra))
+            envoy_args = {"body_without_header_wait": True} if name.endswith("-nowait") else {}
+            spec = StackSpec(endpoints=eps, config="default", models=[MODEL], response_observe=mode, scheduler_args=list(extra), envoy_args=envoy_args)
             stacks[name] = await es.enter_async_context(Stack(spec))
         for st in stacks.values():
             await _warm(st.url)

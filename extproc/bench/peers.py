@@ -20,12 +20,13 @@ import asyncio
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import aiohttp
+
+from extproc.netutil import free_port
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,6 @@ def availability(name: str) -> str | None:
     if find_binary(spec.binary) is None:
         return f"'{spec.binary}' is not installed (pip install 'extproc[bench]')"
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PeerRouter:

@@ -317,7 +317,7 @@ def run_virtual(
     online). ``stream``: send streaming requests (False: non-streaming, as most SDK calls and batch jobs)."""
     from extproc.sim.engine import Engine, SimRequest
     from extproc.sim.profiles import get_profile
-    from extproc.sim.tokenizer import get_tokenizer
+    from extproc.datalayer.simtokenizer import get_tokenizer
 
     from extproc.sim.kvtransfer import get_link, transfer_seconds
 

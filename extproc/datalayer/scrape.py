@@ -210,7 +210,7 @@ class ScrapeError(Exception):
 class _HttpConn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to a pod: one GET at a time, Content-Length or chunked bodies."""
 
-    __slots__ = ("transport", "_buf", "_fut", "_closed", "_max")
+    __slots__ = ("transport", "_buf", "_fut", "_closed", "_max", "abandoned")
 
     def __init__(self, max_bytes: int) -> None:
         self.transport: asyncio.Transport | None = None
@@ -218,9 +218,12 @@ class _HttpConn(asyncio.Protocol):
         self._fut: asyncio.Future[tuple[int, bytes]] | None = None
         self._closed = False
         self._max = max_bytes
+        self.abandoned = False  # the connect timed out: close the socket whenever it still completes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.abandoned:
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -348,8 +351,16 @@ class PodClient:
             conn = self._conn
             if conn is None or not conn.usable:
                 loop = asyncio.get_running_loop()
-                _, conn = await loop.create_connection(lambda: _HttpConn(self._max), self.host, self.port)
-                self._conn = conn
+                proto = _HttpConn(self._max)
+                try:
+                    await loop.create_connection(lambda: proto, self.host, self.port)
+                except BaseException:
+                    # never leave a half-open socket behind (a storm of those exhausted a pod's descriptors)
+                    proto.abandoned = True
+                    if proto.transport is not None:
+                        proto.transport.close()
+                    raise
+                conn = self._conn = proto
             try:
                 return await conn.request(raw)
             except BaseException:
@@ -374,6 +385,7 @@ class ScrapeSettings:
     models_interval_s: float = 5.0
     idle_interval_s: float = 1.0  # ceiling for idle, unchanged pods (keep it below the 2 s staleness bound)
     max_scrapes_per_s: float = 2000.0  # budget across the pool (0 = unlimited)
+    max_inflight: int = 256  # scrapes in progress at once (slow pods cannot pile up connections)
     adaptive: bool = True  # False: every pod every interval_s (the reference's behaviour)
 
 
@@ -491,10 +503,15 @@ class MetricsScraper:
             ep.last_error = ""
         # next interval: changing or failing → base; unchanged → back off (our in-flight counters carry the load
         # signal meanwhile; touch() brings a pod that just got traffic after an idle spell back to the base rate)
-        if not s.adaptive or changed or not ok:
+        cap = max(s.idle_interval_s, s.interval_s)
+        if not ok:
+            # failing: back off too (doubling to the idle ceiling), so a pod that times out is not hammered and a
+            # struggling pod gets room; 5 failures still take under 2 s plus their timeouts
+            st.interval = min(max(st.interval, s.interval_s) * 2.0, cap) if ep.scrape_failures > 1 else s.interval_s
+        elif not s.adaptive or changed:
             st.interval = s.interval_s
         else:
-            st.interval = min(st.interval * 2.0, max(s.idle_interval_s, s.interval_s))
+            st.interval = min(st.interval * 2.0, cap)
         if self.on_scrape is not None:
             self.on_scrape(ep, ok, time.monotonic() - t0)
         return ok
@@ -555,7 +572,7 @@ class MetricsScraper:
                 tokens = min(cap, tokens + (now - last) * s.max_scrapes_per_s)
             last = now
             while heap and heap[0][0] <= now:
-                if s.max_scrapes_per_s > 0 and tokens < 1.0:
+                if (s.max_scrapes_per_s > 0 and tokens < 1.0) or len(self._inflight) >= s.max_inflight:
                     break
                 due, _, addr = heapq.heappop(heap)
                 st = self._pods.get(addr)
@@ -567,7 +584,9 @@ class MetricsScraper:
                 t = loop.create_task(self._one(st), name=f"scrape:{addr}")
                 self._inflight.add(t)
                 t.add_done_callback(self._inflight.discard)
-            if heap:
+            if len(self._inflight) >= s.max_inflight:
+                delay = 3600.0  # a finishing scrape wakes us
+            elif heap:
                 delay = heap[0][0] - time.monotonic()
                 if s.max_scrapes_per_s > 0 and tokens < 1.0:
                     delay = max(delay, (1.0 - tokens) / s.max_scrapes_per_s)
@@ -592,6 +611,9 @@ class MetricsScraper:
             log.exception("scrape failed", extra={"endpoint": ep.address})
         finally:
             st.busy = False
+            self._inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            if self._wake is not None:
+                self._wake.set()  # a slot is free (max_inflight)
         if not st.removed and self._started:
             now = time.monotonic()
             # scrape-to-scrape period is the interval (a slow scrape does not make the next one later than needed)

@@ -10,7 +10,7 @@ Two kinds, configured per model:
   itself is not needed. As in vLLM's OpenAI server, chat prompts are rendered with
   ``add_generation_prompt`` (default true) and encoded WITHOUT special tokens (the template carries BOS);
   completion prompts are encoded WITH special tokens (the tokenizer's post-processor adds BOS).
-* ``sim``: the simulator's deterministic tokenizer (``extproc.sim.tokenizer``), so precise routing works
+* ``sim``: the simulator's deterministic tokenizer (``extproc.datalayer.simtokenizer``), so precise routing works
   against a simulated fleet.
 
 A model may be declared a LoRA adapter of a base (``adapter_of``): it uses the base's tokenizer, and its
@@ -114,12 +114,12 @@ class HFTokenizer:
 
 
 class SimTextTokenizer:
-    """Adapter over the simulator's deterministic tokenizer (``extproc.sim.tokenizer``)."""
+    """Adapter over the simulator's deterministic tokenizer (``extproc.datalayer.simtokenizer``)."""
 
     __slots__ = ("_tok",)
 
     def __init__(self) -> None:
-        from extproc.sim.tokenizer import get_tokenizer
+        from extproc.datalayer.simtokenizer import get_tokenizer
 
         self._tok = get_tokenizer()
 

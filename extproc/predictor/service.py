@@ -29,7 +29,7 @@ from extproc.predictor.features import N_FEATURES, STREAM, PodClassCodes, build_
 from extproc.predictor.model import LatencyModel, Prediction
 from extproc.predictor.persistence import BUILTIN, load_initial_model, save_model, state_model_path
 from extproc.predictor.trainer import InlineTrainer, ProcessTrainer, ThreadTrainer, TrainerConfig, TrainResult
-from extproc.scheduling.framework import PREDICTOR_FEATURES, PREFIX_SCORES, CycleState, Observation
+from extproc.cycle import PREDICTOR_FEATURES, PREFIX_SCORES, CycleState, Observation
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from extproc.netutil import free_ports
+from extproc.sse import DONE, data_payloads
+
 if TYPE_CHECKING:
     import aiohttp
 
@@ -75,22 +78,6 @@ def vllm_python() -> Path | None:
     venv = vllm_venv()
     py = venv / "bin" / "python"
     return py if py.exists() and (venv / SETUP_STAMP).exists() else None
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago (all sockets held open together, then released)."""
-    import socket
-
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass(slots=True)
@@ -186,7 +173,7 @@ async def launch_vllm(spec: VllmLaunchSpec, *, name: str, index: int, workdir: P
     py = vllm_python()
     if py is None:
         raise RuntimeError(f"no real vLLM venv at {vllm_venv()}; run {SETUP_SCRIPT}")
-    port, kv_port, replay_port = _free_ports(3)
+    port, kv_port, replay_port = free_ports(3)
     topic = f"kv@{name}@{spec.served_model_name}"
     args = [
         str(py), "-m", "vllm.entrypoints.openai.api_server",
@@ -480,12 +467,8 @@ async def send_one(session: aiohttp.ClientSession, base_url: str, model: str, re
     async with session.post(base_url.rstrip("/") + "/v1/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"{base_url}: HTTP {resp.status}: {(await resp.text())[:500]}")
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
+        async for data in data_payloads(resp.content.iter_any()):
+            if data == DONE:
                 break
             chunk = json.loads(data)
             for ch in chunk.get("choices") or ():

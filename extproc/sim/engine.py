@@ -40,7 +40,7 @@ import xxhash
 from extproc.sim.kvcache import KVCache, KVEvent, hash_block
 from extproc.sim.offload import CPUOffloadTier
 from extproc.sim.profiles import Profile
-from extproc.sim.tokenizer import get_tokenizer
+from extproc.datalayer.simtokenizer import get_tokenizer
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",

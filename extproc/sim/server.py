@@ -39,7 +39,7 @@ from extproc.sim.engine import Engine, StepResult, SimRequest
 from extproc.sim.kvevents import KVEventPublisher
 from extproc.sim.metrics import CONTENT_TYPE, PodMetrics
 from extproc.sim.profiles import Profile
-from extproc.sim.tokenizer import get_tokenizer
+from extproc.datalayer.simtokenizer import get_tokenizer
 
 __all__ = ["Faults", "SimPod", "POD_HEADER"]
 

@@ -9,6 +9,8 @@ import aiohttp
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.sse import DONE, data_payloads
+
 
 async def metrics_text(session: aiohttp.ClientSession, base_url: str) -> str:
     async with session.get(base_url.rstrip("/") + "/metrics") as resp:
@@ -54,12 +56,8 @@ async def post_stream(
     done = False
     async with session.post(url, json=body) as resp:
         status, headers = resp.status, resp.headers.copy()
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
+        async for data in data_payloads(resp.content.iter_any()):
+            if data == DONE:
                 done = True
                 break
             chunks.append(json.loads(data))

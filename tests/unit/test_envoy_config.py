@@ -12,7 +12,7 @@ import yaml
 
 from extproc import envoy_config as ec
 from extproc.cli import main as cli_main
-from extproc.netutil import HostPort, free_port, parse_host_port, parse_host_ports
+from extproc.netutil import HostPort, free_port, free_ports, parse_host_port, parse_host_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,6 +61,16 @@ def test_free_port_is_bindable() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
     assert 0 < port < 65536
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    import socket
+
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    with socket.socket() as a, socket.socket() as b, socket.socket() as c:
+        for s, port in zip((a, b, c), ports):
+            s.bind(("127.0.0.1", port))
 
 
 # ---------------------------------------------------------------- the extproc chain

@@ -259,3 +259,38 @@ async def test_budget_caps_scrapes_per_second() -> None:
     finally:
         await scraper.stop()
         await runner.cleanup()
+
+
+async def test_failing_pods_back_off_and_inflight_is_capped() -> None:
+    """A pod that hangs is not re-tried every interval (no connection storm), and at most max_inflight scrapes
+    are open at once however many pods hang."""
+    started = {"n": 0}
+    release = asyncio.Event()
+
+    async def hang(request):
+        started["n"] += 1
+        await release.wait()
+        return web.Response(body=VLLM_TEXT)
+
+    app = web.Application()
+    app.router.add_get("/metrics", hang)
+    app.router.add_get("/v1/models", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    pool = EndpointPool()
+    pool.set_endpoints([f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"][:2])
+    scraper = MetricsScraper(pool, ScrapeSettings(interval_s=0.01, timeout_s=0.1, idle_interval_s=0.8, max_inflight=1))
+    await scraper.start()
+    try:
+        await asyncio.sleep(1.5)
+        # without back-off: 2 pods x ~1.5 s / (0.1 s timeout + 0.01 s) ≈ 27 attempts; with it and one slot, far fewer
+        assert 3 <= scraper.scrapes <= 16, scraper.scrapes
+        assert len(scraper._inflight) <= 1
+        assert all(not ep.healthy or ep.scrape_failures > 0 for ep in pool.snapshot())
+    finally:
+        release.set()
+        await scraper.stop()
+        await runner.cleanup()

@@ -15,7 +15,7 @@ from extproc.scheduling.config import build_config, load_config
 from extproc.scheduling.framework import CycleState, Observation, ProfileResult, SchedulingResult
 from extproc.scheduling.plugins.precise_prefix import PrecisePrefixCacheScorer
 from extproc.scheduling.plugins.prefix import PrefixIndex
-from extproc.sim.tokenizer import get_tokenizer
+from extproc.datalayer.simtokenizer import get_tokenizer
 
 BS = 4
 A, B, C = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from extproc.api import parse_request
 from extproc.datalayer.tokenize import Tokenizers
-from extproc.sim.tokenizer import get_tokenizer
+from extproc.datalayer.simtokenizer import get_tokenizer
 
 
 def chat(model: str, messages: list[dict[str, str]]) -> bytes:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from predictor_helpers import synthetic_samples
 
-from extproc.predictor.cli import evaluate
+from extproc.sim.predictor_cli import evaluate
 from extproc.predictor.features import (
     CHUNK_AGE_CAP_MS,
     N_FEATURES,
@@ -19,7 +19,7 @@ from extproc.predictor.features import (
 )
 from extproc.predictor.model import LatencyModel
 from extproc.predictor.service import ServiceConfig
-from extproc.predictor.simdata import generate
+from extproc.sim.trainingdata import generate
 from extproc.predictor.trainer import TrainerConfig, fit_models
 
 

@@ -5,7 +5,7 @@ import pytest
 from extproc.sim.engine import Engine, SimRequest, StepResult
 from extproc.sim.kvcache import BlockRemoved, BlockStored
 from extproc.sim.profiles import PROFILES, Profile, get_profile, parse_fleet
-from extproc.sim.tokenizer import SimTokenizer, get_tokenizer
+from extproc.datalayer.simtokenizer import SimTokenizer, get_tokenizer
 
 
 def _profile(**kw: object) -> Profile:

@@ -138,7 +138,7 @@ def _print_eval(res: dict[str, Any], as_json: bool) -> None:
 
 
 def _fleet(spec: str) -> tuple[str, ...]:
-    from extproc.predictor.simdata import DEFAULT_FLEET
+    from extproc.sim.trainingdata import DEFAULT_FLEET
     from extproc.sim.profiles import parse_fleet
 
     if not spec:
@@ -152,7 +152,7 @@ def _train(args: argparse.Namespace) -> int:
     from extproc.predictor.features import PodClassCodes
     from extproc.predictor.model import LatencyModel
     from extproc.predictor.persistence import save_model
-    from extproc.predictor.simdata import generate
+    from extproc.sim.trainingdata import generate
     from extproc.predictor.trainer import TrainerConfig, fit_models
 
     fleet = _fleet(args.fleet)
@@ -228,7 +228,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from extproc.predictor.features import PodClassCodes
     from extproc.predictor.persistence import load_model
-    from extproc.predictor.simdata import generate
+    from extproc.sim.trainingdata import generate
 
     model = load_model(args.model)
     classes = PodClassCodes(model.pod_classes)
