@@ -24,7 +24,8 @@ LABEL org.opencontainers.image.title="extproc" \
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MALLOC_ARENA_MAX=2
 # lightgbm needs the OpenMP runtime; unpinned on purpose so rebuilds pick up Debian security fixes.
 # hadolint ignore=DL3008
 RUN apt-get update \
