@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from extproc.contract import OBSERVE_HEADER
 from extproc.envoy_config import DESTINATION_HEADER, SERVED_HEADER, render_bootstrap
 from extproc.envoy_runner import EnvoyProcess, EnvoyStartError
 from extproc.netutil import free_port
@@ -260,6 +261,7 @@ class Responder:
     what each stream saw (message kinds and request headers)."""
 
     target: str
+    observe: bool = True  # also set x-extproc-observe: Envoy routes the request through the observation filter
     streams: list[list[str]] = field(default_factory=list)
     request_headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -280,14 +282,13 @@ class _Servicer(ep_grpc.ExternalProcessorServicer):
                 )
                 yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
             elif kind == "request_body":
+                headers = [(DESTINATION_HEADER, self.r.target), ("x-extproc-request-id", "req-1")]
+                if self.r.observe:
+                    headers.append((OBSERVE_HEADER, "1"))
                 mutation = ep.HeaderMutation(
                     set_headers=[
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(key=DESTINATION_HEADER, raw_value=self.r.target.encode())
-                        ),
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(key="x-extproc-request-id", raw_value=b"req-1")
-                        ),
+                        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+                        for k, v in headers
                     ]
                 )
                 yield ep.ProcessingResponse(
@@ -302,11 +303,11 @@ class _Servicer(ep_grpc.ExternalProcessorServicer):
 
 
 @pytest.fixture
-async def responder() -> AsyncIterator[Callable[[str], Awaitable[tuple[Responder, int]]]]:
+async def responder() -> AsyncIterator[Callable[..., Awaitable[tuple[Responder, int]]]]:
     servers: list[grpc.aio.Server] = []
 
-    async def make(target: str) -> tuple[Responder, int]:
-        r = Responder(target=target)
+    async def make(target: str, observe: bool = True) -> tuple[Responder, int]:
+        r = Responder(target=target, observe=observe)
         server = grpc.aio.server()
         ep_grpc.add_ExternalProcessorServicer_to_server(_Servicer(r), server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -349,6 +350,24 @@ async def test_pick_is_honoured_and_observed(upstreams, envoy, http, responder) 
     assert all(h[DESTINATION_HEADER] == picked.addr for h in observed)
     observe_streams = [s for s in r.streams if "request_body" not in s]
     assert all("response_body" in s and "request_body" not in s for s in observe_streams)
+
+
+async def test_unsampled_pick_skips_the_observation_filter(upstreams, envoy, http, responder) -> None:
+    """Without x-extproc-observe in the scheduler's answer the request takes the plain destination route, whose
+    per-route config disables the observation filter: only the main stream reaches the scheduler."""
+    picked = await upstreams()
+    r, port = await responder(picked.addr, observe=False)
+    proc = await envoy(_extproc_bootstrap(port, failure_mode="fail-close"))
+    for _ in range(3):
+        async with http.post(f"{proc.listener_url}/stream", json=CHAT) as resp:
+            body = await resp.read()
+            assert resp.status == 200
+            assert body.count(b"data:") == 3
+    assert picked.hits == 3
+    await asyncio.sleep(0.3)
+    assert len(r.streams) == 3
+    assert all("request_body" in s for s in r.streams)
+    assert all("x-extproc-request-id" not in h for h in r.request_headers)
 
 
 # ---------------------------------------------------------------- the runner itself
