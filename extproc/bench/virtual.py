@@ -27,7 +27,6 @@ token.
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import random
@@ -37,22 +36,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.api import parse_request
+from extproc.contract import DEFAULT_SCRAPE_INTERVAL_S
 from extproc.bench.report import RequestResult, SetupRun
 from extproc.bench.setups import SetupSpec, config_available
 from extproc.bench.workloads import MODEL, Workload
-from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
+from extproc.datalayer.endpoint import Endpoint, EndpointPool
 from extproc.predictor.features import set_clock
 from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, SchedulingError
 from extproc.server.tracker import Flight
+from extproc.sim.vfleet import TICK, VirtualFleetLoop, VirtualPod, engine_metrics
 
 log = logging.getLogger(__name__)
 
 PREFILL_HEADER = "x-prefiller-host-port"
 PREFILL_SUFFIX = ":prefill"
-
-_ARRIVAL = 0
-_STEP_END = 1
-_SCRAPE = 2
 
 
 @dataclass(slots=True)
@@ -131,15 +128,6 @@ class _Live:
     max_tokens: int = 0
     lora: str | None = None
     prefill_pod: str = ""  # P/D: the pod that ran (or runs) the prefill leg
-
-
-@dataclass(slots=True)
-class _Pod:
-    endpoint: Endpoint
-    engine: Any  # extproc.sim.engine.Engine
-    stepping: bool = False
-    pending: Any = None  # StepResult of the step in progress
-    token: int = 0  # bumps on every step start: an idle wait cut short by an arrival leaves a stale STEP_END
 
 
 @dataclass(slots=True)
@@ -306,7 +294,7 @@ def run_virtual(
     fleet: FleetLayout,
     *,
     seed: int = 0,
-    scrape_interval: float = 0.05,
+    scrape_interval: float = DEFAULT_SCRAPE_INTERVAL_S,
     progress: Callable[[int], None] | None = None,
     warm_start: str | None = None,
     stream: bool = True,
@@ -328,40 +316,29 @@ def run_virtual(
     pool = EndpointPool(default_models=frozenset((MODEL, *fleet.loras)))
     pool.set_endpoints([a for _, a in fleet.pods], fleet.labels)
     endpoints = list(pool.snapshot())
-    pods: dict[str, _Pod] = {}
+    pods: dict[str, VirtualPod] = {}
     for i, ((prof_name, addr), ep) in enumerate(zip(fleet.pods, endpoints)):
         prof = get_profile(prof_name)
         if fleet.kv_blocks:
             prof = prof.replace(num_gpu_blocks=fleet.kv_blocks)
-        pods[addr] = _Pod(ep, Engine(prof, seed=seed * 7919 + i, time_scale=fleet.time_scale, record_kv_events=setup.kv_events))
+        pods[addr] = VirtualPod(ep, Engine(prof, seed=seed * 7919 + i, time_scale=fleet.time_scale, record_kv_events=setup.kv_events))
 
-    now = 0.0
-    gw = _Gateway(setup, pool, endpoints, seed, lambda: now, warm_start)
+    loop = VirtualFleetLoop(lambda pod, res, at: deliver(pod, res, at))
+    clock: Callable[[], float] = lambda: loop.now  # noqa: E731
+    gw = _Gateway(setup, pool, endpoints, seed, clock, warm_start)
     kv_feed: Callable[[str, list[Any]], None] | None = None
     if setup.kv_events:
-        kv_feed = _feed_kv_events(gw.plugins, lambda: now)
+        kv_feed = _feed_kv_events(gw.plugins, clock)
         if kv_feed is None:
             raise ValueError(f"config {setup.config!r} has no KV-block index to feed events to")
     random.seed(seed)  # plugins that use the module RNG (tie-breaks) stay deterministic
 
-    def scrape(now_mono: float) -> None:
+    def scrape(_: Any, now: float) -> None:
+        """What the scraper does every ``scrape_interval``: each Endpoint's metrics from its engine."""
+        now_mono = time.monotonic()
         for pod in pods.values():
-            e = pod.engine
-            st = e.stats
-            prof = e.profile
-            pod.endpoint.metrics = PodMetrics(
-                waiting=e.num_waiting,
-                running=e.num_running,
-                kv_usage=e.kv_usage,
-                running_loras=frozenset(e.running_loras),
-                waiting_loras=frozenset(e.waiting_loras),
-                max_loras=prof.max_loras,
-                block_size=prof.block_size,
-                num_gpu_blocks=prof.num_gpu_blocks,
-                prefix_cache_queries=float(st.prefix_cache_queries),
-                prefix_cache_hits=float(st.prefix_cache_hits),
-                updated_at=now_mono,
-            )
+            pod.endpoint.metrics = engine_metrics(pod.engine, now_mono)
+        loop.push(now + scrape_interval, TICK)
 
     def counters() -> tuple[float, float]:
         h = q = 0.0
@@ -370,14 +347,8 @@ def run_virtual(
             q += pod.engine.stats.prefix_cache_queries
         return h, q
 
-    events: list[tuple[float, int, int, Any]] = []
-    seq = 0
-    for i, wr in enumerate(workload.requests):
-        events.append((wr.arrival, seq, _ARRIVAL, i))
-        seq += 1
-    heapq.heapify(events)
-    heapq.heappush(events, (0.0, seq, _SCRAPE, None))
-    seq += 1
+    loop.add_arrivals(wr.arrival for wr in workload.requests)
+    loop.push(0.0, TICK)
 
     bounds = [b for _, b in workload.stage_bounds()]
     stage_marks: list[tuple[float, float]] = [counters()]
@@ -387,7 +358,6 @@ def run_virtual(
     results: list[RequestResult | None] = [None] * len(workload.requests)
     remaining = len(workload.requests)
     done = 0
-    steps = 0
     next_bound = 0
 
     def finish_failed(wr_index: int, stage: int, at: float, status: int, error: str) -> None:
@@ -395,27 +365,6 @@ def run_virtual(
         results[wr_index] = RequestResult(wr_index, stage, at, False, status=status, error=error)
         remaining -= 1
         done += 1
-
-    def start_step(pod: _Pod, at: float) -> None:
-        nonlocal seq, steps
-        res = pod.engine.step(at)
-        steps += 1
-        pod.stepping = True
-        pod.pending = res
-        pod.token += 1
-        heapq.heappush(events, (at + res.duration_s, seq, _STEP_END, (pod, pod.token)))
-        seq += 1
-
-    def kick(pod: _Pod, at: float) -> None:
-        """New work on ``pod``: start a step now unless one runs (an idle wait for a KV transfer is cut short)."""
-        if not pod.stepping:
-            start_step(pod, at)
-        elif pod.pending is not None and pod.pending.idle:
-            res = pod.pending
-            pod.stepping = False
-            pod.pending = None
-            deliver(pod, res)
-            start_step(pod, at)
 
     def start_decode_leg(lv: _Live, block_ids: list[int], at: float) -> None:
         """The sidecar's decode leg: the prompt's KV comes from the prefill pod over ``link``."""
@@ -430,9 +379,9 @@ def run_virtual(
         eng.add_request(SimRequest(lv.flight.request.request_id, ids, lv.max_tokens, lora=lv.lora, arrival=at,
                                    remote_tokens=tokens, ready_at=at + secs, remote_failed=failed,
                                    failure_policy=fleet.kv_load_failure_policy))
-        kick(pod, at)
+        loop.kick(pod, at)
 
-    def deliver(pod: _Pod, res: Any) -> None:
+    def deliver(pod: VirtualPod, res: Any, now: float) -> None:
         """Hand a finished step's outputs to the requests (and its KV events to the index)."""
         nonlocal remaining, done
         if kv_feed is not None and res.kv_events:
@@ -482,65 +431,54 @@ def run_virtual(
                 if progress is not None and done % 100 == 0:
                     progress(100)
 
+    def mark_stages(now: float) -> None:
+        nonlocal next_bound
+        while next_bound < len(bounds) - 1 and now >= bounds[next_bound]:
+            stage_marks.append(counters())
+            pred_marks.append(gw.predictor_marks())
+            next_bound += 1
+
+    def arrive(index: int, now: float) -> None:
+        wr = workload.requests[index]
+        raw = wr.body_bytes(stream=stream)
+        req = parse_request(wr.path, raw, wr.headers(), request_id=f"bench-{wr.index}")
+        if wr.api == "chat":
+            ids = tok.encode_chat([{"role": r, "content": c} for r, c in wr.messages])
+        else:
+            ids = tok.encode(wr.prompt())
+        req.prompt_token_ids = ids if setup.kv_events else None
+        try:
+            flight = gw.decide(req)
+        except SchedulingError as e:
+            finish_failed(wr.index, wr.stage, now, e.status, e.message)
+            return
+        pod = pods[flight.endpoint.address]
+        lora = wr.model if wr.model in fleet.loras else None
+        pep = flight.prefill_endpoint
+        target = pods[pep.address] if pep is not None else pod
+        try:
+            if pep is not None:  # P/D: the sidecar's prefill leg first
+                target.engine.add_request(
+                    SimRequest(req.request_id + PREFILL_SUFFIX, ids, 1, lora=lora, arrival=now, remote_decode=True)
+                )
+            else:
+                pod.engine.add_request(SimRequest(req.request_id, ids, wr.max_tokens, lora=lora, arrival=now))
+        except ValueError as e:  # the pod refuses it (too long): a 400 from the pod, as in real time
+            flight.on_response_headers(400)
+            gw.tracker.finish(flight, "status_400")
+            finish_failed(wr.index, wr.stage, now, 400, str(e))
+            return
+        lv = _Live(wr.index, wr.stage, now, flight, ids=ids, max_tokens=wr.max_tokens, lora=lora,
+                   prefill_pod=pep.address if pep is not None else "")
+        live[req.request_id] = lv
+        if pep is not None:
+            prefill_legs[req.request_id + PREFILL_SUFFIX] = lv
+        loop.kick(target, now)
+
     # the predictor's step-phase features read "now" and each pod's last chunk time: give them virtual time
-    prev_clock = set_clock(lambda: now)
+    prev_clock = set_clock(clock)
     try:
-        while events and remaining > 0:
-            now, _, kind, data = heapq.heappop(events)
-            while next_bound < len(bounds) - 1 and now >= bounds[next_bound]:
-                stage_marks.append(counters())
-                pred_marks.append(gw.predictor_marks())
-                next_bound += 1
-            if kind == _ARRIVAL:
-                wr = workload.requests[data]
-                raw = wr.body_bytes(stream=stream)
-                req = parse_request(wr.path, raw, wr.headers(), request_id=f"bench-{wr.index}")
-                if wr.api == "chat":
-                    ids = tok.encode_chat([{"role": r, "content": c} for r, c in wr.messages])
-                else:
-                    ids = tok.encode(wr.prompt())
-                req.prompt_token_ids = ids if setup.kv_events else None
-                try:
-                    flight = gw.decide(req)
-                except SchedulingError as e:
-                    finish_failed(wr.index, wr.stage, now, e.status, e.message)
-                    continue
-                pod = pods[flight.endpoint.address]
-                lora = wr.model if wr.model in fleet.loras else None
-                pep = flight.prefill_endpoint
-                target = pods[pep.address] if pep is not None else pod
-                try:
-                    if pep is not None:  # P/D: the sidecar's prefill leg first
-                        target.engine.add_request(
-                            SimRequest(req.request_id + PREFILL_SUFFIX, ids, 1, lora=lora, arrival=now, remote_decode=True)
-                        )
-                    else:
-                        pod.engine.add_request(SimRequest(req.request_id, ids, wr.max_tokens, lora=lora, arrival=now))
-                except ValueError as e:  # the pod refuses it (too long): a 400 from the pod, as in real time
-                    flight.on_response_headers(400)
-                    gw.tracker.finish(flight, "status_400")
-                    finish_failed(wr.index, wr.stage, now, 400, str(e))
-                    continue
-                lv = _Live(wr.index, wr.stage, now, flight, ids=ids, max_tokens=wr.max_tokens, lora=lora,
-                           prefill_pod=pep.address if pep is not None else "")
-                live[req.request_id] = lv
-                if pep is not None:
-                    prefill_legs[req.request_id + PREFILL_SUFFIX] = lv
-                kick(target, now)
-            elif kind == _STEP_END:
-                pod, token = data
-                if token != pod.token or not pod.stepping:
-                    continue  # an idle wait that an arrival cut short
-                res = pod.pending
-                pod.stepping = False
-                pod.pending = None
-                deliver(pod, res)
-                if pod.engine.has_work():
-                    start_step(pod, now)
-            else:  # scrape
-                scrape(time.monotonic())
-                heapq.heappush(events, (now + scrape_interval, seq, _SCRAPE, None))
-                seq += 1
+        loop.run(arrive, on_tick=scrape, before=mark_stages, stop=lambda: remaining <= 0)
     finally:
         set_clock(prev_clock)
         while len(pred_marks) < len(bounds) + 1:
@@ -565,7 +503,7 @@ def run_virtual(
     extra: dict[str, Any] = {}
     if predictor is not None:
         extra["predictor"] = predictor
-    return VirtualResult(out, prefix, now, time.perf_counter() - wall0, steps, extra)
+    return VirtualResult(out, prefix, loop.now, time.perf_counter() - wall0, loop.steps, extra)
 
 
 def virtual_availability(setup: SetupSpec) -> str | None:

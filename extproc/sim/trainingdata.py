@@ -1,7 +1,7 @@
 """Training data from simulator traffic, in virtual time.
 
-A heterogeneous fleet of ``extproc.sim.engine.Engine`` instances (one per simulated pod) is driven by a
-discrete-event loop: Poisson arrivals whose rate sweeps from light to overload, prompts with shared prefixes
+A heterogeneous fleet of ``extproc.sim.engine.Engine`` instances (one per simulated pod) is driven by the
+virtual benchmark's discrete-event loop (``extproc.sim.vfleet``): Poisson arrivals whose rate sweeps from light to overload, prompts with shared prefixes
 (so prefix-cache scores vary), a share of LoRA-adapter requests, and a mix of routing policies (random,
 least-in-flight, best-prefix) so the data covers balanced and unbalanced states. At each arrival the same
 ``build_matrix`` the live server uses turns each pod's state into features (the engine's waiting / running /
@@ -19,8 +19,6 @@ network adds nothing.
 
 from __future__ import annotations
 
-import heapq
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,10 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from extproc.api import InferenceRequest
-from extproc.datalayer.endpoint import Endpoint, PodMetrics
+from extproc.datalayer.endpoint import Endpoint
 from extproc.predictor.features import N_FEATURES, PodClassCodes, build_matrix, observe_chunk
-from extproc.sim.engine import Engine, SimRequest
+from extproc.sim.engine import Engine, SimRequest, StepResult
 from extproc.sim.profiles import get_profile
+from extproc.sim.vfleet import VirtualFleetLoop, VirtualPod, engine_metrics
 
 DEFAULT_FLEET: tuple[str, ...] = (
     "llama3-8b-h100",
@@ -73,29 +72,6 @@ class _Pending:
     first: float = -1.0
 
 
-@dataclass(slots=True)
-class _Pod:
-    engine: Engine
-    endpoint: Endpoint
-    busy_until: float = -1.0  # end of the step in progress; < 0 = idle
-    step_outputs: list = field(default_factory=list)  # type: ignore[type-arg]
-
-
-def _sync_metrics(pod: _Pod) -> None:
-    e = pod.engine
-    pod.endpoint.metrics = PodMetrics(
-        waiting=e.num_waiting,
-        running=e.num_running,
-        kv_usage=e.kv_usage,
-        running_loras=frozenset(e.running_loras),
-        waiting_loras=frozenset(e.waiting_loras),
-        max_loras=e.profile.max_loras,
-        block_size=e.profile.block_size,
-        num_gpu_blocks=e.profile.num_gpu_blocks,
-        updated_at=1.0,
-    )
-
-
 def _rates(n_requests: int, capacity_rps: float, rng: random.Random) -> list[float]:
     """Arrival times: segments of 200 requests whose rate sweeps 0.2×..1.4× the nominal capacity."""
     times: list[float] = []
@@ -124,12 +100,12 @@ def generate(
     """Run the fleet on ``n_requests`` arrivals and return one labelled feature row per finished request."""
     rng = random.Random(seed)
     classes = classes or PodClassCodes()
-    pods: list[_Pod] = []
+    pods: list[VirtualPod] = []
     for i, name in enumerate(fleet):
         prof = get_profile(name)
         ep = Endpoint(f"10.0.0.{i + 1}:8000", {"accelerator": prof.accelerator}, [BASE_MODEL])
-        pods.append(_Pod(Engine(prof, seed=seed * 1000 + i, record_kv_events=False), ep))
-        _sync_metrics(pods[-1])
+        pods.append(VirtualPod(ep, Engine(prof, seed=seed * 1000 + i, record_kv_events=False)))
+        ep.metrics = engine_metrics(pods[-1].engine, 1.0)
     if capacity_rps is None:
         # Rough sustainable rate: decode-bound throughput of each pod at batch 64 over ~200 output tokens.
         capacity_rps = sum(64.0 / ((p.engine.profile.b0_ms + 64 * p.engine.profile.b2_ms) / 1000.0) / 200.0 for p in pods)
@@ -141,98 +117,80 @@ def generate(
     out_t: list[float] = []
     out_p: list[float] = []
     out_ph: list[float] = []
-    steps: list[tuple[float, int]] = []  # heap of (step end, pod index)
-    next_arrival = 0
 
-    def start_step(pi: int, now: float) -> None:
-        pod = pods[pi]
-        res = pod.engine.step(now)
-        pod.busy_until = now + res.duration_s
-        pod.step_outputs = res.outputs
-        heapq.heappush(steps, (pod.busy_until, pi))
-
-    while next_arrival < len(arrivals) or steps:
-        ta = arrivals[next_arrival] if next_arrival < len(arrivals) else math.inf
-        te = steps[0][0] if steps else math.inf
-        if ta <= te:
-            now = ta
-            rid = f"r{next_arrival}"
-            next_arrival += 1
-            use_prefix = rng.random() < prefix_share
-            prompt: list[int] = list(rng.choice(prefixes)) if use_prefix else []
-            suffix = max(8, int(rng.lognormvariate(5.5, 1.0)))
-            prompt += [rng.randrange(1000, 30000) for _ in range(min(suffix, 3000))]
-            max_tokens = max(2, min(1024, int(rng.lognormvariate(4.8, 0.9))))
-            lora = rng.choice(ADAPTERS) if rng.random() < lora_share else None
-            model = lora or BASE_MODEL
-            req = InferenceRequest(
-                request_id=rid,
-                path="/v1/completions",
-                api="completions",
-                model=model,
-                target_model=model,
-                body={},
-                body_size=0,
-                prompt_text="",
-                max_tokens=max_tokens,
-                prompt_token_ids=prompt,
-                stream=True,
-            )
-            for p in pods:
-                _sync_metrics(p)
-            prefix_scores = {
-                p.endpoint.address: p.engine.cached_prefix_tokens(prompt, lora) / len(prompt) for p in pods
-            }
-            eps = [p.endpoint for p in pods]
-            x = build_matrix(req, eps, prefix_scores, classes, now=now)
-            u = rng.random()
-            if u < 0.4:
-                pi = rng.randrange(len(pods))
-            elif u < 0.75:
-                pi = min(range(len(pods)), key=lambda i: (pods[i].endpoint.inflight, rng.random()))
-            else:
-                pi = max(range(len(pods)), key=lambda i: (prefix_scores[eps[i].address], -pods[i].endpoint.inflight))
-            pod = pods[pi]
-            try:
-                pod.engine.add_request(SimRequest(rid, prompt, max_tokens, lora=lora, arrival=now))
-            except ValueError:
+    def deliver(pod: VirtualPod, res: StepResult, now: float) -> None:
+        ep = pod.endpoint
+        if res.outputs:
+            observe_chunk(ep, now)  # this step's tokens reach the gateway as chunks now
+        for o in res.outputs:
+            pr = pending.get(o.request_id)
+            if pr is None:
                 continue
-            ep = pod.endpoint
-            ep.inflight += 1
-            ep.inflight_prefill_tokens += len(prompt)
-            phase = (pod.busy_until - now) * 1000.0 if pod.busy_until >= 0 else 0.0
-            pending[rid] = _Pending(x[pi].copy(), pi, len(prompt), max_tokens, now, phase)
-            if pod.busy_until < 0:
-                start_step(pi, now)
+            if o.first_token:
+                pr.first = now
+                ep.inflight_prefill_tokens -= pr.prompt_tokens
+                ep.inflight_decode_tokens += pr.max_tokens
+            if o.finished:
+                del pending[o.request_id]
+                ep.inflight -= 1
+                ep.inflight_decode_tokens -= pr.max_tokens
+                ttft = (pr.first - pr.dispatch) * 1000.0
+                n_out = o.num_output_tokens
+                tpot = (now - pr.first) * 1000.0 / (n_out - 1) if n_out > 1 else 0.0
+                out_x.append(pr.row)
+                out_t.append(ttft)
+                out_p.append(tpot)
+                out_ph.append(pr.phase_ms)
+
+    loop = VirtualFleetLoop(deliver)
+    loop.add_arrivals(arrivals)
+
+    def arrive(index: int, now: float) -> None:
+        rid = f"r{index}"
+        use_prefix = rng.random() < prefix_share
+        prompt: list[int] = list(rng.choice(prefixes)) if use_prefix else []
+        suffix = max(8, int(rng.lognormvariate(5.5, 1.0)))
+        prompt += [rng.randrange(1000, 30000) for _ in range(min(suffix, 3000))]
+        max_tokens = max(2, min(1024, int(rng.lognormvariate(4.8, 0.9))))
+        lora = rng.choice(ADAPTERS) if rng.random() < lora_share else None
+        model = lora or BASE_MODEL
+        req = InferenceRequest(
+            request_id=rid,
+            path="/v1/completions",
+            api="completions",
+            model=model,
+            target_model=model,
+            body={},
+            body_size=0,
+            prompt_text="",
+            max_tokens=max_tokens,
+            prompt_token_ids=prompt,
+            stream=True,
+        )
+        for p in pods:
+            p.endpoint.metrics = engine_metrics(p.engine, 1.0)
+        prefix_scores = {p.endpoint.address: p.engine.cached_prefix_tokens(prompt, lora) / len(prompt) for p in pods}
+        eps = [p.endpoint for p in pods]
+        x = build_matrix(req, eps, prefix_scores, classes, now=now)
+        u = rng.random()
+        if u < 0.4:
+            pi = rng.randrange(len(pods))
+        elif u < 0.75:
+            pi = min(range(len(pods)), key=lambda i: (pods[i].endpoint.inflight, rng.random()))
         else:
-            now, pi = heapq.heappop(steps)
-            pod = pods[pi]
-            ep = pod.endpoint
-            if pod.step_outputs:
-                observe_chunk(ep, now)  # this step's tokens reach the gateway as chunks now
-            for o in pod.step_outputs:
-                pr = pending.get(o.request_id)
-                if pr is None:
-                    continue
-                if o.first_token:
-                    pr.first = now
-                    ep.inflight_prefill_tokens -= pr.prompt_tokens
-                    ep.inflight_decode_tokens += pr.max_tokens
-                if o.finished:
-                    del pending[o.request_id]
-                    ep.inflight -= 1
-                    ep.inflight_decode_tokens -= pr.max_tokens
-                    ttft = (pr.first - pr.dispatch) * 1000.0
-                    n_out = o.num_output_tokens
-                    tpot = (now - pr.first) * 1000.0 / (n_out - 1) if n_out > 1 else 0.0
-                    out_x.append(pr.row)
-                    out_t.append(ttft)
-                    out_p.append(tpot)
-                    out_ph.append(pr.phase_ms)
-            pod.step_outputs = []
-            if pod.engine.has_work():
-                start_step(pi, now)
-            else:
-                pod.busy_until = -1.0
+            pi = max(range(len(pods)), key=lambda i: (prefix_scores[eps[i].address], -pods[i].endpoint.inflight))
+        pod = pods[pi]
+        try:
+            pod.engine.add_request(SimRequest(rid, prompt, max_tokens, lora=lora, arrival=now))
+        except ValueError:
+            return
+        ep = pod.endpoint
+        ep.inflight += 1
+        ep.inflight_prefill_tokens += len(prompt)
+        phase = (pod.busy_until - now) * 1000.0 if pod.busy_until >= 0 else 0.0
+        pending[rid] = _Pending(x[pi].copy(), pi, len(prompt), max_tokens, now, phase)
+        loop.kick(pod, now)
+
+    loop.run(arrive)
     x_arr = np.stack(out_x) if out_x else np.empty((0, N_FEATURES))
     return Dataset(x_arr, np.asarray(out_t), np.asarray(out_p), classes.as_dict(), np.asarray(out_ph))
