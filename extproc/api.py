@@ -192,22 +192,31 @@ def _input_text(value: Any, key: str = "input") -> str:
     raise RequestError(400, f"field '{key}' must be a string or a non-empty list", code="invalid_type")
 
 
+def check_body_size(size: int, limit: int) -> None:
+    """The one body-size check: a body over ``limit`` bytes is a 413 ``request_too_large``. The server calls it
+    on every chunk as the body streams in (so it answers before buffering more); ``parse_request`` calls it for
+    callers that hand it a whole body."""
+    if size > limit:
+        raise RequestError(413, f"request body exceeds the limit of {limit} bytes ({size} bytes received)")
+
+
 def parse_request(
     path: str,
     raw: bytes,
     headers: dict[str, str] | None = None,
     *,
     request_id: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
     priority_of_objective: dict[str, int] | None = None,
 ) -> InferenceRequest:
-    """Parse an OpenAI-style request body for ``path``. Raises ``RequestError``."""
+    """Parse an OpenAI-style request body for ``path``. Raises ``RequestError``. ``max_body_bytes=None``: the
+    caller has checked the size already (the server, chunk by chunk)."""
     headers = headers or {}
     api = api_for_path(path)
     if api is None:
         raise RequestError(404, f"unknown inference path '{path.split('?', 1)[0]}'", code="unknown_path")
-    if len(raw) > max_body_bytes:
-        raise RequestError(413, f"request body of {len(raw)} bytes exceeds the limit of {max_body_bytes} bytes")
+    if max_body_bytes is not None:
+        check_body_size(len(raw), max_body_bytes)
     if not raw:
         raise RequestError(400, "request body is empty; an inference request needs a JSON body", code="empty_body")
     try:

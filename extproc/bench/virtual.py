@@ -42,13 +42,13 @@ from extproc.bench.setups import SetupSpec, config_available
 from extproc.bench.workloads import MODEL, Workload
 from extproc.datalayer.endpoint import Endpoint, EndpointPool
 from extproc.predictor.features import set_clock
-from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, SchedulingError
+from extproc.scheduling.framework import Observation, SchedulingError
+from extproc.server.decide import model_error, schedule_and_dispatch, shed_error
 from extproc.server.tracker import Flight
 from extproc.sim.vfleet import TICK, VirtualFleetLoop, VirtualPod, engine_metrics
 
 log = logging.getLogger(__name__)
 
-PREFILL_HEADER = "x-prefiller-host-port"
 PREFILL_SUFFIX = ":prefill"
 
 
@@ -190,8 +190,9 @@ _TOKEN_CHUNK = _sse({"choices": [{"index": 0, "text": "x"}]})
 class _Gateway:
     """The server's request path minus the sockets, on virtual time.
 
-    Decision side (as ``ExtProcHandler._schedule``/``_dispatch``): admission (sheddable requests get 429 while
-    the fleet is saturated, the same ``SaturationDetector`` and config), ``Scheduler.schedule``, the tracker's
+    Decision side: the server's own steps (``extproc.server.decide``, which ``ExtProcHandler`` calls too) —
+    unknown model → 404, admission (sheddable requests get 429 while the fleet is saturated, the same
+    ``SaturationDetector`` and config), then ``schedule_and_dispatch``: ``Scheduler.schedule``, the tracker's
     ``dispatch`` with the chosen pod's predictor feature row, ``Scheduler.dispatched``. Response side (as the
     observation stream): response headers, one body chunk per engine step that produced tokens for a stream
     (``Flight.on_body_chunk``: first-token time, the step-phase features, chunk count), the usage block and
@@ -243,16 +244,10 @@ class _Gateway:
         A P/D split leaves the prefill pod in ``flight.prefill_endpoint`` (accounted until its leg ends)."""
         if self.envoy is not None:
             return self.tracker.dispatch(req, self.envoy.pick())
-        model = req.target_model
-        if req.sheddable and self.saturation.saturated([e for e in self.pool.snapshot() if model in e.models]):
-            raise SchedulingError(429, "the fleet is saturated and this request is sheddable (priority < 0)", "saturated")
-        result, cycle = self.scheduler.schedule(req)
-        primary = result.primary
-        feats = cycle.data.get(PREDICTOR_FEATURES)
-        paddr = result.headers.get(PREFILL_HEADER) if result.headers else None
-        prefill = self.pool.get(paddr) if paddr else None
-        flight = self.tracker.dispatch(req, primary, feats.get(primary.address) if isinstance(feats, dict) else None, prefill)
-        self.scheduler.dispatched(cycle, req, result)
+        err = model_error(self.pool, req) or shed_error(self.pool, self.saturation, req)
+        if err is not None:
+            raise err
+        flight, _, _ = schedule_and_dispatch(self.scheduler, self.tracker, self.pool, req)
         return flight
 
     @staticmethod

@@ -28,12 +28,13 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FlowController
 from extproc.admission.saturation import SaturationDetector
-from extproc.api import RequestError, api_for_path, error_body, parse_request
+from extproc.api import RequestError, api_for_path, check_body_size, error_body, parse_request
 from extproc.contract import DEFAULT_MAX_BODY_BYTES
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.observe.metrics import SchedulerMetrics
-from extproc.scheduling.framework import PREDICTOR_FEATURES, Observation, Scheduler, SchedulingError
+from extproc.scheduling.framework import Observation, Scheduler, SchedulingError
 from extproc.server import codec
+from extproc.server.decide import model_error, schedule_and_dispatch, shed_error
 from extproc.server.accesslog import AccessLogReceiver, ObservationSampler
 from extproc.server.tracker import Flight, FlightTracker
 
@@ -259,8 +260,10 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         chunk = rb.body
         if chunk:
             st.body_len += len(chunk)
-            if st.body_len > self.settings.max_body_bytes:
-                return self._reject(st, 413, f"request body exceeds the limit of {self.settings.max_body_bytes} bytes", "invalid_request_error", "request_too_large")
+            try:
+                check_body_size(st.body_len, self.settings.max_body_bytes)
+            except RequestError as e:
+                return self._reject(st, e.status, e.message, e.type, e.code)
             st.body.append(chunk)
         if not rb.end_of_stream:
             return codec.request_body_continue()  # streamed/partial body: keep buffering
@@ -276,24 +279,21 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                 raw,
                 st.headers,
                 request_id=st.request_id or None,
-                max_body_bytes=self.settings.max_body_bytes,
+                max_body_bytes=None,  # checked chunk by chunk in _on_request_body
                 priority_of_objective=self.settings.objectives,
             )
         except RequestError as e:
             return self._reject(st, e.status, e.message, e.type, e.code)
         st.request_id = request.request_id
-        model = request.target_model
-        if model not in self.pool.known_models():
+        err = model_error(self.pool, request)
+        if err is not None:
             # counted without the name: a client-chosen model must not mint a metrics series per name
-            return self._reject(st, 404, f"The model `{model}` does not exist.", "NotFoundError", "model_not_found")
+            return self._reject(st, err.status, err.message, err.error_type, err.code)
         if self.tokenizers:
             request.prompt_token_ids = self.tokenizers.tokenize(request)
-        snapshot = self.pool.snapshot()
-        if request.sheddable and (
-            (self.flow is not None and self.flow.queued())  # a freed slot belongs to the queued, higher-priority work
-            or self.saturation.saturated([e for e in snapshot if model in e.models])
-        ):
-            return self._reject(st, 429, "the fleet is saturated and this request is sheddable (priority < 0)", "rate_limit_error", "saturated", model=model)
+        err = shed_error(self.pool, self.saturation, request, self.flow is not None and self.flow.queued())
+        if err is not None:
+            return self._reject(st, err.status, err.message, err.error_type, err.code, model=request.target_model)
         if self.flow is not None and self.flow.must_wait(request):
             return self._wait_then_dispatch(st, request, t0)
         return self._dispatch(st, request, t0)
@@ -314,23 +314,14 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             if sel is not None:
                 allowed = parse_endpoint_selection(sel)
         try:
-            result, cycle = self.scheduler.schedule(request, allowed=allowed)
+            st.flight, result, _ = schedule_and_dispatch(self.scheduler, self.tracker, self.pool, request, allowed)
         except SchedulingError as e:
             return self._reject(st, e.status, e.message, e.error_type, e.code, model=model)
         targets = [ep.address for ep in result.targets]
         primary = result.primary
-        feats = cycle.data.get(PREDICTOR_FEATURES)
-        prefill = None
-        if result.headers:
-            paddr = result.headers.get(codec.HDR_PREFILLER)
-            prefill = self.pool.get(paddr) if paddr else None
-        st.flight = self.tracker.dispatch(
-            request, primary, feats.get(primary.address) if isinstance(feats, dict) else None, prefill
-        )
         st.served = primary.address
         if self._touch is not None:
             self._touch(primary)
-        self.scheduler.dispatched(cycle, request, result)
         new_body = None
         if request.target_model != request.model:
             request.body["model"] = request.target_model
