@@ -15,7 +15,8 @@ A plugin is a plain class with a ``type_name`` (its registry name, the ``type:``
 - :class:`UsageLimitPolicy` — ``compute_limits(saturation, bands)``: per-band dispatch ceilings of flow control
 - :class:`ResponseReporter` — ``report(request, usage)``: dynamic metadata for the proxy when a response ends
 - :class:`Decider` — a per-request yes/no for an optional stage of a profile handler (``deciders.prefill``)
-- :class:`Service` — a shared background service (started and stopped by the server)
+- :class:`Service` — a shared background service (``async start()`` / ``async stop()``), put in ``ctx.services``
+  (a :class:`Services` registry, typed keys :class:`ServiceKey`); the server starts and stops every one
 
 A plugin may also declare its roles explicitly with ``plugin_roles: ClassVar[frozenset[str]]`` (names from
 :data:`ROLES`); the declaration must agree with the protocols it satisfies.
@@ -30,7 +31,7 @@ are below (``PREFIX_SCORES``, ``PREFIX_CACHED_TOKENS``, ...). Third-party packag
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
@@ -80,16 +81,7 @@ from extproc.scheduling.params import (
     parse_duration,
 )
 from extproc.scheduling.registry import PluginContext, register
-
-
-@runtime_checkable
-class Service(Protocol):
-    """A shared background service a plugin puts in ``ctx.services`` (e.g. a KV-event subscriber). The server
-    awaits ``start()`` before serving and ``stop()`` on shutdown."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
+from extproc.services import Service, ServiceKey, Services
 
 
 # role name → protocol; the order is the order roles are placed in a profile (filter before scorer before picker)
@@ -141,6 +133,8 @@ __all__ = [
     "UsageLimitPolicy",
     "ResponseReporter",
     "Service",
+    "ServiceKey",
+    "Services",
     "ROLES",
     "PROFILE_ROLES",
     "roles_of",

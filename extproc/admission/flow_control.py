@@ -32,6 +32,7 @@ from extproc.admission.saturation import SaturationDetector
 from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint
 from extproc.scheduling.framework import SchedulingError
+from extproc.services import ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,10 @@ class _Band:
         if not q:
             del self.tenants[w.request.fairness_id]
         return True
+
+
+# the server's flow controller (when flow control is on)
+FLOW_CONTROL: ServiceKey[FlowController] = ServiceKey("flow_control")
 
 
 class FlowController:

@@ -45,6 +45,7 @@ from extproc.predictor.features import set_clock
 from extproc.scheduling.framework import Observation, SchedulingError
 from extproc.server.decide import model_error, schedule_and_dispatch, shed_error
 from extproc.server.tracker import Flight
+from extproc.services import Services
 from extproc.sim.vfleet import TICK, VirtualFleetLoop, VirtualPod, engine_metrics
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class _Gateway:
             from extproc.scheduling.config import load_config
 
             assert setup.config is not None
-            services: dict[str, Any] = {RUNTIME_KEY: PredictorRuntime(clock=clock), WARM_START_KEY: warm_start or ""}
+            services = Services({RUNTIME_KEY: PredictorRuntime(clock=clock), WARM_START_KEY: warm_start or ""})
             cfg = load_config(setup.config, pool, services)
             self.scheduler = cfg.scheduler
             self.scheduler.rng.seed(seed)

@@ -40,6 +40,7 @@ import zmq
 import zmq.asyncio
 
 from extproc.datalayer.endpoint import Endpoint, EndpointPool
+from extproc.services import ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -574,6 +575,10 @@ class SourceTemplate:
             self.topic.format(**kw),
             self.bind,
         )
+
+
+# the KV-event manager of a config (a background Service: subscribers per pod)
+KV_EVENTS: ServiceKey[KVEventManager] = ServiceKey("kv_events")
 
 
 @dataclass(slots=True)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from extproc.datalayer.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from extproc.services import ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ class IndexStats:
     holds_released: int = 0
     holds_expired: int = 0
     clears: int = 0
+
+
+# the KV-block index of a config, shared by its precise-prefix scorers
+KV_INDEX: ServiceKey[KVBlockIndex] = ServiceKey("kv_index")
 
 
 class KVBlockIndex:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from extproc.contract import DEFAULT_SCRAPE_INTERVAL_S
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
+from extproc.services import ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +406,10 @@ class _PodState:
         self.next_models = 0.0
         self.last_touch = -1e9  # time.monotonic() of our last dispatch to it
         self.removed = False
+
+
+# the server's scraper in the service registry (the handler tells it which pods just got a request)
+SCRAPER: ServiceKey[MetricsScraper] = ServiceKey("scraper")
 
 
 class MetricsScraper:

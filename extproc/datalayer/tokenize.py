@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import xxhash
 
 from extproc.api import API_CHAT, API_COMPLETIONS, InferenceRequest
+from extproc.services import ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,10 @@ def _build(spec: Mapping[str, Any]) -> TextTokenizer:
     if kind == "sim":
         return SimTextTokenizer()
     raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'hf' or 'sim')")
+
+
+# the per-model tokenizers of a server (the handler tokenizes once; precise scorers reuse the ids)
+TOKENIZERS: ServiceKey[Tokenizers] = ServiceKey("tokenizers")
 
 
 class Tokenizers:

@@ -16,7 +16,12 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from extproc.admission.flow_control import FLOW_CONTROL
 from extproc.datalayer.endpoint import EndpointPool
+from extproc.datalayer.kvevents import KV_EVENTS
+from extproc.datalayer.kvindex import KV_INDEX
+from extproc.predictor.service import SERVICE_KEY as PREDICTOR
+from extproc.scheduling.plugins.prefix import SERVICE_KEY as PREFIX_INDEX
 
 # microsecond resolution for decisions
 DECISION_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25)
@@ -53,7 +58,7 @@ class _PoolCollector(Collector):
             errors.add_metric([a], self.scrape_errors.get(a, 0))
         yield from (inflight, inflight_tok, healthy, age, waiting, running, kv, errors)
         yield GaugeMetricFamily("extproc_endpoints", "Known endpoints", value=len(self.pool))
-        idx = self.services.get("prefix_index")
+        idx = self.services.get(PREFIX_INDEX)
         stats = getattr(idx, "stats", None)
         if callable(stats):
             st = stats()
@@ -61,7 +66,7 @@ class _PoolCollector(Collector):
             hits = float(st.get("hits", 0) or 0)
             yield GaugeMetricFamily("extproc_prefix_index_hit_ratio", "Share of requests with >=1 matched prefix block", value=hits / lookups if lookups else 0.0)
             yield GaugeMetricFamily("extproc_prefix_index_blocks", "Block hashes held by the approximate prefix index", value=float(st.get("blocks_indexed", 0) or 0))
-        for name in ("kv_index", "kv_events", "predictor", "flow_control"):
+        for name in (KV_INDEX, KV_EVENTS, PREDICTOR, FLOW_CONTROL):
             svc = self.services.get(name)
             stats = getattr(svc, "stats", None)
             if callable(stats):

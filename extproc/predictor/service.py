@@ -30,6 +30,7 @@ from extproc.predictor.model import LatencyModel, Prediction
 from extproc.predictor.persistence import BUILTIN, load_initial_model, save_model, state_model_path
 from extproc.predictor.trainer import InlineTrainer, ProcessTrainer, ThreadTrainer, TrainerConfig, TrainResult
 from extproc.cycle import PREDICTOR_FEATURES, PREFIX_SCORES, CycleState, Observation
+from extproc.services import ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,13 @@ CYCLE_TPOT = "predicted_tpot_ms"
 CYCLE_PREFIX = PREFIX_SCORES
 CYCLE_FALLBACK = "predictor_fallback"
 
-SERVICE_KEY = "predictor"
-STATE_DIR_KEY = "predictor_state_dir"
+SERVICE_KEY: ServiceKey[PredictorService] = ServiceKey("predictor")
+STATE_DIR_KEY: ServiceKey[str] = ServiceKey("predictor_state_dir")
 # services[WARM_START_KEY] overrides every config's ``warmStart``: a path, ``builtin`` or "" (start cold). Set by
 # ``extproc serve --predictor-warm-start`` and by the benchmarks (cold unless ``--warm-start FILE``).
-WARM_START_KEY = "predictor_warm_start"
+WARM_START_KEY: ServiceKey[str] = ServiceKey("predictor_warm_start")
 # services[RUNTIME_KEY]: a ``PredictorRuntime`` from a virtual-time driver (inline trainer on its clock).
-RUNTIME_KEY = "predictor_runtime"
+RUNTIME_KEY: ServiceKey[PredictorRuntime] = ServiceKey("predictor_runtime")
 CURVE_EVERY = 100  # learning curve: one point per this many observed samples
 
 # Process-wide metrics on the default registry (one server per process).

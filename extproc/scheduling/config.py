@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from extproc.datalayer.endpoint import EndpointPool
+from extproc.services import Services
 from extproc.scheduling import llmd, registry
 from extproc.plugin import roles_of
 from extproc.scheduling.framework import (
@@ -115,7 +116,7 @@ def build_config(raw: Any, pool: EndpointPool, services: dict[str, Any] | None =
     registry.load_entry_points()
     # the caller's services dict is shared on purpose: plugins register shared services (prefix index, KV-event
     # manager, predictor) in it, and the server starts/stops them and exports their stats
-    ctx = registry.PluginContext(pool=pool, services=services if services is not None else {}, config_path=path)
+    ctx = registry.PluginContext(pool=pool, services=services if services is not None else Services(), config_path=path)
 
     plugin_specs = raw.get("plugins") or []
     if not isinstance(plugin_specs, list):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.datalayer.endpoint import EndpointPool
+from extproc.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ class PluginContext:
     index, the KV-event index, the predictor), and the config file path for error messages."""
 
     pool: EndpointPool
-    services: dict[str, Any] = field(default_factory=dict)
+    # the shared-service registry (extproc.services.Services from the server and the virtual bench; any dict works)
+    services: dict[str, Any] = field(default_factory=Services)
     config_path: str = "<built-in>"
     # the config's plugins by instance name, filled as they are built; complete when a profile handler's
     # ``configure`` runs (the P/D handler resolves ``deciders.prefill`` there, whatever the plugin order)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -18,16 +16,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from extproc.admission.flow_control import FlowControlConfig, FlowController
+from extproc.admission.flow_control import FLOW_CONTROL, FlowControlConfig, FlowController
 from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, DEFAULT_SCRAPE_INTERVAL_S, ResponseObserve, envoy_buffer_limit_bytes
 from extproc.admission.saturation import SaturationDetector
 from extproc.datalayer.endpoint import EndpointPool
-from extproc.datalayer.scrape import MetricsScraper, ScrapeSettings
+from extproc.datalayer.kvevents import KV_EVENTS
+from extproc.datalayer.scrape import SCRAPER, MetricsScraper, ScrapeSettings
+from extproc.datalayer.tokenize import TOKENIZERS
 from extproc.observe.metrics import SchedulerMetrics
+from extproc.predictor.service import STATE_DIR_KEY, WARM_START_KEY
 from extproc.scheduling.config import ConfigError, SchedulerConfig, load_config
 from extproc.server.accesslog import ALS_METHOD, AccessLogReceiver
 from extproc.server.handler import ExtProcHandler, HandlerSettings, observation_outcome_counter, record_observation
 from extproc.server.tracker import FlightTracker
+from extproc.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +81,12 @@ class SchedulerServer:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         self.pool = EndpointPool(default_models=frozenset(opts.models))
-        self.services: dict[str, Any] = {
-            "kv_events_config": dict(opts.kv_events),
-            "tokenizer_config": dict(opts.tokenizers),
-        }
+        self.services = Services()
         if opts.predictor_state_dir:
-            self.services["predictor_state_dir"] = opts.predictor_state_dir
+            self.services[STATE_DIR_KEY] = opts.predictor_state_dir
         if opts.predictor_warm_start is not None:
             ws = opts.predictor_warm_start
-            self.services["predictor_warm_start"] = "" if ws.lower() in ("", "none") else ws
+            self.services[WARM_START_KEY] = "" if ws.lower() in ("", "none") else ws
         self.metrics = SchedulerMetrics(self.pool, self.services)
         self.config: SchedulerConfig | None = None
         self.scraper = MetricsScraper(
@@ -102,7 +101,7 @@ class SchedulerServer:
             ),
             on_scrape=self.metrics.on_scrape,
         )
-        self.services["scraper"] = self.scraper  # the handler tells it which pods just got a request
+        self.services[SCRAPER] = self.scraper  # the handler tells it which pods just got a request
         self.tracker: FlightTracker | None = None
         self.handler: ExtProcHandler | None = None
         self.access_log: AccessLogReceiver | None = None
@@ -112,19 +111,18 @@ class SchedulerServer:
         self._health_grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._metrics_runner: web.AppRunner | None = None
-        self._started_services: list[Any] = []
         self.grpc_port = 0
         self.health_port = 0
         self.metrics_port = 0
 
     def load(self) -> SchedulerConfig:
         """Build the plugin chain (raises ConfigError with file, plugin and reason)."""
-        if self.opts.tokenizers and "tokenizers" not in self.services:
+        if self.opts.tokenizers and TOKENIZERS not in self.services:
             from extproc.datalayer.tokenize import Tokenizers
 
-            self.services["tokenizers"] = Tokenizers(self.opts.tokenizers)
+            self.services[TOKENIZERS] = Tokenizers(self.opts.tokenizers)
         self.config = load_config(self.opts.config, self.pool, self.services)
-        kv = self.services.get("kv_events")
+        kv = self.services.get(KV_EVENTS)
         if kv is not None and self.opts.kv_events:
             from extproc.datalayer.kvevents import sources_from_json
 
@@ -168,7 +166,7 @@ class SchedulerServer:
             else None
         )
         if self.flow is not None:
-            self.services["flow_control"] = self.flow
+            self.services[FLOW_CONTROL] = self.flow
         on_complete = record_observation(self.metrics, cfg.scheduler)
         flow = self.flow
 
@@ -200,14 +198,7 @@ class SchedulerServer:
         self.access_log = AccessLogReceiver(self.tracker)
         self.handler.access_log = self.access_log
         # shared services created by plugins (KV-event manager, predictor, ...) start here
-        for name, svc in list(self.services.items()):
-            if svc is self.scraper:
-                continue  # started below, after the shared services
-            start = getattr(svc, "start", None)
-            if callable(start) and asyncio.iscoroutinefunction(start):
-                await start()
-                self._started_services.append(svc)
-                log.info("service started", extra={"service": name})
+        await self.services.start_all(skip=(self.scraper,))  # the scraper starts after them
         await self.scraper.start()
 
         creds = self._server_credentials()
@@ -323,14 +314,7 @@ class SchedulerServer:
         await self.scraper.stop()
         if self.flow is not None:
             await self.flow.stop()
-        for svc in reversed(self._started_services):
-            stop = getattr(svc, "stop", None)
-            if callable(stop):
-                with contextlib.suppress(Exception):
-                    res = stop()
-                    if asyncio.iscoroutine(res):
-                        await res
-        self._started_services.clear()
+        await self.services.stop_all()
         if self.tracker is not None:
             await self.tracker.stop()
 

@@ -31,12 +31,15 @@ from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, check_body_size, error_body, parse_request
 from extproc.contract import DEFAULT_MAX_BODY_BYTES
 from extproc.datalayer.endpoint import EndpointPool
+from extproc.datalayer.scrape import SCRAPER
+from extproc.datalayer.tokenize import TOKENIZERS
 from extproc.observe.metrics import SchedulerMetrics
 from extproc.scheduling.framework import Observation, Scheduler, SchedulingError
 from extproc.server import codec
 from extproc.server.decide import model_error, schedule_and_dispatch, shed_error
 from extproc.server.accesslog import AccessLogReceiver, ObservationSampler
 from extproc.server.tracker import Flight, FlightTracker
+from extproc.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         tracker: FlightTracker,
         settings: HandlerSettings | None = None,
         saturation: SaturationDetector | None = None,
-        services: dict[str, Any] | None = None,
+        services: Services | None = None,
         flow: FlowController | None = None,
     ) -> None:
         self.flow = flow
@@ -141,14 +144,14 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         self.tracker = tracker
         self.settings = settings or HandlerSettings()
         self.saturation = saturation or SaturationDetector()
-        self.services = services if services is not None else {}
+        self.services = services if services is not None else Services()
         self._req_counters: dict[tuple[str, int], Any] = {}
-        self.tokenizers = self.services.get("tokenizers")
+        self.tokenizers = self.services.get(TOKENIZERS)
         self.sampler = ObservationSampler(self.settings.observe_budget)
         self.access_log: AccessLogReceiver | None = None  # set by the server when it serves the access-log service
-        scraper = self.services.get("scraper")
+        scraper = self.services.get(SCRAPER)
         # adaptive scraping: a pod we just sent a request to is scraped at the active rate again
-        self._touch = getattr(scraper, "touch", None)
+        self._touch = scraper.touch if scraper is not None else None
         # headers a client may never set: the routing headers and those the profile handler sets upstream
         self._strip = tuple(dict.fromkeys(codec.ROUTING_HEADERS + (codec.HDR_OBSERVE,) + scheduler.owned_headers))
 

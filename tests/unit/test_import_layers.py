@@ -3,7 +3,7 @@
 Every ``import`` / ``from ... import`` in every product module is checked, including lazy ones inside functions
 and ``TYPE_CHECKING`` blocks (the AST is walked, nothing is executed). Layers, lowest first::
 
-    contract, api  <  datalayer  <  cycle  <  predictor  <  scheduling (+ plugin, the SDK facade)  <  admission, observe  <  server
+    contract, api, services  <  datalayer  <  cycle  <  predictor  <  scheduling (+ plugin, the SDK facade)  <  admission, observe  <  server
 
 A module may import its own layer and any layer below it. The lab (``sim``, ``bench``, ``harness``, ``demo``)
 and the separate batch service (``batch``) sit outside the product: the product imports none of them, nor any
@@ -23,6 +23,7 @@ PKG = Path(extproc.__file__).resolve().parent
 LAYERS: dict[str, int] = {
     "contract": 0,
     "api": 0,
+    "services": 0,
     "datalayer": 1,
     "cycle": 2,
     "predictor": 3,

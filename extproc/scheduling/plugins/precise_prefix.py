@@ -49,9 +49,9 @@ from extproc.plugin import (
     register,
 )
 from extproc.api import CHARS_PER_TOKEN
-from extproc.datalayer.kvevents import KVEventManager, SourceTemplate, sources_from_json
-from extproc.datalayer.kvindex import KVBlockIndex, PrefixMatch
-from extproc.datalayer.tokenize import Tokenizers
+from extproc.datalayer.kvevents import KV_EVENTS, KVEventManager, SourceTemplate, sources_from_json
+from extproc.datalayer.kvindex import KV_INDEX, KVBlockIndex, PrefixMatch
+from extproc.datalayer.tokenize import TOKENIZERS, Tokenizers
 from extproc.scheduling.plugins.prefix import (
     DEFAULT_BLOCK_SIZE as APPROX_BLOCK_SIZE,
     DEFAULT_LOAD_SLACK,
@@ -65,9 +65,9 @@ from extproc.scheduling.plugins.prefix import (
 
 log = logging.getLogger(__name__)
 
-SERVICE_INDEX = "kv_index"
-SERVICE_EVENTS = "kv_events"
-SERVICE_TOKENIZERS = "tokenizers"
+SERVICE_INDEX = KV_INDEX
+SERVICE_EVENTS = KV_EVENTS
+SERVICE_TOKENIZERS = TOKENIZERS
 DEFAULT_TOKEN_BLOCK_SIZE = 16  # vLLM's default block size on GPU
 DEFAULT_MAX_BLOCKS = 1024
 DEFAULT_MAX_KEYS = 1_000_000

@@ -52,6 +52,7 @@ from extproc.plugin import (
     register,
 )
 from extproc.api import CHARS_PER_TOKEN
+from extproc.services import ServiceKey
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ DEFAULT_BLOCK_SIZE = 64  # bytes of prompt per hash block: 16 tokens × 4 chars
 DEFAULT_MAX_PREFIX_BLOCKS = 256
 DEFAULT_LRU_CAPACITY_PER_SERVER = 31_250
 DEFAULT_LOAD_SLACK = 4.0  # bounded load: in-flight requests a pod may exceed the scaled mean by
-SERVICE_KEY = "prefix_index"
-SCORER_SERVICE_KEY = "prefix_scorer"
+SERVICE_KEY: ServiceKey[PrefixIndex] = ServiceKey("prefix_index")
+SCORER_SERVICE_KEY: ServiceKey[PrefixCacheScorer] = ServiceKey("prefix_scorer")
 
 # cycle.data keys shared with other plugins (the latency predictor reads them).
 CYCLE_SCORES = PREFIX_SCORES
