@@ -17,7 +17,7 @@ the tiers holding the block. Groups (hybrid models) are scored as ``docs/precise
 * ``full_attention`` / ``mla_attention`` (and any kind we do not know): block *i* is reusable only if blocks
   0..i are all present in every such group → a consecutive-prefix walk;
 * ``sliding_window`` / ``sliding_window_mla`` with window *W* tokens: a hit of length *L* blocks needs only
-  the last ``ceil(W / block_size)`` blocks before *L* in that group;
+  the last ``ceil((W - 1) / block_size)`` blocks before *L* in that group;
 * ``mamba``: the recurrent state is only reusable at a checkpoint, so a hit of length *L* needs block *L-1*
   present in that group.
 
@@ -580,7 +580,9 @@ class KVBlockIndex:
         for gi, g in st.groups.items():
             if g.kind in SLIDING_KINDS:
                 bs = g.block_size or st.block_size or 1
-                w = max(1, math.ceil((g.sliding_window or bs) / bs))
+                # vLLM's SlidingWindowManager: cdiv(window - 1, block_size) blocks before the hit's end (the
+                # token after the hit is inside its own window)
+                w = max(1, math.ceil(((g.sliding_window or bs) - 1) / bs))
                 pres = present(gi)
                 prefix = [0] * (upper + 1)
                 for i, p in enumerate(pres):

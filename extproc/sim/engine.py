@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from extproc.sim.kvcache import KVCache, KVEvent, hash_block
+from extproc.sim.kvcache import KVCache, KVEvent, KVGroupSpec, hash_block
 from extproc.sim.offload import CPUOffloadTier
 from extproc.sim.profiles import Profile
 from extproc.datalayer.simtokenizer import get_tokenizer
@@ -154,7 +154,7 @@ class _Seq:
         "max_out",
         "num_out",
         "num_computed",
-        "blocks",
+        "tables",
         "hashes",
         "num_cached_blocks",
         "num_cached_prompt",
@@ -177,7 +177,7 @@ class _Seq:
         self.max_out = max_out
         self.num_out = 0
         self.num_computed = 0
-        self.blocks: list[int] = []
+        self.tables: list[list[int]] = []  # one block table per KV-cache group (sliding-window: -1 = freed slot)
         self.hashes: list[int] = []
         self.num_cached_blocks = 0
         self.num_cached_prompt = 0
@@ -210,14 +210,16 @@ class Engine:
         self.seed = seed
         self.time_scale = time_scale
         self.slowdown = 1.0
+        groups = [KVGroupSpec.from_dict(dict(g)) for g in profile.kv_cache_groups] if profile.kv_cache_groups else None
         self.kv = KVCache(
             profile.num_gpu_blocks,
             profile.block_size,
             enable_prefix_caching=enable_prefix_caching,
             hash_seed=seed,
             record_events=record_kv_events,
+            groups=groups,
         )
-        self.max_model_len = min(profile.max_model_len, profile.num_gpu_blocks * profile.block_size)
+        self.max_model_len = min(profile.max_model_len, self._max_len_in_cache())
         self.stats = EngineStats()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
@@ -241,10 +243,29 @@ class Engine:
         # CPU KV-offload tier (extproc.sim.offload): write-through copies of GPU-cached blocks, loaded back on a miss
         self.cpu_tier: CPUOffloadTier | None = None
         if p.cpu_offload_blocks > 0:
+            if self.kv.hybrid:
+                raise ValueError(f"profile {p.name}: the CPU offload tier is modelled for one full-attention KV-cache group only")
             self.cpu_tier = CPUOffloadTier(
                 p.cpu_offload_blocks, p.block_size, p.cpu_load_ms_per_block / 1000.0, record_events=record_kv_events
             )
             self.kv.on_store = self.cpu_tier.store
+
+    def _max_len_in_cache(self) -> int:
+        """Longest sequence whose blocks fit the whole cache: every full-attention group holds all its blocks; a
+        sliding-window group at most its window + one scheduling chunk (its blocks outside the window are freed)."""
+        p = self.profile
+        bs = p.block_size
+        kv = self.kv
+        if not kv.hybrid:
+            return p.num_gpu_blocks * bs
+        full = sum(1 for w in kv._sw if not w)
+        sw_blocks = sum(-(-(w - 1 + p.max_num_batched_tokens) // bs) + 1 for w in kv._sw if w)
+        left = p.num_gpu_blocks - sw_blocks
+        if left <= 0:
+            raise ValueError(f"profile {p.name}: {p.num_gpu_blocks} KV blocks cannot hold one sliding window per group")
+        if not full:
+            return p.max_model_len
+        return (left // full) * bs
 
     # ---- gauges -----------------------------------------------------------------------------------------------
     @property
@@ -329,9 +350,9 @@ class Engine:
             self._waiting.remove(seq)
             if seq.remote_tokens > 0:
                 self._remote_waiting -= 1
-        if seq.blocks:
-            self.kv.free(seq.blocks)
-            seq.blocks = []
+        if seq.tables:
+            self.kv.free_tables(seq.tables)
+            seq.tables = []
         seq.state = _DONE
         fr = self.stats.finished_reasons
         fr["abort"] = fr.get("abort", 0) + 1
@@ -341,7 +362,7 @@ class Engine:
         hashes: list[int] = []
         self.kv.extend_hashes(hashes, prompt_token_ids, lora)
         max_blocks = (len(prompt_token_ids) - 1) // self.kv.block_size if prompt_token_ids else 0
-        return len(self.kv.lookup(hashes, max_blocks)) * self.kv.block_size
+        return self.kv.find_hit(hashes, max_blocks)[0] * self.kv.block_size
 
     def reset(self) -> list[str]:
         """Drop every request and the whole cache (a crash/restart); returns the dropped request ids."""
@@ -358,8 +379,8 @@ class Engine:
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def _preempt(self, seq: _Seq, preempted: list[str]) -> None:
-        self.kv.free(seq.blocks)
-        seq.blocks = []
+        self.kv.free_tables(seq.tables)
+        seq.tables = []
         seq.num_computed = 0
         seq.num_cached_blocks = 0
         seq.state = _WAITING
@@ -367,13 +388,10 @@ class Engine:
         self.stats.num_preemptions_total += 1
         preempted.append(seq.rid)
 
-    def _blocks_needed(self, seq: _Seq, upto: int) -> int:
-        bs = self.kv.block_size
-        return -(-upto // bs) - len(seq.blocks)
-
     def step(self, now: float) -> StepResult:
         kv = self.kv
         bs = kv.block_size
+        hybrid = kv.hybrid
         prof = self.profile
         budget = prof.max_num_batched_tokens
         scheduled: list[tuple[_Seq, int]] = []
@@ -398,13 +416,12 @@ class Engine:
         while i < len(running) and budget > 0:
             seq = running[i]
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            need = self._blocks_needed(seq, seq.num_computed + n)
+            if hybrid:
+                kv.remove_skipped(seq.tables, seq.num_computed)
             ok = True
-            if need > 0:
+            if kv.blocks_needed(seq.tables, seq.num_computed + n) > 0:
                 while True:
-                    new = kv.allocate(need)
-                    if new is not None:
-                        seq.blocks.extend(new)
+                    if kv.allocate_tables(seq.tables, seq.num_computed + n):
                         break
                     victim = running.pop()
                     self._preempt(victim, preempted)
@@ -434,9 +451,9 @@ class Engine:
                     continue
                 num_tokens = len(seq.tokens)
                 kv.extend_hashes(seq.hashes, seq.tokens, seq.lora)
-                hits = kv.lookup(seq.hashes, (num_tokens - 1) // bs)
-                cpu_hits = cpu.match(seq.hashes, len(hits), (num_tokens - 1) // bs) if cpu is not None else 0
-                local_hit_tokens = hit_tokens = (len(hits) + cpu_hits) * bs
+                n_hit, tables = kv.find_hit(seq.hashes, (num_tokens - 1) // bs)
+                cpu_hits = cpu.match(seq.hashes, n_hit, (num_tokens - 1) // bs) if cpu is not None else 0
+                local_hit_tokens = hit_tokens = (n_hit + cpu_hits) * bs
                 remote = seq.remote_tokens
                 if remote > 0 and seq.num_out == 0:
                     remote = min(remote, num_tokens - 1)  # the last prompt token is always computed locally
@@ -446,20 +463,20 @@ class Engine:
                 else:
                     remote = 0
                 n = min(num_tokens - hit_tokens, budget)
-                need = -(-(hit_tokens + n) // bs) - len(hits)
-                if need > kv.num_free_blocks - kv.num_evictable_in(hits):
+                need = kv.blocks_needed(tables, hit_tokens + n)
+                if need > kv.num_free_blocks - kv.num_evictable_in_tables(tables):
                     break
-                kv.touch(hits)
-                new = kv.allocate(need) if need > 0 else []
+                kv.touch_tables(tables)
+                ok_alloc = kv.allocate_tables(tables, hit_tokens + n)
                 cpu_loaded += cpu_hits
-                assert new is not None
+                assert ok_alloc
                 waiting.popleft()
-                seq.blocks = hits + new
+                seq.tables = tables
                 seq.num_computed = hit_tokens
-                seq.num_cached_blocks = len(hits)
+                seq.num_cached_blocks = n_hit
                 st = self.stats
                 st.prefix_cache_queries += num_tokens
-                st.prefix_cache_hits += len(hits) * bs  # GPU hits (vLLM counts connector hits apart)
+                st.prefix_cache_hits += n_hit * bs  # GPU hits (vLLM counts connector hits apart)
                 if not seq.counted_cache:
                     seq.num_cached_prompt = local_hit_tokens
                 if seq.remote_tokens > 0:
@@ -535,7 +552,7 @@ class Engine:
             full = seq.num_computed // bs
             if full > seq.num_cached_blocks:
                 kv.extend_hashes(seq.hashes, seq.tokens, seq.lora)
-                kv.cache_blocks(seq.blocks, seq.hashes, seq.num_cached_blocks, full, seq.tokens, seq.lora_id, seq.lora)
+                kv.cache_tables(seq.tables, seq.hashes, seq.num_cached_blocks, full, seq.tokens, seq.lora_id, seq.lora)
                 seq.num_cached_blocks = full
             if seq.num_computed < len(seq.tokens):
                 continue  # prefill chunk, no token yet
@@ -559,15 +576,15 @@ class Engine:
             outputs.append(
                 RequestOutput(
                     seq.rid, [tok], first, done, "length" if done else None, seq.num_prompt, seq.num_out,
-                    seq.num_cached_prompt, list(seq.blocks) if (done and seq.req.remote_decode) else None,
+                    seq.num_cached_prompt, list(seq.tables[0]) if (done and seq.req.remote_decode) else None,
                     seq.req.remote_tokens,
                 )
             )
             if done:
                 finished_any = True
                 seq.state = _DONE
-                kv.free(seq.blocks)
-                seq.blocks = []
+                kv.free_tables(seq.tables)
+                seq.tables = []
                 del self._seqs[seq.rid]
                 fr = st.finished_reasons
                 fr["length"] = fr.get("length", 0) + 1

@@ -4,7 +4,9 @@
   ``[topic, seq as 8-byte big-endian, msgpack(batch)]`` with batch ``[ts, [events...], dp_rank]``.
 * Events are maps tagged with ``type`` (newer vLLM) or, with ``array_encoding=True``, arrays
   ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name]``
-  (older vLLM). Only full blocks are ever published (the KV cache only stores full blocks).
+  (older vLLM), + ``extra_keys, group_idx, kv_cache_spec_kind, kv_cache_spec_sliding_window`` for a hybrid
+  model's groups. Only full blocks are ever published (the KV cache only stores full blocks). Map events carry
+  ``group_idx`` / ``kv_cache_spec_kind`` (and the window of a sliding-window group) as vLLM's BlockStored does.
 * Optional replay ROUTER socket: a client sends ``[b"", start_seq as 8-byte big-endian]`` (DEALER, or REQ's
   envelope); the publisher answers with one ``[b"", seq, payload]`` message per buffered batch with
   seq >= start, then the end marker ``[b"", (-1).to_bytes(8, "big", signed=True), b""]``.
@@ -37,12 +39,16 @@ MEDIUM_GPU = "GPU"
 
 def encode_event(ev: KVEvent, *, array_encoding: bool = False) -> Any:
     if isinstance(ev, BlockStored):
+        hybrid = ev.group_idx != 0 or ev.kind != "full_attention"
         if array_encoding:
-            return [
+            out: list[Any] = [
                 "BlockStored", ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size, ev.lora_id,
                 ev.medium, ev.lora_name,
             ]
-        return {
+            if hybrid:  # the trailing fields of newer vLLM: extra_keys, group_idx, kind, window
+                out += [None, ev.group_idx, ev.kind, ev.sliding_window]
+            return out
+        m: dict[str, Any] = {
             "type": "BlockStored",
             "block_hashes": ev.block_hashes,
             "parent_block_hash": ev.parent_block_hash,
@@ -52,13 +58,16 @@ def encode_event(ev: KVEvent, *, array_encoding: bool = False) -> Any:
             "medium": ev.medium,
             "lora_name": ev.lora_name,
             "extra_keys": [([ev.lora_name] if ev.lora_name else None) for _ in ev.block_hashes],
-            "group_idx": 0,
-            "kv_cache_spec_kind": "full_attention",
+            "group_idx": ev.group_idx,
+            "kv_cache_spec_kind": ev.kind,
         }
+        if ev.sliding_window is not None:
+            m["kv_cache_spec_sliding_window"] = ev.sliding_window
+        return m
     if isinstance(ev, BlockRemoved):
         if array_encoding:
-            return ["BlockRemoved", ev.block_hashes, ev.medium]
-        return {"type": "BlockRemoved", "block_hashes": ev.block_hashes, "medium": ev.medium, "group_idx": 0}
+            return ["BlockRemoved", ev.block_hashes, ev.medium] + ([ev.group_idx] if ev.group_idx else [])
+        return {"type": "BlockRemoved", "block_hashes": ev.block_hashes, "medium": ev.medium, "group_idx": ev.group_idx}
     if isinstance(ev, AllBlocksCleared):
         return ["AllBlocksCleared"] if array_encoding else {"type": "AllBlocksCleared"}
     raise TypeError(f"not a KV event: {ev!r}")

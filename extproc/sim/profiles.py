@@ -51,6 +51,9 @@ class Profile:
     # CPU KV-offload tier (extproc.sim.offload): blocks kept in CPU memory, and the PCIe time to load one back
     cpu_offload_blocks: int = 0
     cpu_load_ms_per_block: float = 0.0
+    # KV-cache groups of a hybrid model (extproc.sim.kvcache.KVGroupSpec fields: kind, sliding_window, layers),
+    # as vLLM's hybrid allocator forms them (extproc.sim.roofline.kv_cache_groups); None = one full-attention group
+    kv_cache_groups: list[dict[str, Any]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for f in ("b0_ms", "b1_ms", "b2_ms", "a0_ms", "lora_load_ms", "cpu_load_ms_per_block"):
@@ -84,6 +87,8 @@ class Profile:
             del d["roofline"]
         if not d["cpu_offload_blocks"]:
             del d["cpu_offload_blocks"], d["cpu_load_ms_per_block"]
+        if d["kv_cache_groups"] is None:
+            del d["kv_cache_groups"]
         return d
 
     @classmethod

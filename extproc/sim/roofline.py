@@ -48,6 +48,7 @@ __all__ = [
     "load_gpus",
     "default_coefficients",
     "kv_blocks_for",
+    "kv_cache_groups",
     "roofline_profile",
     "step_model_from_profile",
 ]
@@ -79,6 +80,9 @@ class Architecture:
     expert_dtype_bytes: float = 0.0  # 0 = dtype_bytes
     sliding_window: int = 0
     sliding_layers: int = 0  # layers using the sliding window; the rest are full attention
+    # the repeating unit of layer kinds ("sliding" / "full"), layer i has kind pattern[i % len]; when given it
+    # must agree with sliding_layers (documents which layers slide; the KV-cache groups only need the counts)
+    attention_pattern: tuple[str, ...] = ()
     qkv_bias: bool = False
     aliases: tuple[str, ...] = ()
 
@@ -96,6 +100,22 @@ class Architecture:
             raise ValueError(f"architecture {self.name}: sliding_layers must be within [0, layers]")
         if self.sliding_layers and self.sliding_window <= 0:
             raise ValueError(f"architecture {self.name}: sliding_layers needs sliding_window > 0")
+        if self.attention_pattern:
+            if set(self.attention_pattern) - {"sliding", "full"}:
+                raise ValueError(f"architecture {self.name}: attention_pattern holds 'sliding' / 'full' only")
+            n = sum(1 for k in self.layer_kinds() if k == "sliding")
+            if n != self.sliding_layers:
+                raise ValueError(
+                    f"architecture {self.name}: attention_pattern gives {n} sliding layers, sliding_layers says "
+                    f"{self.sliding_layers}"
+                )
+
+    def layer_kinds(self) -> list[str]:
+        """Per layer, "sliding" or "full" (from ``attention_pattern``; else the sliding layers come first)."""
+        pat = self.attention_pattern
+        if pat:
+            return [pat[i % len(pat)] for i in range(self.layers)]
+        return ["sliding"] * self.sliding_layers + ["full"] * (self.layers - self.sliding_layers)
 
     @property
     def hd(self) -> int:
@@ -155,6 +175,8 @@ class Architecture:
         d.setdefault("name", name)
         if "aliases" in d:
             d["aliases"] = tuple(d["aliases"] or ())
+        if "attention_pattern" in d:
+            d["attention_pattern"] = tuple(d["attention_pattern"] or ())
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -469,6 +491,32 @@ class RooflineStepModel:
         )
 
 
+def kv_cache_groups(arch: Architecture, *, hybrid: bool = True) -> list[dict[str, Any]]:
+    """The KV-cache groups vLLM's hybrid allocator forms for ``arch`` (kv_cache_utils.py,
+    ``_get_kv_cache_groups_uniform_page_size``): layers are bucketed by kind; the group size is the smallest
+    bucket (the largest when the largest is < 1.5x the smallest); each bucket is split into ceil(n / size) groups
+    (the last one padded). Full-attention groups come first here. Each group is ``{kind, sliding_window, layers}``.
+    ``hybrid=False`` is ``--disable-hybrid-kv-cache-manager``: every layer is allocated as full attention."""
+    sliding = arch.sliding_layers if hybrid else 0
+    full = arch.layers - sliding
+    buckets = [(k, n) for k, n in (("full_attention", full), ("sliding_window", sliding)) if n > 0]
+    lo = min(n for _, n in buckets)
+    hi = max(n for _, n in buckets)
+    size = hi if hi < 1.5 * lo else lo
+    out: list[dict[str, Any]] = []
+    for kind, n in buckets:
+        for gi in range(-(-n // size)):
+            layers = min(size, n - gi * size)
+            out.append({"kind": kind, "sliding_window": arch.sliding_window if kind == "sliding_window" else None,
+                        "layers": layers})
+    return out
+
+
+def kv_group_size(groups: Sequence[Mapping[str, Any]]) -> int:
+    """Layers per KV-cache group (padded): one block of the shared pool holds this many layers' KV."""
+    return max(int(g.get("layers", 0) or 0) for g in groups)
+
+
 def kv_blocks_for(
     arch: Architecture,
     gpu: GPU,
@@ -476,18 +524,22 @@ def kv_blocks_for(
     block_size: int = 16,
     gpu_memory_utilization: float = 0.9,
     reserve_gib: float | None = None,
+    *,
+    hybrid: bool = False,
 ) -> int:
     """KV-cache blocks vLLM would allocate: per GPU, ``utilization x memory - weights/tp - reserve`` over the KV
     bytes of one block. ``reserve_gib`` (activations of the profiling run, CUDA graphs, NCCL buffers) defaults to
-    1.5 GiB + 0.5 GiB when tp > 1, an estimate (vLLM logs the real figure as "GPU KV cache size")."""
+    1.5 GiB + 0.5 GiB when tp > 1, an estimate (vLLM logs the real figure as "GPU KV cache size").
+
+    ``hybrid=False``: one block holds every layer's KV (one KV-cache group; a model's sliding layers are then
+    allocated like full ones). ``hybrid=True``: vLLM's hybrid allocator, one block holds one group's layers
+    (``kv_cache_groups``), so the pool has more, smaller blocks and each group takes its own blocks per request."""
     if reserve_gib is None:
         reserve_gib = 1.5 + (0.5 if tp > 1 else 0.0)
     free = gpu_memory_utilization * gpu.memory_gib * GIB - arch.weight_bytes() / tp - reserve_gib * GIB
     kv_heads_gpu = max(arch.kv_heads / tp, 1.0)
-    full = arch.layers - arch.sliding_layers
-    # vLLM's hybrid allocator gives every layer group pages of the same size; sliding layers are counted like
-    # full ones here (their blocks are freed outside the window, which this bound ignores)
-    per_block = 2.0 * kv_heads_gpu * arch.hd * arch.dtype_bytes * (full + arch.sliding_layers) * block_size
+    layers_per_block = kv_group_size(kv_cache_groups(arch)) if hybrid else arch.layers
+    per_block = 2.0 * kv_heads_gpu * arch.hd * arch.dtype_bytes * layers_per_block * block_size
     blocks = int(free // per_block)
     if blocks <= 0:
         raise ValueError(f"{arch.name} does not fit on {tp} x {gpu.name} with utilization {gpu_memory_utilization}")
@@ -507,14 +559,18 @@ def roofline_profile(
     gpu_memory_utilization: float = 0.9,
     max_model_len: int = 8192,
     name: str | None = None,
+    hybrid_kv_cache: bool = True,
 ) -> Any:
-    """A ``Profile`` whose engine uses the roofline step model (b0/b1/b2 are left at 0; a0 stays per admission)."""
+    """A ``Profile`` whose engine uses the roofline step model (b0/b1/b2 are left at 0; a0 stays per admission).
+    ``hybrid_kv_cache``: a model with sliding-window layers gets vLLM's hybrid KV-cache groups
+    (``kv_cache_groups``; blocks sized per group) instead of one full-attention group."""
     from extproc.sim.profiles import Profile
 
     a = get_architecture(model)
     g = get_gpu(gpu)
     c = coefficients or default_coefficients()
-    blocks = num_gpu_blocks or kv_blocks_for(a, g, tp, block_size, gpu_memory_utilization)
+    hybrid = hybrid_kv_cache and a.sliding_layers > 0
+    blocks = num_gpu_blocks or kv_blocks_for(a, g, tp, block_size, gpu_memory_utilization, hybrid=hybrid)
     return Profile(
         name=name or f"{a.name.lower()}-{g.name.split('-')[0].lower()}-tp{tp}-roofline",
         model=a.name,
@@ -530,11 +586,12 @@ def roofline_profile(
         max_model_len=max_model_len,
         sources=f"roofline step model: {a.name} on {tp} x {g.name} ({g.source}); coefficients: {c.source}",
         roofline={
-            "model": dataclasses.asdict(a) | {"aliases": list(a.aliases)},
+            "model": dataclasses.asdict(a) | {"aliases": list(a.aliases), "attention_pattern": list(a.attention_pattern)},
             "gpu": dataclasses.asdict(g) | {"aliases": list(g.aliases)},
             "tp": tp,
             "coefficients": c.to_dict(),
         },
+        kv_cache_groups=kv_cache_groups(a) if hybrid else None,
     )
 
 
