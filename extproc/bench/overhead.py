@@ -229,7 +229,7 @@ def decision_latency(pods: int, requests: int = 2000, seed: int = 0) -> dict[str
     pool.set_endpoints([f"10.{i // 250}.{i % 250}.1:8000" for i in range(pods)])
     now = time.monotonic()
     for ep in pool.snapshot():
-        ep.metrics = PodMetrics(waiting=rng.randint(0, 10), running=rng.randint(0, 64), kv_usage=rng.random(), updated_at=now)
+        ep.set_metrics(PodMetrics(waiting=rng.randint(0, 10), running=rng.randint(0, 64), kv_usage=rng.random(), updated_at=now))
     sched = load_config("default", pool).scheduler
     wl = generate("shared-prefix", parse_stages(f"{requests}:1.5"), seed=seed)
     bodies = [(r.path, r.body_bytes(), r.headers()) for r in wl.requests[:requests]]
@@ -417,7 +417,7 @@ async def decision_latency_live(endpoints: list[str], requests: int = 1000, rate
         t_start = loop.time()
 
         def release(ep: Any) -> None:
-            ep.inflight -= 1
+            ep.release_inflight()
 
         for i, (path, raw, headers) in enumerate(bodies):
             due = t_start + i / rate
@@ -428,7 +428,7 @@ async def decision_latency_live(endpoints: list[str], requests: int = 1000, rate
             req = parse_request(path, raw, headers)
             result, cycle = sched.schedule(req)
             ep = result.primary
-            ep.inflight += 1
+            ep.add_inflight(0)
             scraper.touch(ep)
             sched.dispatched(cycle, req, result)
             loop.call_later(0.05, release, ep)

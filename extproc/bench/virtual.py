@@ -333,7 +333,7 @@ def run_virtual(
         """What the scraper does every ``scrape_interval``: each Endpoint's metrics from its engine."""
         now_mono = time.monotonic()
         for pod in pods.values():
-            pod.endpoint.metrics = engine_metrics(pod.engine, now_mono)
+            pod.endpoint.set_metrics(engine_metrics(pod.engine, now_mono))
         loop.push(now + scrape_interval, TICK)
 
     def counters() -> tuple[float, float]:

@@ -3,6 +3,25 @@
 Hot-path records: plain slotted classes. The scraper replaces ``Endpoint.metrics`` with a fresh immutable
 ``PodMetrics`` snapshot on every scrape (one attribute store, so readers never see a half-written state);
 in-flight counters are owned by the event loop thread and changed only there.
+
+One owner per field. Everything reads an ``Endpoint``; each group of its fields has one writer, which changes
+it only through the group's methods (so a grep for the method finds every write):
+
+=====================================================  ========================================  ==========================================
+fields                                                 owner                                     writer methods
+=====================================================  ========================================  ==========================================
+``metrics``, ``models``                                the scraper (``datalayer.scrape``)        ``set_metrics``, ``set_models``
+``healthy``, ``scrape_failures``, ``last_error``       the scraper's health logic                ``scrape_ok``, ``scrape_failed``; the
+                                                                                                 response side (handler, access log) only
+                                                                                                 adds evidence: ``note_upstream_failure``
+``inflight``, ``inflight_prefill_tokens``,             the flight tracker (``server.tracker``)   ``add_inflight``, ``prefill_done``,
+``inflight_decode_tokens``                                                                       ``release_inflight``
+``last_chunk_ts``, ``chunk_interval_s``                ``predictor.features.observe_chunk``      ``set_chunk_timing``
+``labels``, ``pod_class``, ``removed``                 ``EndpointPool`` (membership)             ``EndpointPool.set_endpoints``
+=====================================================  ========================================  ==========================================
+
+Simulations that stand in for an owner (the virtual benchmark's scrape, the training-data generator's
+accounting) call the same methods. Tests may set fields directly to build a state.
 """
 
 from __future__ import annotations
@@ -86,6 +105,61 @@ class Endpoint:
         # EWMA of the gaps between this pod's engine steps as seen in its chunks (seconds; 0 = not measured yet),
         # kept by extproc.predictor.features.observe_chunk
         self.chunk_interval_s = 0.0
+
+    # ---------------------------------------------------------------- writers (see the module docstring)
+    def set_metrics(self, metrics: PodMetrics) -> None:
+        """The scraper: a fresh snapshot of the pod's ``/metrics`` (one store; readers see old or new)."""
+        self.metrics = metrics
+
+    def set_models(self, models: frozenset[str]) -> None:
+        """The scraper: the models (base and LoRA adapters) the pod's ``/v1/models`` lists."""
+        self.models = models
+
+    def scrape_ok(self) -> bool:
+        """The scraper's health logic: a successful scrape clears the failure count. True if the pod was
+        unhealthy and has recovered."""
+        recovered = not self.healthy
+        self.healthy = True
+        self.scrape_failures = 0
+        self.last_error = ""
+        return recovered
+
+    def scrape_failed(self, error: str, unhealthy_after: int) -> bool:
+        """The scraper's health logic: one more failed scrape; the pod turns unhealthy at ``unhealthy_after``
+        consecutive failures. True if this failure made it unhealthy."""
+        self.scrape_failures += 1
+        self.last_error = error[:200]
+        if self.healthy and self.scrape_failures >= unhealthy_after:
+            self.healthy = False
+            return True
+        return False
+
+    def note_upstream_failure(self) -> None:
+        """The response side (handler, access log): an upstream 5xx or connection failure counts toward the
+        health logic's failure count like a failed scrape (the next successful scrape clears it)."""
+        self.scrape_failures += 1
+
+    def add_inflight(self, prompt_tokens: int) -> None:
+        """The flight tracker: a request was dispatched here and is in prefill."""
+        self.inflight += 1
+        self.inflight_prefill_tokens += prompt_tokens
+
+    def prefill_done(self, prompt_tokens: int, decode_tokens: int) -> None:
+        """The flight tracker: a request here produced its first token (prefill → decode)."""
+        self.inflight_prefill_tokens -= prompt_tokens
+        self.inflight_decode_tokens += decode_tokens
+
+    def release_inflight(self, prefill_tokens: int = 0, decode_tokens: int = 0) -> None:
+        """The flight tracker: a request here ended (or its prefill leg did), with the tokens it still held in
+        the prefill or the decode phase."""
+        self.inflight -= 1
+        self.inflight_prefill_tokens -= prefill_tokens
+        self.inflight_decode_tokens -= decode_tokens
+
+    def set_chunk_timing(self, last_chunk_ts: float, chunk_interval_s: float) -> None:
+        """``predictor.features.observe_chunk``: the last response chunk's time and the step-interval EWMA."""
+        self.last_chunk_ts = last_chunk_ts
+        self.chunk_interval_s = chunk_interval_s
 
     def metrics_age(self, now: float | None = None) -> float:
         if self.metrics.updated_at == 0.0:

@@ -493,20 +493,13 @@ class MetricsScraper:
                 raise ScrapeError(f"/metrics answered {status}")
             new = parse_metrics(body)
             changed = not same_values(new, ep.metrics)
-            ep.metrics = new
+            ep.set_metrics(new)
             ok = True
         except (ScrapeError, OSError, TimeoutError, asyncio.TimeoutError, ValueError) as e:
-            ep.scrape_failures += 1
-            ep.last_error = f"{type(e).__name__}: {e}"[:200]
-            if ep.healthy and ep.scrape_failures >= s.unhealthy_after:
-                ep.healthy = False
+            if ep.scrape_failed(f"{type(e).__name__}: {e}", s.unhealthy_after):
                 log.warning("endpoint unhealthy", extra={"endpoint": ep.address, "failures": ep.scrape_failures, "error": ep.last_error})
-        if ok:
-            if not ep.healthy:
-                log.info("endpoint recovered", extra={"endpoint": ep.address})
-            ep.healthy = True
-            ep.scrape_failures = 0
-            ep.last_error = ""
+        if ok and ep.scrape_ok():
+            log.info("endpoint recovered", extra={"endpoint": ep.address})
         # next interval: changing or failing → base; unchanged → back off (our in-flight counters carry the load
         # signal meanwhile; touch() brings a pod that just got traffic after an idle spell back to the base rate)
         cap = max(s.idle_interval_s, s.interval_s)
@@ -531,7 +524,7 @@ class MetricsScraper:
             data = json.loads(body)
             ids = frozenset(m["id"] for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str))
             if ids:
-                ep.models = ids
+                ep.set_models(ids)
             return True
         except (ScrapeError, OSError, TimeoutError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             return False

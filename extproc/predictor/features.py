@@ -127,12 +127,12 @@ def observe_chunk(ep: Endpoint, now: float) -> None:
     ``STEP_GAP_MAX_S``). The server's flight tracker and the training-data simulator both call this, so the
     columns the model learns from and the ones it is served are built the same way. O(1), no allocation."""
     last = ep.last_chunk_ts
-    ep.last_chunk_ts = now
+    interval = ep.chunk_interval_s
     if last > 0.0:
         gap = now - last
         if STEP_GAP_MIN_S <= gap <= STEP_GAP_MAX_S:
-            cur = ep.chunk_interval_s
-            ep.chunk_interval_s = gap if cur <= 0.0 else cur + STEP_EWMA_ALPHA * (gap - cur)
+            interval = gap if interval <= 0.0 else interval + STEP_EWMA_ALPHA * (gap - interval)
+    ep.set_chunk_timing(now, interval)
 
 
 class PodClassCodes:

@@ -143,7 +143,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 complete_ts = min(now_mono, now_mono - (now_wall - end_wall))
                 complete_ts = max(complete_ts, f.obs.dispatch_ts)
             if status >= 500 or cp.response_flags.upstream_connection_failure:
-                f.endpoint.scrape_failures += 1  # upstream trouble: hint the health logic (as mode none does)
+                f.endpoint.note_upstream_failure()  # upstream trouble: evidence for the health logic (as mode none does)
             tracker.finish(f, _outcome(status, cp.response_flags), complete_ts=complete_ts)
             self.finished += 1
 

@@ -354,7 +354,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             f.on_response_headers(status)
             self._count(f.request.target_model, status)
             if status >= 500 or status == 0:
-                f.endpoint.scrape_failures += 1  # upstream trouble: hint the health logic
+                f.endpoint.note_upstream_failure()  # upstream trouble: evidence for the health logic
             if rh.end_of_stream or self.settings.response_observe == "none":
                 self.tracker.finish(f, "ok" if 0 < status < 400 else f"status_{status}")
         return codec.response_headers_continue(st.served, self.settings.conformance)

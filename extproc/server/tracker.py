@@ -79,8 +79,7 @@ class Flight:
         pep = self.prefill_endpoint
         if pep is not None:
             self.prefill_endpoint = None
-            pep.inflight -= 1
-            pep.inflight_prefill_tokens -= self.prefill_tokens
+            pep.release_inflight(prefill_tokens=self.prefill_tokens)
 
     def on_body_chunk(self, data: bytes, now: float) -> None:
         if data:
@@ -95,9 +94,7 @@ class Flight:
     def _leave_prefill(self) -> None:
         if self.in_prefill:
             self.in_prefill = False
-            ep = self.endpoint
-            ep.inflight_prefill_tokens -= self.prefill_tokens
-            ep.inflight_decode_tokens += self.decode_tokens
+            self.endpoint.prefill_done(self.prefill_tokens, self.decode_tokens)
 
     def output_tokens(self) -> int:
         m = None
@@ -149,13 +146,11 @@ class FlightTracker:
         while f.key in self._flights:  # never in practice (96 random bits); keeps keys unique regardless
             f.key = secrets.token_hex(12)
         self._flights[f.key] = f
-        endpoint.inflight += 1
-        endpoint.inflight_prefill_tokens += prompt_tokens
+        endpoint.add_inflight(prompt_tokens)
         if prefill is not None and prefill is not endpoint:
             f.prefill_endpoint = prefill
             obs.prefill_endpoint = prefill.address
-            prefill.inflight += 1
-            prefill.inflight_prefill_tokens += prompt_tokens
+            prefill.add_inflight(prompt_tokens)
         return f
 
     def get(self, key: str) -> Flight | None:
@@ -174,12 +169,10 @@ class FlightTracker:
     def _finish(self, f: Flight, outcome: str, complete_ts: float | None = None) -> None:
         f.finished = True
         f.release_prefill()
-        ep = f.endpoint
         if f.in_prefill:
-            ep.inflight_prefill_tokens -= f.prefill_tokens
+            f.endpoint.release_inflight(prefill_tokens=f.prefill_tokens)
         else:
-            ep.inflight_decode_tokens -= f.decode_tokens
-        ep.inflight -= 1
+            f.endpoint.release_inflight(decode_tokens=f.decode_tokens)
         f.obs.complete_ts = complete_ts if complete_ts is not None else self.clock()
         f.obs.output_tokens = f.output_tokens()
         if outcome != "ok":

@@ -105,7 +105,7 @@ def generate(
         prof = get_profile(name)
         ep = Endpoint(f"10.0.0.{i + 1}:8000", {"accelerator": prof.accelerator}, [BASE_MODEL])
         pods.append(VirtualPod(ep, Engine(prof, seed=seed * 1000 + i, record_kv_events=False)))
-        ep.metrics = engine_metrics(pods[-1].engine, 1.0)
+        ep.set_metrics(engine_metrics(pods[-1].engine, 1.0))
     if capacity_rps is None:
         # Rough sustainable rate: decode-bound throughput of each pod at batch 64 over ~200 output tokens.
         capacity_rps = sum(64.0 / ((p.engine.profile.b0_ms + 64 * p.engine.profile.b2_ms) / 1000.0) / 200.0 for p in pods)
@@ -128,12 +128,10 @@ def generate(
                 continue
             if o.first_token:
                 pr.first = now
-                ep.inflight_prefill_tokens -= pr.prompt_tokens
-                ep.inflight_decode_tokens += pr.max_tokens
+                ep.prefill_done(pr.prompt_tokens, pr.max_tokens)
             if o.finished:
                 del pending[o.request_id]
-                ep.inflight -= 1
-                ep.inflight_decode_tokens -= pr.max_tokens
+                ep.release_inflight(decode_tokens=pr.max_tokens)
                 ttft = (pr.first - pr.dispatch) * 1000.0
                 n_out = o.num_output_tokens
                 tpot = (now - pr.first) * 1000.0 / (n_out - 1) if n_out > 1 else 0.0
@@ -168,7 +166,7 @@ def generate(
             stream=True,
         )
         for p in pods:
-            p.endpoint.metrics = engine_metrics(p.engine, 1.0)
+            p.endpoint.set_metrics(engine_metrics(p.engine, 1.0))
         prefix_scores = {p.endpoint.address: p.engine.cached_prefix_tokens(prompt, lora) / len(prompt) for p in pods}
         eps = [p.endpoint for p in pods]
         x = build_matrix(req, eps, prefix_scores, classes, now=now)
@@ -185,8 +183,7 @@ def generate(
         except ValueError:
             return
         ep = pod.endpoint
-        ep.inflight += 1
-        ep.inflight_prefill_tokens += len(prompt)
+        ep.add_inflight(len(prompt))
         phase = (pod.busy_until - now) * 1000.0 if pod.busy_until >= 0 else 0.0
         pending[rid] = _Pending(x[pi].copy(), pi, len(prompt), max_tokens, now, phase)
         loop.kick(pod, now)
