@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.bench.report import percentile
+from extproc.contract import RESPONSE_OBSERVE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -586,7 +587,7 @@ def run(opts: OverheadOptions) -> int:
     if opts.upstream not in ("fake", "sim") or opts.client not in ("auto", "wrk", "aiohttp"):
         print("extproc bench overhead: --upstream is fake|sim, --client is auto|wrk|aiohttp", file=sys.stderr)
         return 2
-    bad = [m for m in opts.observe if m not in ("observability", "streamed", "none")]
+    bad = [m for m in opts.observe if m not in RESPONSE_OBSERVE_MODES]
     bad += [v for v in opts.variants if v not in VARIANTS]
     if bad or opts.rounds < 1 or opts.duration <= 0 or not opts.connections or not opts.pods or min(opts.pods) < 1:
         print("extproc bench overhead: need --rounds >= 1, --duration > 0, --pods N[,N...] >= 1, connections, observe in "

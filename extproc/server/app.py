@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FLOW_CONTROL, FlowControlConfig, FlowController
-from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, DEFAULT_SCRAPE_INTERVAL_S, ResponseObserve, envoy_buffer_limit_bytes
+from extproc.contract import ResponseObserve, envoy_buffer_limit_bytes
 from extproc.admission.saturation import SaturationDetector
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.kvevents import KV_EVENTS
@@ -42,6 +42,11 @@ def grpc_message_limit(max_body_bytes: int) -> int:
     return envoy_buffer_limit_bytes(max_body_bytes) + 1024 * 1024
 
 
+# defaults of the components' settings, spelled once in their own classes
+_SCRAPE = ScrapeSettings()
+_HANDLER = HandlerSettings()
+
+
 @dataclass(slots=True)
 class ServeOptions:
     endpoints: list[str] = field(default_factory=list)
@@ -52,16 +57,16 @@ class ServeOptions:
     grpc_port: int = 9002
     health_port: int = 9003
     metrics_port: int = 9090
-    scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
-    scrape_timeout_s: float = 1.0
-    scrape_adaptive: bool = True
-    scrape_idle_interval_s: float = 1.0
-    scrape_budget: float = 2000.0
-    unhealthy_after: int = 5
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_messages_per_stream: int = 100_000
-    response_observe: ResponseObserve = DEFAULT_RESPONSE_OBSERVE
-    observe_budget: float = 50.0  # observability mode: observed requests per second (< 0: all)
+    scrape_interval_s: float = _SCRAPE.interval_s
+    scrape_timeout_s: float = _SCRAPE.timeout_s
+    scrape_adaptive: bool = _SCRAPE.adaptive
+    scrape_idle_interval_s: float = _SCRAPE.idle_interval_s
+    scrape_budget: float = _SCRAPE.max_scrapes_per_s
+    unhealthy_after: int = _SCRAPE.unhealthy_after
+    max_body_bytes: int = _HANDLER.max_body_bytes
+    max_messages_per_stream: int = _HANDLER.max_messages_per_stream
+    response_observe: ResponseObserve = _HANDLER.response_observe
+    observe_budget: float = _HANDLER.observe_budget  # observability mode: observed requests per second (< 0: all)
     kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
     tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
     predictor_state_dir: str | None = None

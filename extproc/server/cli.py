@@ -11,12 +11,14 @@ import signal
 import sys
 from typing import Any
 
-from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, DEFAULT_SCRAPE_INTERVAL_S, RESPONSE_OBSERVE_MODES
+from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, RESPONSE_OBSERVE_MODES
+from extproc.datalayer.scrape import ScrapeSettings
 
 log = logging.getLogger("extproc.serve")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    sc = ScrapeSettings()  # the scraper's defaults (defined once there)
     p.add_argument("--endpoints", default="", help="comma list of model-server pods host:port (static discovery)")
     p.add_argument(
         "--endpoints-file",
@@ -30,16 +32,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (0 = free port)")
     p.add_argument("--health-port", type=int, default=9003, help="gRPC health port (0 = free port)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (0 = free port)")
-    p.add_argument("--scrape-interval", type=float, default=DEFAULT_SCRAPE_INTERVAL_S, help=f"seconds between /metrics scrapes per pod (default {DEFAULT_SCRAPE_INTERVAL_S})")
-    p.add_argument("--scrape-timeout", type=float, default=1.0)
-    p.add_argument("--scrape-adaptive", choices=["on", "off"], default="on", help="on: idle, unchanged pods are scraped less often (up to --scrape-idle-interval); off: every pod every --scrape-interval")
-    p.add_argument("--scrape-idle-interval", type=float, default=1.0, help="seconds between scrapes of an idle, unchanged pod at most (keep below the 2 s staleness bound)")
-    p.add_argument("--scrape-budget", type=float, default=2000.0, help="at most this many scrapes per second across the pool (0 = unlimited)")
-    p.add_argument("--unhealthy-after", type=int, default=5, help="consecutive scrape failures before a pod is filtered out")
+    p.add_argument("--scrape-interval", type=float, default=sc.interval_s, help=f"seconds between /metrics scrapes per pod (default {sc.interval_s})")
+    p.add_argument("--scrape-timeout", type=float, default=sc.timeout_s)
+    p.add_argument("--scrape-adaptive", choices=["on", "off"], default="on" if sc.adaptive else "off", help="on: idle, unchanged pods are scraped less often (up to --scrape-idle-interval); off: every pod every --scrape-interval")
+    p.add_argument("--scrape-idle-interval", type=float, default=sc.idle_interval_s, help="seconds between scrapes of an idle, unchanged pod at most (keep below the 2 s staleness bound)")
+    p.add_argument("--scrape-budget", type=float, default=sc.max_scrapes_per_s, help="at most this many scrapes per second across the pool (0 = unlimited)")
+    p.add_argument("--unhealthy-after", type=int, default=sc.unhealthy_after, help="consecutive scrape failures before a pod is filtered out")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="request bodies above this get 413")
-    p.add_argument("--max-messages-per-stream", type=int, default=100_000)
+    # the handler's own settings: default None = HandlerSettings' default (the handler module is heavy to import here)
+    p.add_argument("--max-messages-per-stream", type=int, default=None, help="ext_proc messages one stream may send (default: the handler's)")
     p.add_argument("--response-observe", choices=RESPONSE_OBSERVE_MODES, default=DEFAULT_RESPONSE_OBSERVE, help="how the Envoy config sends response data (must match envoy-config)")
-    p.add_argument("--observe-budget", type=float, default=50.0, help="observability mode: requests per second that also get the observation stream (TTFT, tokens); the access log finishes the rest; -1 = every request")
+    p.add_argument("--observe-budget", type=float, default=None, help="observability mode: requests per second that also get the observation stream (TTFT, tokens); the access log finishes the rest; -1 = every request (default: the handler's)")
     p.add_argument("--kv-events", default=None, help="JSON file or inline JSON: {address: {endpoint, replay, topic}} (the simulator's ready line works too)")
     p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")
     p.add_argument("--predictor-state", default=None, help="directory where the latency predictor saves/loads its live model")
@@ -110,7 +113,9 @@ def options_from_args(args: argparse.Namespace) -> Any:
         if not model or kind not in ("hf", "sim"):
             raise SystemExit(f"--tokenizer {t!r}: expected MODEL=hf:DIR or MODEL=sim")
         tokenizers[model] = {"kind": kind, "path": path or None}
+    handler_overrides = {k: v for k, v in (("max_messages_per_stream", args.max_messages_per_stream), ("observe_budget", args.observe_budget)) if v is not None}
     return ServeOptions(
+        **handler_overrides,
         endpoints=endpoints,
         labels=labels,
         config=args.config,
@@ -126,9 +131,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         scrape_budget=args.scrape_budget,
         unhealthy_after=args.unhealthy_after,
         max_body_bytes=args.max_body_bytes,
-        max_messages_per_stream=args.max_messages_per_stream,
         response_observe=args.response_observe,
-        observe_budget=args.observe_budget,
         kv_events=kv,
         tokenizers=tokenizers,
         predictor_state_dir=args.predictor_state,

@@ -29,7 +29,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FlowController
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, check_body_size, error_body, parse_request
-from extproc.contract import DEFAULT_MAX_BODY_BYTES
+from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, ResponseObserve
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import SCRAPER
 from extproc.datalayer.tokenize import TOKENIZERS
@@ -65,7 +65,7 @@ class HandlerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_messages_per_stream: int = 100_000
     max_header_bytes: int = 64 * 1024
-    response_observe: str = "observability"  # observability | streamed | none
+    response_observe: ResponseObserve = DEFAULT_RESPONSE_OBSERVE  # contract.RESPONSE_OBSERVE_MODES
     # observability mode: requests per second that also get the observation stream (the rest are finished by the
     # access log); < 0 = every request (server/accesslog.py)
     observe_budget: float = 50.0
