@@ -251,21 +251,31 @@ class Engine:
             self.kv.on_store = self.cpu_tier.store
 
     def _max_len_in_cache(self) -> int:
-        """Longest sequence whose blocks fit the whole cache: every full-attention group holds all its blocks; a
-        sliding-window group at most its window + one scheduling chunk (its blocks outside the window are freed)."""
+        """Longest sequence whose blocks fit the whole cache: a full-attention group holds a block per
+        ``block_size`` tokens, a sliding-window group at most its window + one scheduling chunk (its blocks outside
+        the window are freed at the next step), so a prompt prefilled in one chunk briefly holds both in full."""
         p = self.profile
         bs = p.block_size
+        blocks = p.num_gpu_blocks
         kv = self.kv
         if not kv.hybrid:
-            return p.num_gpu_blocks * bs
-        full = sum(1 for w in kv._sw if not w)
-        sw_blocks = sum(-(-(w - 1 + p.max_num_batched_tokens) // bs) + 1 for w in kv._sw if w)
-        left = p.num_gpu_blocks - sw_blocks
-        if left <= 0:
-            raise ValueError(f"profile {p.name}: {p.num_gpu_blocks} KV blocks cannot hold one sliding window per group")
-        if not full:
-            return p.max_model_len
-        return (left // full) * bs
+            return blocks * bs
+        n_full = sum(1 for w in kv._sw if not w)
+        caps = [-(-(w - 1 + p.max_num_batched_tokens) // bs) + 1 for w in kv._sw if w]
+
+        def need(n: int) -> int:  # blocks for a sequence of n blocks
+            return n_full * n + sum(min(n, c) for c in caps)
+
+        lo, hi = 0, -(-p.max_model_len // bs)
+        while lo < hi:  # largest n with need(n) <= blocks (need is monotone)
+            mid = (lo + hi + 1) // 2
+            if need(mid) <= blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            raise ValueError(f"profile {p.name}: {blocks} KV blocks cannot hold one block per KV-cache group")
+        return lo * bs
 
     # ---- gauges -----------------------------------------------------------------------------------------------
     @property

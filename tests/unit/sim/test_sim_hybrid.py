@@ -247,3 +247,54 @@ def test_precise_index_agrees_with_the_hybrid_engine_under_evictions() -> None:
     removed = [e for e in eng.kv.take_events() if isinstance(e, BlockRemoved)]
     assert idx.stats.removed_blocks > 0 and removed == []  # evictions happened and were all applied
     assert partial > 0  # some hits were cut short by an evicted block (window or full group)
+
+
+def test_shipped_hybrid_profile_runs_precise_routing_in_virtual_time() -> None:
+    """The shipped gpt-oss-20b hybrid profile through the virtual bench with precise routing: per-group events
+    reach the index, every request completes, and the index holds no block an engine no longer caches."""
+    from pathlib import Path
+
+    from extproc.bench import virtual
+    from extproc.bench.setups import SETUPS
+    from extproc.bench.workloads import Stage, generate
+    from extproc.sim import engine as engine_mod
+
+    root = Path(__file__).resolve().parents[3]
+    hybrid = root / "models/sim-profiles/gpt-oss-20b-h100-hybrid.yaml"
+    prof = Profile.from_yaml(hybrid)
+    assert prof.kv_cache_groups == kv_cache_groups(get_architecture("gpt-oss-20b"))
+    assert Profile.from_yaml(root / "models/sim-profiles/gpt-oss-20b-h100-nohybrid.yaml").kv_cache_groups is None
+    engines: list[Engine] = []
+    real_init = engine_mod.Engine.__init__
+
+    def init(self: Engine, *a: object, **kw: object) -> None:
+        real_init(self, *a, **kw)  # type: ignore[arg-type]
+        engines.append(self)
+
+    indexes: list[KVBlockIndex] = []
+    real_feed = virtual._feed_kv_events
+
+    def feed(plugins: dict[str, object], clock: object) -> object:
+        out = real_feed(plugins, clock)  # type: ignore[arg-type]
+        indexes.extend(p.index for p in plugins.values() if isinstance(getattr(p, "index", None), KVBlockIndex))
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(engine_mod.Engine, "__init__", init)
+    mp.setattr(virtual, "_feed_kv_events", feed)
+    try:
+        wl = generate("shared-prefix", [Stage(20.0, 2.0)], seed=0)
+        fl = virtual.layout(f"{hybrid}:2", kv_blocks=500)  # tight: windows get evicted
+        res = virtual.run_virtual(wl, SETUPS["extproc-precise"], fl, seed=0)
+    finally:
+        mp.undo()
+    assert len(res.results) == len(wl.requests) and all(r.ok for r in res.results)
+    assert len(engines) == 2 and all(e.kv.num_groups == 2 for e in engines)
+    assert sum(e.stats.prefix_cache_hits for e in engines) > 0
+    (index,) = indexes
+    assert index.stats.removed_blocks > 0
+    for (_, addr), eng in zip(fl.pods, engines):
+        st = index._pods[addr]
+        assert set(st.groups) == {0, 1} and st.groups[1].kind == "sliding_window" and st.groups[1].sliding_window == 128
+        cached = set().union(*(set(c) for c in eng.kv._cached_g))
+        assert set(st.engine_to_key) <= cached  # every per-group eviction applied: nothing stale
