@@ -18,6 +18,9 @@ REQUEST_ID_HEADER = "x-extproc-request-id"
 PREFILLER_HEADER = "x-prefiller-host-port"  # P/D disaggregation: the prefill pod the decode sidecar calls
 ENCODER_HEADER = "x-encoder-hosts-ports"  # E/P/D: the encode pods the decode sidecar calls
 OBSERVE_HEADER = "x-extproc-observe"  # the scheduler samples this request for the observation stream
+# Sheddable (batch-band) requests: the free batch slots of the model's pods right after this request was admitted
+# (the scheduler sets it on the upstream request; Envoy echoes it on the response, like the served header).
+BATCH_HEADROOM_HEADER = "x-gateway-batch-headroom"
 
 # Dynamic-metadata namespace of the routing answer (the destination list, comma-separated = ordered fallbacks).
 LB_METADATA_NAMESPACE = "envoy.lb"

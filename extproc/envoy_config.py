@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from extproc.contract import (  # the Envoy contract, defined once (re-exported here for the renderer's users)
     BUFFER_HEADROOM_BYTES,
+    BATCH_HEADROOM_HEADER,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_RESPONSE_OBSERVE,
     DESTINATION_HEADER,
@@ -76,6 +77,7 @@ __all__ = [
 # Headers only the scheduler (or Envoy) may set: removed from every client request before any route decision.
 SPOOFABLE_HEADERS: tuple[str, ...] = (
     DESTINATION_HEADER, SERVED_HEADER, SUBSET_HEADER, PREFILLER_HEADER, ENCODER_HEADER, REQUEST_ID_HEADER, OBSERVE_HEADER,
+    BATCH_HEADROOM_HEADER,
 )  # fmt: skip
 # observability mode: Envoy's gRPC access log reports the end of every routed request, batched
 ACCESS_LOG_FLUSH_S = 0.01
@@ -686,8 +688,15 @@ def _routes(opts: EnvoyConfigOptions) -> list[Any]:
                 HeaderValueOption(
                     header=HeaderValue(key=SERVED_HEADER, value=f"%REQ({DESTINATION_HEADER})%"),
                     append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-                )
+                ),
+                # batch-band requests: the scheduler's free batch slots at admission, for the batch dispatcher's
+                # concurrency (absent on other requests: an empty value is not added)
+                HeaderValueOption(
+                    header=HeaderValue(key=BATCH_HEADROOM_HEADER, value=f"%REQ({BATCH_HEADROOM_HEADER})%"),
+                    append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                ),
             ],
+            response_headers_to_remove=[BATCH_HEADROOM_HEADER],  # an upstream's copy never reaches the client
             request_headers_to_remove=[OBSERVE_HEADER] if per_filter is not None or headers[1:] else [],
             typed_per_filter_config=per_filter or {},
         )

@@ -58,6 +58,26 @@ class SaturationDetector:
                 return False
         return any_healthy
 
+    def headroom(self, candidates: Sequence[Endpoint], now: float | None = None) -> int | None:
+        """Free slots for sheddable requests over the healthy candidates: Σ max(0, ``max_inflight_per_pod`` −
+        in flight), a pod saturated by fresh metrics counting 0. ``None`` without an in-flight limit (no slot
+        count to report). One pass over the pods, no allocation: cheap enough for every batch request."""
+        cap = self.max_inflight_per_pod
+        if not cap:
+            return None
+        now = now if now is not None else time.monotonic()
+        free = 0
+        for ep in candidates:
+            if not ep.healthy or ep.removed or ep.inflight >= cap:
+                continue
+            m = ep.metrics
+            if m.updated_at != 0.0 and now - m.updated_at <= self.metrics_staleness_s and (
+                m.waiting >= self.queue_depth_threshold or m.kv_usage >= self.kv_cache_util_threshold
+            ):
+                continue
+            free += cap - ep.inflight
+        return free
+
     def level(self, candidates: Sequence[Endpoint], now: float | None = None) -> float:
         """Pool saturation as a number (the reference's utilization-detector roofline): mean over healthy pods with
         fresh metrics of max(waiting / queue threshold, KV use / KV threshold); 1.0 means at the thresholds. Pods

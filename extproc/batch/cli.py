@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-retries", type=int, default=5, help="retries of a line on 5xx (other than 503) and transport errors")
     s.add_argument("--backoff", type=float, default=0.1, help="first retry delay, seconds (doubles, capped by --backoff-cap, ±50%% jitter)")
     s.add_argument("--backoff-cap", type=float, default=5.0)
+    s.add_argument("--gateway-headroom", action=argparse.BooleanOptionalAction, default=True, help="size the concurrency limit from the gateway's x-gateway-batch-headroom answers (free batch slots at admission); --no-gateway-headroom: AIMD probing alone")
     s.add_argument("--lease", type=float, default=10.0, help="seconds a replica's claim on a line lasts without a heartbeat")
     s.add_argument("--max-lines", type=int, default=50_000)
     s.add_argument("--max-file-bytes", type=int, default=200 * 1024 * 1024)
@@ -78,6 +79,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
         gateway=args.gateway.rstrip("/"), objective=args.objective, min_concurrency=args.min_concurrency,
         max_concurrency=args.max_concurrency, initial_concurrency=args.initial_concurrency, max_retries=args.max_retries,
         decrease_factor=args.decrease_factor, decrease_cooldown_s=args.decrease_cooldown, backoff_s=args.backoff, backoff_cap_s=args.backoff_cap,
+        use_headroom=args.gateway_headroom,
     )  # fmt: skip
     cfg = ServiceConfig(dispatch=dcfg, owner=args.replica_id, lease_s=args.lease, max_lines=args.max_lines, max_file_bytes=args.max_file_bytes)
     svc = BatchService(open_store(args.store), cfg)

@@ -23,6 +23,9 @@ from typing import Any
 
 import aiohttp
 
+# the scheduler's free batch slots right after it admitted a line (Envoy echoes it on the response)
+from extproc.contract import BATCH_HEADROOM_HEADER
+
 log = logging.getLogger(__name__)
 
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
@@ -42,6 +45,8 @@ class DispatchConfig:
     decrease_cooldown_s: float = 0.5
     increase_interval_s: float = 0.25
     race_window_s: float = 0.05  # a saturated shed this soon after a completion does not lower the limit
+    use_headroom: bool = True  # size the limit from the gateway's x-gateway-batch-headroom answers
+    headroom_ttl_s: float = 10.0  # without such an answer for this long, the interval probe takes over again
     max_retries: int = 5  # for other 5xx and transport errors; 429/503 are retried until the deadline
     backoff_s: float = 0.1
     backoff_cap_s: float = 5.0
@@ -58,9 +63,15 @@ class Aimd:
       hold the limit at what is in flight now (probing up again after an interval);
     * hard signal — any other 429 or a 503: the limit × ``decrease_factor`` (default 0.5, as the reference).
     At most one decrease per ``decrease_cooldown_s`` (one burst of rejections is one signal).
+    * the gateway's headroom (``x-gateway-batch-headroom`` on an admitted line's answer): when the line was
+      admitted, ``free`` more batch slots were open while ``sent_inflight`` of ours were on the wire, so the level
+      the gateway admits was ``sent_inflight + free``: the limit is set to it (up or down). While such answers
+      arrive (``headroom_ttl_s``), neither the interval probe nor completions raise the limit: the level is told,
+      not discovered through 429s. Without the header (another gateway config), AIMD alone, as above.
     """
 
-    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_freed", "_last_ok", "decreases", "holds", "races")
+    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_freed", "_last_ok", "_guided_until",
+                 "decreases", "holds", "races", "headroom_updates")  # fmt: skip
 
     def __init__(self, cfg: DispatchConfig) -> None:
         self.cfg = cfg
@@ -74,12 +85,14 @@ class Aimd:
         self.holds = 0
         self.races = 0
         self._last_ok = -1e18
+        self._guided_until = -1e18
+        self.headroom_updates = 0
 
     async def acquire(self) -> None:
         # single-threaded event loop: the check and the increment below run without an await in between
         while self.inflight >= int(self.limit):
             now = time.monotonic()
-            if self.limit < self.cfg.max_concurrency and now - self._last_change >= self.cfg.increase_interval_s:
+            if self.limit < self.cfg.max_concurrency and now - self._last_change >= self.cfg.increase_interval_s and now >= self._guided_until:
                 self.limit += 1.0  # every slot busy for a whole interval without a rejection: probe one more
                 self._last_change = now
                 continue
@@ -98,8 +111,20 @@ class Aimd:
         self._last_ok = time.monotonic()
         # no growth on completions right after a saturated shed: a completion frees its slot for the next line,
         # and the interval probe alone looks for more room
-        if self.inflight * 2 >= int(self.limit) and time.monotonic() - self._last_hold >= self.cfg.increase_interval_s:
+        now = self._last_ok
+        if now < self._guided_until:
+            return  # the gateway's headroom sets the level
+        if self.inflight * 2 >= int(self.limit) and now - self._last_hold >= self.cfg.increase_interval_s:
             self.limit = min(float(self.cfg.max_concurrency), self.limit + 1.0)
+
+    def on_headroom(self, sent_inflight: int, free: int) -> None:
+        """The gateway admitted a line while ``sent_inflight`` of ours were on the wire and left ``free`` batch
+        slots: set the limit to that admitted level (see the class docstring)."""
+        now = time.monotonic()
+        self._guided_until = now + self.cfg.headroom_ttl_s
+        self._last_change = now
+        self.limit = float(max(self.cfg.min_concurrency, min(self.cfg.max_concurrency, sent_inflight + free)))
+        self.headroom_updates += 1
 
     def _may_decrease(self) -> bool:
         now = time.monotonic()
@@ -172,11 +197,15 @@ class Dispatcher:
             if fairness_id:
                 headers[FAIRNESS_HEADER] = fairness_id
             await self.aimd.acquire()
+            sent_inflight = self.aimd.inflight
             status, data, err = 0, b"", ""
+            free = -1
             try:
                 timeout = aiohttp.ClientTimeout(total=min(self.cfg.request_timeout_s, left))
                 async with self.session.post(self.cfg.gateway + url, data=raw, headers=headers, timeout=timeout) as r:
                     status = r.status
+                    if self.cfg.use_headroom:
+                        free = _int_header(r.headers.get(BATCH_HEADROOM_HEADER))
                     data = await r.read()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 err = f"{type(e).__name__}: {e}"
@@ -185,6 +214,8 @@ class Dispatcher:
             self._count(status)
             if 200 <= status < 300:
                 self.aimd.on_success()
+                if free >= 0:
+                    self.aimd.on_headroom(sent_inflight, free)
                 return Outcome(True, status, request_id, _json_or_text(data), retries=attempt)
             if status == 429 and _error_code(data) == "saturated":
                 self.aimd.on_saturated()  # the gateway sheds batch: the batch share of the fleet is full
@@ -200,6 +231,13 @@ class Dispatcher:
                 return Outcome(False, status, request_id, _json_or_text(data), "request_failed", f"the model server answered {status}", attempt)
             await asyncio.sleep(min(self._sleep_for(attempt), max(0.0, deadline - time.time())))
             attempt += 1
+
+
+def _int_header(v: str | None) -> int:
+    """A non-negative integer header value, or -1 when absent or malformed."""
+    if v is None or not v.isascii() or not v.isdigit() or len(v) > 9:
+        return -1
+    return int(v)
 
 
 def _error_code(data: bytes) -> str:

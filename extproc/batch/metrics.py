@@ -40,6 +40,7 @@ class _Collector(Collector):
         yield GaugeMetricFamily("extproc_batch_held_lines", "Lines this replica holds (sending or waiting to retry)", value=float(len(getattr(svc, "_tasks", {}))))
         yield CounterMetricFamily("extproc_batch_dispatch_backoffs", "Multiplicative decreases of the concurrency limit (429 other than saturated, 503)", value=float(d.aimd.decreases) if d else 0.0)
         yield CounterMetricFamily("extproc_batch_dispatch_saturation_races", "Saturated sheds right after a completion (the limit kept)", value=float(d.aimd.races) if d else 0.0)
+        yield CounterMetricFamily("extproc_batch_dispatch_headroom_updates", "Times the limit was set from the gateway's x-gateway-batch-headroom answer", value=float(d.aimd.headroom_updates) if d else 0.0)
         yield CounterMetricFamily("extproc_batch_dispatch_saturation_holds", "Times the limit was held at the in-flight level on the gateway's saturated shed", value=float(d.aimd.holds) if d else 0.0)
         resp = CounterMetricFamily("extproc_batch_dispatch_responses", "Gateway answers by status code", labels=["code"])
         for k, v in (d.responses.items() if d else ()):

@@ -29,7 +29,8 @@ HDR_OBSERVE = contract.OBSERVE_HEADER  # set on sampled requests: selects the ro
 HDR_CONFORMANCE_SELECTION = "test-epp-endpoint-selection"
 HDR_CONFORMANCE_SERVED = "x-conformance-test-served-endpoint"
 # Headers a client may never send upstream: stripped from every request, whatever the config
-ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET, HDR_PREFILLER)
+HDR_BATCH_HEADROOM = contract.BATCH_HEADROOM_HEADER  # sheddable requests: free batch slots after admission
+ROUTING_HEADERS = (HDR_DESTINATION, HDR_SERVED, HDR_SUBSET, HDR_PREFILLER, HDR_BATCH_HEADROOM)
 LB_NAMESPACE = contract.LB_METADATA_NAMESPACE
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

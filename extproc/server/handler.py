@@ -330,6 +330,12 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             request.body["model"] = request.target_model
             new_body = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
         headers = result.headers
+        if request.sheddable:
+            # the batch band's free slots after this admission (the tracker has counted this request): the batch
+            # dispatcher sizes its concurrency from it instead of probing into 429s
+            free = self.saturation.headroom([e for e in self.pool.snapshot() if model in e.models])
+            if free is not None:
+                headers = {**headers, codec.HDR_BATCH_HEADROOM: str(free)} if headers else {codec.HDR_BATCH_HEADROOM: str(free)}
         if self.settings.response_observe == "observability":
             al = self.access_log
             # no access log connected yet: observe everything (the only way the flight can finish)

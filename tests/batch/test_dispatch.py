@@ -22,6 +22,7 @@ class Scripted:
         self.codes: list[str] = []
         self.cur = 0
         self.peak = 0
+        self.headroom: list[str] = []  # x-gateway-batch-headroom values of the next successful answers
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append({k.lower(): v for k, v in request.headers.items()})
@@ -32,7 +33,8 @@ class Scripted:
         self.cur -= 1
         status = self.script.pop(0) if self.script else 200
         body = {"ok": True} if status == 200 else {"error": {"message": "no", "type": "x", "code": self.codes.pop(0) if self.codes else ("saturated" if status == 429 else None)}}
-        return web.json_response(body, status=status)
+        headers = {"x-gateway-batch-headroom": self.headroom.pop(0)} if status == 200 and self.headroom else None
+        return web.json_response(body, status=status, headers=headers)
 
 
 @pytest.fixture
@@ -138,3 +140,21 @@ async def test_cancelled_sends_give_their_slots_back(server: tuple[Scripted, str
                 t.cancel()
             await asyncio.gather(*ts, return_exceptions=True)
             assert d.aimd.inflight == 0
+
+
+async def test_gateway_headroom_sets_the_limit(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    s.headroom = ["7", "abc", "0"]
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(_cfg(url), sess)
+        await d.send("/v1/completions", {"model": "m"}, request_id="a", deadline=time.time() + 10)
+        assert d.aimd.limit == 1 + 7 and d.aimd.headroom_updates == 1  # sent alone, 7 more slots free
+        await d.send("/v1/completions", {"model": "m"}, request_id="b", deadline=time.time() + 10)
+        assert d.aimd.limit == 8 and d.aimd.headroom_updates == 1  # a malformed value is ignored
+        await d.send("/v1/completions", {"model": "m"}, request_id="c", deadline=time.time() + 10)
+        assert d.aimd.limit == 1 and d.aimd.headroom_updates == 2  # it took the last slot: the level is 1
+    s.headroom = ["7"]
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(_cfg(url, use_headroom=False), sess)
+        await d.send("/v1/completions", {"model": "m"}, request_id="d", deadline=time.time() + 10)
+        assert d.aimd.headroom_updates == 0 and d.aimd.limit == 8

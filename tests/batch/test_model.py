@@ -163,3 +163,33 @@ async def test_aimd_slots_bound_inflight() -> None:
     a.release()
     await asyncio.wait_for(third, 1)
     assert a.inflight == 2
+
+
+async def test_aimd_follows_the_gateway_headroom_and_stops_probing() -> None:
+    a = Aimd(DispatchConfig(gateway="", min_concurrency=2, max_concurrency=40, initial_concurrency=5, increase_interval_s=0.02, headroom_ttl_s=60))
+    a.on_headroom(sent_inflight=5, free=17)  # admitted at 5 of ours on the wire with 17 slots still free
+    assert a.limit == 22 and a.headroom_updates == 1
+    a.inflight = 22
+    a.on_success()  # the told level is kept: no growth on completions
+    assert a.limit == 22
+    a.on_headroom(sent_inflight=22, free=0)
+    assert a.limit == 22
+    a.on_headroom(sent_inflight=20, free=0)  # interactive load took two slots: down, without a 429
+    assert a.limit == 20
+    a.on_headroom(sent_inflight=1, free=0)
+    assert a.limit == 2  # floor
+    a.on_headroom(sent_inflight=30, free=30)
+    assert a.limit == 40  # ceiling
+    # every slot busy: while guided, acquire waits for a free slot instead of probing one more
+    a.limit, a.inflight = 10.0, 10
+    t = asyncio.create_task(a.acquire())
+    await asyncio.sleep(0.1)  # five probe intervals
+    assert not t.done() and a.limit == 10
+    a.release()
+    await asyncio.wait_for(t, 1)
+    assert a.inflight == 10 and a.limit == 10
+    # the header stops coming (ttl over): AIMD probing again
+    a._guided_until = -1e18
+    t = asyncio.create_task(a.acquire())
+    await asyncio.wait_for(t, 1)
+    assert a.limit == 11
