@@ -165,6 +165,14 @@ class EnvoyConfigOptions:
     # both messages reach the scheduler in one read, one round trip fewer per request
     body_without_header_wait: bool = False
     batch: HostPort | None = None  # ``extproc batch serve``: /v1/files and /v1/batches go there, past ext_proc
+    # more scheduler replicas (active-active, docs/active-active.md): the ext_proc cluster balances over
+    # ``extproc`` and these, health-checks each over gRPC health, ejects failing ones, and retries a stream whose
+    # replica is unreachable on another one
+    extproc_replicas: tuple[HostPort, ...] = ()
+
+    @property
+    def scheduler_endpoints(self) -> tuple[HostPort, ...]:
+        return () if self.extproc is None else (self.extproc, *self.extproc_replicas)
 
     def __post_init__(self) -> None:
         if self.failure_mode not in ("fail-open", "fail-close"):
@@ -183,6 +191,8 @@ class EnvoyConfigOptions:
             raise ValueError("retries must be >= 0")
         if self.extproc is None and not self.endpoints:
             raise ValueError("an Envoy-only config (no extproc) needs endpoints")
+        if self.extproc_replicas and self.extproc is None:
+            raise ValueError("scheduler replicas need --extproc")
         if self.extproc_tls is not None and self.extproc is None:
             raise ValueError("scheduler TLS needs --extproc")
         if self.fallback_retries and not self.endpoints:
@@ -370,17 +380,65 @@ def _extproc_cluster(opts: EnvoyConfigOptions) -> Any:
     from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterLbPolicy
 
     assert opts.extproc is not None
+    eps = list(opts.scheduler_endpoints)
+    replicated = len(eps) > 1
     return Cluster(
         name=EXTPROC_CLUSTER,
-        type=_discovery_type([opts.extproc]),
+        type=_discovery_type(eps),
         connect_timeout=_td(opts.connect_timeout_s),
         lb_policy=ClusterLbPolicy.ROUND_ROBIN,
-        load_assignment=_load_assignment(EXTPROC_CLUSTER, [opts.extproc]),
+        load_assignment=_load_assignment(EXTPROC_CLUSTER, eps),
         circuit_breakers=_circuit_breakers(),
         typed_extension_protocol_options=_http_protocol_options(http2=True),
         upstream_connection_options=_keepalive(),
         transport_socket=_scheduler_tls_socket(opts.extproc_tls) if opts.extproc_tls is not None else None,
+        health_checks=_scheduler_health_checks() if replicated else [],
+        outlier_detection=_scheduler_outlier_detection() if replicated else None,
+        common_lb_config=_scheduler_lb_config() if replicated else None,
     )
+
+
+def _scheduler_health_checks() -> list[Any]:
+    """Active gRPC health checks of each scheduler replica on its ext_proc port (``grpc.health.v1.Health/Check``,
+    service ``envoy.service.ext_proc.v3.ExternalProcessor``): a killed replica leaves rotation within one interval
+    even when no request has failed on it yet."""
+    from envoy_data_plane.envoy.config.core.v3 import HealthCheck, HealthCheckGrpcHealthCheck
+
+    return [
+        HealthCheck(
+            timeout=_td(0.5),
+            interval=_td(1),
+            unhealthy_threshold=1,
+            healthy_threshold=1,
+            no_traffic_interval=_td(1),
+            grpc_health_check=HealthCheckGrpcHealthCheck(service_name="envoy.service.ext_proc.v3.ExternalProcessor"),
+        )
+    ]
+
+
+def _scheduler_outlier_detection() -> Any:
+    """Passive ejection of a scheduler replica whose streams fail to connect (local-origin errors), at most half
+    the replicas at a time."""
+    from envoy_data_plane.envoy.config.cluster.v3 import OutlierDetection
+
+    return OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=1,
+        consecutive_gateway_failure=1,
+        consecutive_5xx=3,
+        interval=_td(1),
+        base_ejection_time=_td(5),
+        max_ejection_percent=50,
+    )
+
+
+def _scheduler_lb_config() -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import ClusterCommonLbConfig
+    from envoy_data_plane.envoy.type.v3 import Percent
+
+    # route to the healthy replicas only, however few are left (the default panic threshold of 50 % would
+    # spread streams over a dead replica when one of two is down)
+    return ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0))
 
 
 def _scheduler_tls_socket(tls: SchedulerTls) -> Any:
@@ -570,10 +628,14 @@ def _header_mutation_filter() -> Any:
     )
 
 
-def _grpc_service() -> Any:
-    from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
+def _grpc_service(opts: EnvoyConfigOptions | None = None) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc, RetryPolicy
 
-    return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTPROC_CLUSTER))
+    retry = None
+    if opts is not None and len(opts.scheduler_endpoints) > 1:
+        # a stream that cannot reach its replica (killed, refused) is retried on another one
+        retry = RetryPolicy(retry_on="connect-failure,refused-stream,reset,unavailable", num_retries=len(opts.scheduler_endpoints))
+    return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTPROC_CLUSTER), retry_policy=retry)
 
 
 def _extproc_filters(opts: EnvoyConfigOptions) -> list[Any]:
@@ -592,7 +654,7 @@ def _extproc_filters(opts: EnvoyConfigOptions) -> list[Any]:
 
     streamed = opts.response_observe == "streamed"
     main = ExternalProcessor(
-        grpc_service=_grpc_service(),
+        grpc_service=_grpc_service(opts),
         failure_mode_allow=opts.failure_mode == "fail-open",
         processing_mode=ProcessingMode(
             request_header_mode=Hdr.SEND,
@@ -622,7 +684,7 @@ def _extproc_filters(opts: EnvoyConfigOptions) -> list[Any]:
     filters = [HttpFilter(name="extproc", typed_config=_any(main))]
     if opts.response_observe == "observability":
         observe = ExternalProcessor(
-            grpc_service=_grpc_service(),
+            grpc_service=_grpc_service(opts),
             # Observation must never fail a request.
             failure_mode_allow=True,
             observability_mode=True,
@@ -756,7 +818,7 @@ def _access_logs(opts: EnvoyConfigOptions) -> list[Any]:
     cfg = HttpGrpcAccessLogConfig(
         common_config=CommonGrpcAccessLogConfig(
             log_name="extproc",
-            grpc_service=_grpc_service(),
+            grpc_service=_grpc_service(opts),
             transport_api_version=ApiVersion.V3,
             buffer_flush_interval=_td(ACCESS_LOG_FLUSH_S),
             buffer_size_bytes=ACCESS_LOG_BUFFER_BYTES,
@@ -924,9 +986,11 @@ def _options(
             return parse_host_ports(v)
         return tuple(x if isinstance(x, HostPort) else parse_host_port(x) for x in v)
 
+    schedulers = hps(extproc) if isinstance(extproc, str) else (() if extproc is None else (hp(extproc),))
     return EnvoyConfigOptions(
         listen=hp(listen),
-        extproc=None if extproc is None else hp(extproc),
+        extproc=schedulers[0] if schedulers else None,
+        extproc_replicas=tuple(schedulers[1:]) + tuple(kwargs.pop("extproc_replicas", ())),
         endpoints=hps(endpoints),
         fallback_endpoints=hps(fallback_endpoints),
         admin=hp(admin),
@@ -1128,7 +1192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--extproc",
         default=None,
-        help="scheduler ext_proc gRPC HOST:PORT; leave out for an Envoy-only balancer over --endpoints",
+        help="scheduler ext_proc gRPC HOST:PORT, or a comma list of the replicas of an active-active scheduler "
+        "(health-checked, outlier-ejected, retried); leave out for an Envoy-only balancer over --endpoints",
     )
     parser.add_argument(
         "--failure-mode",

@@ -51,6 +51,10 @@ class StackSpec:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     start_scheduler: bool = True  # False: render Envoy for a scheduler that is not running (failure-mode tests)
     grpc_port: int = 0  # fixed ext_proc port (needed when start_scheduler=False or for restarts)
+    # active-active: this many ``extproc serve`` replicas behind Envoy's ext_proc cluster, sharing state through
+    # Redis at ``shared_state`` (None with replicas > 1: the stack starts its own redis-server)
+    replicas: int = 1
+    shared_state: str | None = None
 
 
 class SchedulerProcess:
@@ -123,13 +127,17 @@ class Stack:
         self.url = ""
         self.metrics_url: str | None = None
         self.grpc_port = spec.grpc_port
+        self.schedulers: list[SchedulerProcess | None] = []  # every replica (subprocess mode); [0] is .scheduler
+        self.grpc_ports: list[int] = []
+        self.redis: RedisProcess | None = None
+        self.shared_state: str | None = spec.shared_state
 
-    def scheduler_argv(self) -> list[str]:
+    def scheduler_argv(self, replica: int = 0) -> list[str]:
         s = self.spec
         argv = [
             "--endpoints", ",".join(s.endpoints),
             "--config", s.config or "default",
-            "--grpc-port", str(self.grpc_port),
+            "--grpc-port", str(self.grpc_ports[replica] if replica < len(self.grpc_ports) else (self.grpc_port if replica == 0 else 0)),
             "--health-port", "0",
             "--metrics-port", "0",
             "--scrape-interval", str(s.scrape_interval_s),
@@ -139,6 +147,8 @@ class Stack:
         ]  # fmt: skip
         for m in s.models:
             argv += ["--model", m]
+        if self.shared_state:
+            argv += ["--shared-state", self.shared_state, "--replica-id", f"r{replica}"]
         if s.labels or s.kv_events:
             wd = Path(tempfile.mkdtemp(prefix="extproc-stack-"))
             f = wd / "endpoints.json"
@@ -161,21 +171,56 @@ class Stack:
             await self.server.start()
             self.grpc_port = self.server.grpc_port
             self.metrics_url = f"http://127.0.0.1:{self.server.metrics_port}"
+        elif s.replicas > 1:
+            if not self.grpc_ports:
+                from extproc.netutil import free_ports
+
+                self.grpc_ports = [self.grpc_port, *free_ports(s.replicas - 1)] if self.grpc_port else list(free_ports(s.replicas))
+            if self.shared_state is None:
+                self.redis = await RedisProcess.start()
+                self.shared_state = self.redis.url
+            self.schedulers = list(await asyncio.gather(*(SchedulerProcess.start(self.scheduler_argv(i)) for i in range(s.replicas))))
+            self.scheduler = self.schedulers[0]
+            self.grpc_port = self.grpc_ports[0]
+            self.metrics_url = self.scheduler.metrics_url if self.scheduler is not None else None
         else:
             self.scheduler = await SchedulerProcess.start(self.scheduler_argv())
             self.grpc_port = self.scheduler.grpc_port
             self.metrics_url = self.scheduler.metrics_url
 
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Every running replica's Prometheus / debug URL."""
+        if self.schedulers:
+            return [p.metrics_url for p in self.schedulers if p is not None]
+        return [self.metrics_url] if self.metrics_url else []
+
+    async def kill_replica(self, i: int) -> None:
+        """SIGKILL replica ``i`` (active-active tests and ``demo --kill-replica``)."""
+        p = self.schedulers[i]
+        if p is not None:
+            await p.kill()
+            self.schedulers[i] = None
+
+    async def restart_replica(self, i: int) -> None:
+        """Start replica ``i`` again on its ext_proc port."""
+        self.schedulers[i] = await SchedulerProcess.start(self.scheduler_argv(i))
+
     async def stop_scheduler(self, hard: bool = False) -> None:
         if self.server is not None:
             await self.server.stop()
             self.server = None
-        if self.scheduler is not None:
-            if hard:
-                await self.scheduler.kill()
-            else:
-                await self.scheduler.stop()
-            self.scheduler = None
+        procs = [p for p in self.schedulers if p is not None] or ([self.scheduler] if self.scheduler is not None else [])
+        if hard:
+            await asyncio.gather(*(p.kill() for p in procs))
+        else:
+            await asyncio.gather(*(p.stop() for p in procs))
+        self.scheduler = None
+        self.schedulers = []
+        if self.redis is not None:
+            await self.redis.stop()
+            self.redis = None
+            self.shared_state = self.spec.shared_state
 
     async def __aenter__(self) -> "Stack":
         s = self.spec
@@ -190,9 +235,10 @@ class Stack:
 
                     self.grpc_port = free_port()
                 fallback = s.fallback_endpoints if s.fallback_endpoints is not None else (s.endpoints if s.failure_mode == "fail-open" else [])
+                ports = self.grpc_ports or [self.grpc_port]
                 bootstrap = render_bootstrap(
                     listen="127.0.0.1:0",
-                    extproc=f"127.0.0.1:{self.grpc_port}",
+                    extproc=",".join(f"127.0.0.1:{p}" for p in ports),
                     failure_mode=s.failure_mode,
                     fallback_endpoints=fallback,
                     response_observe=s.response_observe,
@@ -211,6 +257,68 @@ class Stack:
             await self.envoy.stop()
             self.envoy = None
         await self.stop_scheduler()
+
+
+class RedisProcess:
+    """A throw-away ``redis-server`` (Debian's package) on a free port, no persistence: the shared store of
+    active-active replicas in the demo, the benchmarks and the tests."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, workdir: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.workdir = workdir
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @staticmethod
+    def binary() -> str:
+        import shutil
+
+        path = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+        if path is None:
+            raise FileNotFoundError("redis-server not found: install Debian's redis-server (scripts/system_deps.sh)")
+        return path
+
+    @classmethod
+    async def start(cls, port: int = 0, timeout_s: float = 20.0) -> "RedisProcess":
+        from extproc.netutil import free_port
+
+        port = port or free_port()
+        wd = Path(tempfile.mkdtemp(prefix="extproc-redis-"))
+        argv = [cls.binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(wd), "--logfile", str(wd / "redis.log")]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}")
+            try:
+                _r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"PING\r\n")
+                line = await asyncio.wait_for(_r.readline(), 2.0)
+                w.close()
+                if line.startswith(b"+PONG"):
+                    return cls(proc, port, wd)
+            except (OSError, asyncio.TimeoutError):
+                pass
+            if loop.time() > deadline:
+                await stop_process(proc)
+                raise TimeoutError("redis-server did not answer PING")
+            await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """SIGKILL (the shared store dies)."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+    async def stop(self) -> None:
+        await stop_process(self.proc)
 
 
 async def start_sim_process(args: list[str], timeout_s: float = 60.0) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:

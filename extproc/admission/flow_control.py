@@ -174,9 +174,14 @@ class FlowController:
         self.released = 0
         self.expired = 0
         self.rejected_full = 0
+        self.peer_queued = 0  # requests other scheduler replicas hold queued (server/replication.py)
 
     def queued(self) -> int:
         return sum(b.size for b in self._bands.values())
+
+    def waiting(self) -> int:
+        """Requests queued here and at the other scheduler replicas."""
+        return self.queued() + self.peer_queued
 
     def stats(self) -> dict[str, int]:
         return {"queued": self.queued(), "enqueued_total": self.enqueued, "released_total": self.released, "expired_total": self.expired, "rejected_full_total": self.rejected_full}
@@ -185,8 +190,8 @@ class FlowController:
         """Fast check on the hot path: does this request have to queue?"""
         if not self.cfg.enabled or request.sheddable:
             return False
-        if self.queued():
-            return True  # keep FIFO fairness: nobody overtakes the queue
+        if self.queued() or self.peer_queued:
+            return True  # keep FIFO fairness: nobody overtakes the queue (ours or another replica's)
         cands = self.candidates(request.target_model)
         return self.saturation.saturated(cands) or self._held(request.priority, cands)
 

@@ -156,6 +156,13 @@ class Endpoint:
         self.inflight_prefill_tokens -= prefill_tokens
         self.inflight_decode_tokens -= decode_tokens
 
+    def add_peer_load(self, inflight: int, prefill_tokens: int, decode_tokens: int) -> None:
+        """The replication layer (``server/replication.py``): other scheduler replicas' in-flight load on this pod
+        changed by these amounts (so every reader of the counters sees the fleet-wide total)."""
+        self.inflight += inflight
+        self.inflight_prefill_tokens += prefill_tokens
+        self.inflight_decode_tokens += decode_tokens
+
     def set_chunk_timing(self, last_chunk_ts: float, chunk_interval_s: float) -> None:
         """``predictor.features.observe_chunk``: the last response chunk's time and the step-interval EWMA."""
         self.last_chunk_ts = last_chunk_ts

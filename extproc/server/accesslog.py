@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -93,6 +93,9 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         self.ever_connected = False
         self.entries = 0
         self.finished = 0
+        self.forwarded = 0
+        # several scheduler replicas: (key, status, outcome, end_wall, upstream_failure) -> handed to the owner?
+        self.forward: Callable[[str, int, str, float, bool], bool] | None = None
 
     @property
     def active(self) -> bool:
@@ -125,27 +128,51 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         now_wall = time.time()
         tracker = self.tracker
         key_header = codec.HDR_REQUEST_ID
+        forward = self.forward
         for e in msg.http_logs.log_entry:
             self.entries += 1
             key = e.request.request_headers.get(key_header)
             if not key:
                 continue
             f = tracker.get(key)
-            if f is None or f.finished or f.observed:
-                continue  # unknown, done, or its observation stream finishes it (TTFT, tokens)
+            if f is None and forward is None:
+                continue  # unknown (already finished, or not ours)
+            if f is not None and (f.finished or f.observed):
+                continue  # done, or its observation stream finishes it (TTFT, tokens)
             status = e.response.response_code.value if e.response.HasField("response_code") else 0
             cp = e.common_properties
-            if status and not f.response_started:
-                f.on_response_headers(status)
-            complete_ts = None
+            end_wall = 0.0
             if cp.HasField("start_time") and cp.HasField("time_to_last_downstream_tx_byte"):
                 end_wall = cp.start_time.ToNanoseconds() / 1e9 + cp.time_to_last_downstream_tx_byte.ToNanoseconds() / 1e9
-                complete_ts = min(now_mono, now_mono - (now_wall - end_wall))
-                complete_ts = max(complete_ts, f.obs.dispatch_ts)
-            if status >= 500 or cp.response_flags.upstream_connection_failure:
-                f.endpoint.note_upstream_failure()  # upstream trouble: evidence for the health logic (as mode none does)
-            tracker.finish(f, _outcome(status, cp.response_flags), complete_ts=complete_ts)
-            self.finished += 1
+            upstream_failure = status >= 500 or cp.response_flags.upstream_connection_failure
+            outcome = _outcome(status, cp.response_flags)
+            if f is None:
+                assert forward is not None
+                # several scheduler replicas: another one routed this request (server/replication.py)
+                if forward(key, status, outcome, end_wall, upstream_failure):
+                    self.forwarded += 1
+                continue
+            self._finish(f, status, outcome, end_wall, upstream_failure, now_mono, now_wall)
+
+    def finish_forwarded(self, key: str, status: int, outcome: str, end_wall: float, upstream_failure: bool) -> None:
+        """An access-log entry another replica received for one of our flights (server/replication.py)."""
+        self.ever_connected = True  # the access log reaches us, through a peer
+        f = self.tracker.get(key)
+        if f is None or f.finished or f.observed:
+            return
+        self._finish(f, status, outcome, end_wall, upstream_failure, time.monotonic(), time.time())
+
+    def _finish(self, f: Any, status: int, outcome: str, end_wall: float, upstream_failure: bool, now_mono: float, now_wall: float) -> None:
+        if status and not f.response_started:
+            f.on_response_headers(status)
+        complete_ts = None
+        if end_wall:
+            complete_ts = min(now_mono, now_mono - (now_wall - end_wall))
+            complete_ts = max(complete_ts, f.obs.dispatch_ts)
+        if upstream_failure:
+            f.endpoint.note_upstream_failure()  # upstream trouble: evidence for the health logic (as mode none does)
+        self.tracker.finish(f, outcome, complete_ts=complete_ts)
+        self.finished += 1
 
 
 __all__ = ["ALS_METHOD", "AccessLogReceiver", "ObservationSampler"]

@@ -34,6 +34,7 @@ from extproc.services import Services
 log = logging.getLogger(__name__)
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 
 
 def grpc_message_limit(max_body_bytes: int) -> int:
@@ -80,6 +81,10 @@ class ServeOptions:
     grpc_server: str = "native"
     seed: int | None = None
     conformance: bool = False  # honour GIE's conformance header test-epp-endpoint-selection
+    # active-active replicas (server/replication.py): redis://host:port/db shared by every replica of the pool
+    shared_state: str | None = None
+    replica_id: str = ""  # default: random (the flight-key tag)
+    shared_state_namespace: str = "extproc"
 
 
 class SchedulerServer:
@@ -111,6 +116,8 @@ class SchedulerServer:
         self.handler: ExtProcHandler | None = None
         self.access_log: AccessLogReceiver | None = None
         self.flow: FlowController | None = None
+        self.shared: Any = None  # server.replication.SharedState with --shared-state
+        self._serving = False
         self._grpc: grpc.aio.Server | None = None
         self._native: Any = None  # extproc.server.h2grpc.NativeGrpcServer
         self._health_grpc: grpc.aio.Server | None = None
@@ -202,10 +209,28 @@ class SchedulerServer:
         # end of request for every routed request comes from Envoy's access log (observability mode)
         self.access_log = AccessLogReceiver(self.tracker)
         self.handler.access_log = self.access_log
+        if self.opts.shared_state:
+            from extproc.scheduling.plugins.prefix import SERVICE_KEY as PREFIX_INDEX
+            from extproc.server.replication import KEY_SEPARATOR, ReplicationSettings, SharedState
+
+            self.shared = SharedState(
+                ReplicationSettings(url=self.opts.shared_state, replica_id=self.opts.replica_id, namespace=self.opts.shared_state_namespace),
+                self.pool,
+                prefix_index=self.services.get(PREFIX_INDEX),
+                flow=self.flow,
+                access_log=self.access_log,
+            )
+            self.tracker.key_prefix = self.shared.replica_id + KEY_SEPARATOR
+            self.access_log.forward = self.shared.forward_finish
+            self.handler.release_orphans = False
+            self.handler.close_after_route = self.opts.response_observe == "observability"
+            await self.shared.start()
         # shared services created by plugins (KV-event manager, predictor, ...) start here
         await self.services.start_all(skip=(self.scraper,))  # the scraper starts after them
         await self.scraper.start()
 
+        self._health = health.aio.HealthServicer()
+        self._serving = True
         creds = self._server_credentials()
         if self.opts.grpc_server == "native" and creds is None:
             await self._start_native()
@@ -214,7 +239,6 @@ class SchedulerServer:
 
         # gRPC health on its own port (liveness / readiness / ext_proc), as the reference does on 9003
         self._health_grpc = grpc.aio.server()
-        self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
         self.health_port = self._health_grpc.add_insecure_port(f"{self.opts.host}:{self.opts.health_port}")
         await self._health_grpc.start()
@@ -225,6 +249,7 @@ class SchedulerServer:
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/debug/endpoints", self._debug_endpoints)
+        app.router.add_get("/debug/replication", self._debug_replication)
         self._metrics_runner = web.AppRunner(app, access_log=None)
         await self._metrics_runner.setup()
         site = web.TCPSite(self._metrics_runner, self.opts.host, self.opts.metrics_port)
@@ -255,7 +280,15 @@ class SchedulerServer:
         async def access_logs(call: Any) -> None:
             await call.write(await receiver.StreamAccessLogs(None, call))  # type: ignore[arg-type]
 
+        async def health_check(call: Any) -> None:
+            # the same gRPC health answer on the ext_proc port, so Envoy can health-check the replicas of the
+            # ext_proc cluster where it sends ext_proc traffic (grpc_health_check)
+            await call.read()
+            st = health_pb2.HealthCheckResponse.SERVING if self._serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await call.write(health_pb2.HealthCheckResponse(status=st))
+
         return {
+            HEALTH_CHECK_METHOD: Method(health_pb2.HealthCheckRequest.FromString, health_check),
             f"/{EXT_PROC_SERVICE}/Process": Method(ext_pb.ProcessingRequest.FromString, process),
             ALS_METHOD: Method(als_pb2.StreamAccessLogsMessage.FromString, access_logs),
         }
@@ -285,6 +318,8 @@ class SchedulerServer:
         self._grpc = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.handler, self._grpc)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, self._grpc)
+        assert self._health is not None
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)  # Envoy's grpc_health_check
         addr = f"{self.opts.host}:{self.opts.grpc_port}"
         self.grpc_port = self._grpc.add_secure_port(addr, creds) if creds else self._grpc.add_insecure_port(addr)
         if not self.grpc_port:
@@ -302,6 +337,10 @@ class SchedulerServer:
         return reloading_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
 
     async def stop(self, grace: float = 1.0) -> None:
+        self._serving = False
+        if self.shared is not None:
+            await self.shared.stop()
+            self.shared = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
@@ -329,12 +368,22 @@ class SchedulerServer:
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
+    async def _debug_replication(self, request: web.Request) -> web.Response:
+        shared = self.shared
+        body: dict[str, Any] = {"enabled": shared is not None, "flights": len(self.tracker) if self.tracker is not None else 0}
+        if shared is not None:
+            body.update(shared.status())
+        if self.access_log is not None:
+            body["access_log"] = {"entries": self.access_log.entries, "finished": self.access_log.finished, "forwarded": self.access_log.forwarded}
+        return web.json_response(body)
+
     async def _healthz(self, request: web.Request) -> web.Response:
         healthy = len(self.pool.healthy())
         return web.json_response({"status": "ok", "endpoints": len(self.pool), "healthy": healthy}, status=200)
 
     async def _debug_endpoints(self, request: web.Request) -> web.Response:
         now = time.monotonic()
+        shared = self.shared
         out = []
         for ep in self.pool.snapshot():
             m = ep.metrics
@@ -345,6 +394,8 @@ class SchedulerServer:
                     "healthy": ep.healthy,
                     "models": sorted(ep.models),
                     "inflight": ep.inflight,
+                    # with replicas: the part of ``inflight`` the other replicas dispatched
+                    "inflight_peers": shared.peer_load(ep.address) if shared is not None else 0,
                     "waiting": m.waiting,
                     "running": m.running,
                     "kv_usage": m.kv_usage,

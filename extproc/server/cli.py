@@ -61,6 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(restrict candidates to the listed IP or IP:port) and echo x-conformance-test-served-endpoint; off by default, "
         "so clients cannot choose their destination",
     )
+    p.add_argument(
+        "--shared-state",
+        default=os.environ.get("EXTPROC_SHARED_STATE") or None,
+        metavar="URL",
+        help="active-active replicas: redis://HOST:PORT/DB that every replica of this pool shares (in-flight load, "
+        "approximate-prefix inserts, flow-control occupancy, foreign access-log entries); docs/active-active.md",
+    )
+    p.add_argument("--replica-id", default=os.environ.get("EXTPROC_REPLICA_ID", ""), help="this replica's name with --shared-state (default: random)")
+    p.add_argument("--shared-state-namespace", default="extproc", help="channel prefix: replicas of one pool share it")
     p.add_argument("--seed", type=int, default=None, help="seed the pickers' random tie-breaks (tests, benchmarks)")
     p.add_argument("--log-level", default=os.environ.get("EXTPROC_LOG_LEVEL", "info"))
     p.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -142,6 +151,9 @@ def options_from_args(args: argparse.Namespace) -> Any:
         tls_client_ca=args.tls_client_ca,
         seed=args.seed,
         conformance=args.conformance,
+        shared_state=args.shared_state,
+        replica_id=args.replica_id,
+        shared_state_namespace=args.shared_state_namespace,
     )
 
 

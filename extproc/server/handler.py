@@ -149,6 +149,12 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         self.tokenizers = self.services.get(TOKENIZERS)
         self.sampler = ObservationSampler(self.settings.observe_budget)
         self.access_log: AccessLogReceiver | None = None  # set by the server when it serves the access-log service
+        # observability mode: release a sampled flight whose observation stream never came (False with replicas:
+        # the stream may have gone to another replica; the access log, forwarded to us, finishes the flight)
+        self.release_orphans = True
+        # end the routing stream right after the routing answer (observability mode with scheduler replicas; see
+        # Process). Off by default: a hand-written Envoy config may still send response headers on this stream.
+        self.close_after_route = False
         scraper = self.services.get(SCRAPER)
         # adaptive scraping: a pod we just sent a request to is scraped at the active rate again
         self._touch = scraper.touch if scraper is not None else None
@@ -186,6 +192,11 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                     await write(resp)
                     if resp.HasField("immediate_response"):
                         return  # Envoy ends the request on an ImmediateResponse: nothing else belongs on this stream
+                    if st.flight is not None and self.close_after_route:
+                        # observability mode: the routing answer is the last message of this stream (Envoy sends it
+                        # no response messages). Ending the call now (OK) tells Envoy that processing is complete,
+                        # so a scheduler replica that dies later cannot fail the request (fail-close) mid-response.
+                        return
         finally:
             self._stream_closed(st)
 
@@ -294,7 +305,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             return self._reject(st, err.status, err.message, err.error_type, err.code)
         if self.tokenizers:
             request.prompt_token_ids = self.tokenizers.tokenize(request)
-        err = shed_error(self.pool, self.saturation, request, self.flow is not None and self.flow.queued())
+        err = shed_error(self.pool, self.saturation, request, self.flow is not None and self.flow.waiting() > 0)
         if err is not None:
             return self._reject(st, err.status, err.message, err.error_type, err.code, model=request.target_model)
         if self.flow is not None and self.flow.must_wait(request):
@@ -425,7 +436,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             # this mode); the observation stream finishes the flight. If it never attaches (the request was
             # reset before it reached the observation filter), release the flight after a grace period. A request
             # outside the observation sample is finished by its access-log entry (server/accesslog.py).
-            if st.sampled and not f.observed:
+            if st.sampled and not f.observed and self.release_orphans:
                 asyncio.get_running_loop().call_later(ORPHAN_GRACE_S, self._release_orphan, f)
         elif not f.response_started:
             # routing stream ended before any response headers: the request never reached a pod or was reset

@@ -125,6 +125,8 @@ class FlightTracker:
         self._on_outcome = on_outcome
         self.max_age_s = max_age_s
         self._sweeper: asyncio.Task[None] | None = None
+        # ``<replica tag>.``: with several scheduler replicas a flight key names its owner (server/replication.py)
+        self.key_prefix = ""
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -142,9 +144,10 @@ class FlightTracker:
             dispatch_ts=self.clock(),
             features=features,
         )
-        f = Flight(request, endpoint, obs, decode)
+        prefix = self.key_prefix
+        f = Flight(request, endpoint, obs, decode, prefix + secrets.token_hex(12) if prefix else "")
         while f.key in self._flights:  # never in practice (96 random bits); keeps keys unique regardless
-            f.key = secrets.token_hex(12)
+            f.key = prefix + secrets.token_hex(12)
         self._flights[f.key] = f
         endpoint.add_inflight(prompt_tokens)
         if prefill is not None and prefill is not endpoint:

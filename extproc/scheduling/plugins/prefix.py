@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import xxhash
@@ -99,7 +99,7 @@ class PrefixIndex:
     the event-loop thread; there is no locking.
     """
 
-    __slots__ = ("default_capacity", "_hash_to_pods", "_pods", "_capacity", "lookups", "hits")
+    __slots__ = ("default_capacity", "_hash_to_pods", "_pods", "_capacity", "lookups", "hits", "on_add")
 
     def __init__(self, default_capacity: int = DEFAULT_LRU_CAPACITY_PER_SERVER) -> None:
         if default_capacity <= 0:
@@ -110,6 +110,8 @@ class PrefixIndex:
         self._capacity: dict[str, int] = {}
         self.lookups = 0  # dispatched requests looked up
         self.hits = 0  # dispatched requests whose chosen pod matched ≥ 1 block
+        # called after every local insert (the replication layer shares it with the other scheduler replicas)
+        self.on_add: Callable[[Sequence[int], str], None] | None = None
 
     # -- queries ---------------------------------------------------------------------------------------------
 
@@ -180,6 +182,15 @@ class PrefixIndex:
         Blocks are touched from the last to the first, so the leading (most shared) blocks are the most recently
         used and a long prompt evicts its own tail before its head, as vLLM frees a request's blocks tail first.
         """
+        if not hashes:
+            return
+        self.add_remote(hashes, address)
+        cb = self.on_add
+        if cb is not None:
+            cb(hashes, address)
+
+    def add_remote(self, hashes: Sequence[int], address: str) -> None:
+        """:meth:`add` without telling ``on_add``: an insert another scheduler replica made."""
         if not hashes:
             return
         lru = self._pods.get(address)
