@@ -172,6 +172,10 @@ class Tokenizers:
         self._models: dict[str, ModelTokenizer] = {}
         self._default: ModelTokenizer | None = None
         self._cache: OrderedDict[int, list[int]] = OrderedDict()
+        # the last request answered and its answer: the handler tokenizes a request, then a precise scorer may ask
+        # again (when the handler got None); the same request object is never tokenized — or failed — twice
+        self._last_request: InferenceRequest | None = None
+        self._last_ids: list[int] | None = None
         self.stats = TokenizeStats()
         specs = dict(specs or {})
         built: dict[str, TextTokenizer] = {}
@@ -219,6 +223,14 @@ class Tokenizers:
 
     def tokenize(self, request: InferenceRequest) -> list[int] | None:
         self.stats.calls += 1
+        if request is self._last_request:
+            self.stats.cache_hits += 1
+            return self._last_ids
+        ids = self._tokenize(request)
+        self._last_request, self._last_ids = request, ids
+        return ids
+
+    def _tokenize(self, request: InferenceRequest) -> list[int] | None:
         mt = self.for_model(request.target_model)
         if mt is None:
             self.stats.no_tokenizer += 1

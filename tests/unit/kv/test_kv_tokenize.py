@@ -84,3 +84,18 @@ def test_bad_specs_are_rejected(tmp_path: Path) -> None:
         Tokenizers({"m": {"kind": "nope"}})
     with pytest.raises(ValueError):
         Tokenizers({"a": {"adapter_of": "missing"}})
+
+
+def test_a_failed_request_is_not_tokenized_twice(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The handler tokenizes; a precise scorer asking again for the same request gets the same answer (here:
+    None after a template error) without a second render."""
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "tokenizer.json").write_text((tiny_model_dir / "tokenizer.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ raise_exception('no system role') }}"}))
+    toks = Tokenizers({"m": {"kind": "hf", "path": str(d)}})
+    req = parse_request("/v1/chat/completions", chat("m", MSGS))
+    assert toks.tokenize(req) is None and toks.tokenize(req) is None
+    assert toks.stats.errors == 1 and toks.stats.calls == 2
+    other = parse_request("/v1/chat/completions", chat("m", MSGS))
+    assert toks.tokenize(other) is None and toks.stats.errors == 2  # a new request is tokenized afresh
