@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill/decode disaggregation: the fleet split into prefill and decode pods, extproc pd-sidecar "
                         "in front of each decode pod, config pd unless --config is given")
     p.add_argument("--pd-prefill", type=int, default=None, help="--pd: prefill pods (default: half the pods)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="active-active: N `extproc serve` replicas behind Envoy's ext_proc cluster, sharing state through a "
+                        "redis-server the demo starts (docs/active-active.md)")
+    p.add_argument("--kill-replica", action="store_true",
+                   help="with --replicas >= 2: SIGKILL the last replica halfway through the requests (every request must still succeed)")
 
 
 @dataclass(slots=True)
@@ -299,7 +304,16 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             config = "pd"
         batch_port = free_port() if args.batch else 0
         envoy_args = {"batch": f"127.0.0.1:{batch_port}"} if args.batch else {}
-        spec = StackSpec(endpoints=routed, config=config, labels=labels, kv_events=info.get("kv_events") if args.kv_events else None, models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)], envoy_args=envoy_args)
+        replicas = max(1, int(getattr(args, "replicas", 1)))
+        kill_replica = bool(getattr(args, "kill_replica", False))
+        if kill_replica and replicas < 2:
+            raise SystemExit("extproc demo: --kill-replica needs --replicas >= 2")
+        spec = StackSpec(endpoints=routed, config=config, labels=labels, kv_events=info.get("kv_events") if args.kv_events else None,
+                         models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)], envoy_args=envoy_args, replicas=replicas)  # fmt: skip
+        if replicas > 1:
+            console.print(f"active-active: {replicas} scheduler replicas behind Envoy's ext_proc cluster, state shared through Redis"
+                          + (" — the last one is SIGKILLed halfway" if kill_replica else ""))
+        replica_rep: dict[str, Any] = {"count": replicas, "killed": None}
         async with Stack(spec) as st, contextlib.AsyncExitStack() as bstack:
             batch_srv = None
             if args.batch:
@@ -322,12 +336,25 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
                     hdrs = {"x-gateway-inference-objective": "interactive"} if args.batch else None
 
+                    kill_task: list[asyncio.Task[None]] = []
+
+                    async def kill_last() -> None:
+                        victim = replicas - 1
+                        await st.kill_replica(victim)
+                        replica_rep["killed"] = victim
+                        replica_rep["killed_after_requests"] = len(results)
+                        console.print(f"[bold red]SIGKILL[/] scheduler replica {victim} after {len(results)} requests")
+
                     async def one(path: str, body: dict[str, Any], kind: str) -> None:
                         async with sem:
                             results.append(await send(session, st.url, path, body, kind, hdrs))
                         prog.advance(task)
+                        if kill_replica and not kill_task and len(results) >= len(wl.items) // 2:
+                            kill_task.append(asyncio.ensure_future(kill_last()))
 
                     await asyncio.gather(*(one(*it) for it in wl.items))
+                    if kill_task:
+                        await kill_task[0]
                 wall = time.perf_counter() - t_start
                 checks = await error_checks(session, st.url)
                 if args.pd:
@@ -343,6 +370,13 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                     }  # fmt: skip
                 async with session.get(st.metrics_url + "/metrics") as r:
                     sched_metrics = await r.text()
+                if replicas > 1:
+                    reps = []
+                    for u in st.metrics_urls:
+                        async with session.get(u + "/debug/replication") as r:
+                            d = await r.json()
+                        reps.append({k: d.get(k) for k in ("replica_id", "connected", "peers", "sent", "received", "dropped_peers", "access_log")})
+                    replica_rep["live"] = reps
             after = await scrape_pod_counters(endpoints)
     finally:
         if sidecar_proc is not None:
@@ -377,6 +411,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "p99_bucket_le": (_histogram_quantile(sched_metrics, "extproc_scheduling_latency_seconds", 0.99) or 0) * 1e6,
         },
         "error_checks": checks,
+        "replicas": replica_rep,
         **({"batch": batch_rep} if batch_rep is not None else {}),
         **({"pd": {
             "prefill_pods": [e for e in endpoints if labels.get(e, {}).get("llm-d.ai/role") == "prefill"],
@@ -405,6 +440,9 @@ def _print_summary(console: Any, rep: dict[str, Any]) -> None:
     t.add_row("E2E p50 / p90 (ms)", f"{rep['e2e_ms']['p50']} / {rep['e2e_ms']['p90']}")
     d = rep["scheduler_decision_us"]
     t.add_row("decision latency p50 / p99 (µs, bucket ≤)", f"{d['p50_bucket_le']:.0f} / {d['p99_bucket_le']:.0f}")
+    r = rep.get("replicas") or {}
+    if r.get("count", 1) > 1:
+        t.add_row("scheduler replicas (killed)", f"{r['count']} ({'replica ' + str(r['killed']) if r.get('killed') is not None else 'none'})")
     console.print(t)
     p = Table(title="requests per pod", show_header=True)
     p.add_column("pod")

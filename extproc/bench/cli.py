@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pd-sweep", default=None, metavar="T,T,...",
                    help="virtual: sweep prefix-based-pd-decider nonCachedTokens over these values (e.g. 0,16,256,1024) "
                         "instead of --setups; writes pd_sweep.json and pd_sweep.png")
+    p.add_argument("--replicas", default="1", metavar="N[,N...]",
+                   help="real time: run every extproc setup with N active-active scheduler replicas behind Envoy (a "
+                        "comma list runs each count side by side: 1,2,3 → name, name@r2, name@r3; Redis-shared state)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--aiperf", action="store_true",
@@ -91,11 +94,15 @@ def run_bench(args: argparse.Namespace) -> int:
     import asyncio
 
     from extproc.bench import report as rep
-    from extproc.bench.setups import DEFAULT_SETUPS, parse_setups
+    from extproc.bench.setups import DEFAULT_SETUPS, parse_setups, with_replicas
     from extproc.bench.workloads import generate, parse_stages
 
     try:
         setups = parse_setups(args.setups or ",".join(DEFAULT_SETUPS))
+        replica_counts = [int(x) for x in str(getattr(args, "replicas", "1")).split(",") if x.strip()]
+        setups = with_replicas(setups, replica_counts)
+        if args.virtual and any(s.replicas > 1 for s in setups):
+            raise ValueError("--replicas > 1 needs real time (drop --virtual): replicas are processes sharing state over Redis")
         stages = parse_stages(args.stages) if args.stages else None
         wl = generate(args.workload, stages, seed=args.seed)
     except ValueError as e:
@@ -135,6 +142,7 @@ def run_bench(args: argparse.Namespace) -> int:
                "kv_load_failure_policy": args.kv_load_failure_policy} if any(s.pd for s in setups) else None,
         "warm_start": args.warm_start,
         "streaming": not args.non_streaming,
+        "replicas": sorted({s.replicas for s in setups if s.kind == "extproc"}) or [1],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if args.virtual:

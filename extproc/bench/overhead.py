@@ -257,7 +257,17 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "observability-all-grpcio": ("observability", ("--grpc-server", "grpcio", "--observe-budget", "-1")),
     "none-grpcio": ("none", ("--grpc-server", "grpcio")),
     "observability-fixed-scrape": ("observability", ("--scrape-adaptive", "off")),
+    # active-active: N scheduler replicas behind Envoy's ext_proc cluster sharing state through Redis (the
+    # scheduler tier's throughput ratio vs one replica; sched_us sums every replica's CPU)
+    "observability-r2": ("observability", ()),
+    "observability-r3": ("observability", ()),
 }
+
+
+def variant_replicas(name: str) -> int:
+    """``...-rN`` → N scheduler replicas (1 otherwise)."""
+    head, sep, n = name.rpartition("-r")
+    return int(n) if sep and head and n.isdigit() else 1
 
 
 @dataclass(slots=True)
@@ -338,7 +348,8 @@ async def _proxy_runs(opts: OverheadOptions, client: str, pods_n: int) -> dict[s
         specs += [(f"extproc-{v}", *VARIANTS[v]) for v in opts.variants]
         for name, mode, extra in specs:
             envoy_args = {"body_without_header_wait": True} if name.endswith("-nowait") else {}
-            spec = StackSpec(endpoints=eps, config="default", models=[MODEL], response_observe=mode, scheduler_args=list(extra), envoy_args=envoy_args)
+            spec = StackSpec(endpoints=eps, config="default", models=[MODEL], response_observe=mode, scheduler_args=list(extra), envoy_args=envoy_args,
+                             replicas=variant_replicas(name))  # fmt: skip
             stacks[name] = await es.enter_async_context(Stack(spec))
         for st in stacks.values():
             await _warm(st.url)
@@ -349,6 +360,9 @@ async def _proxy_runs(opts: OverheadOptions, client: str, pods_n: int) -> dict[s
             p = {"envoy": st.envoy.pid}
             if st.scheduler is not None:
                 p["sched"] = st.scheduler.proc.pid
+            for i, rp in enumerate(st.schedulers[1:], 1):  # more replicas: their CPU adds to sched_us
+                if rp is not None:
+                    p[f"sched{i}"] = rp.proc.pid
             if upstream_pid is not None:
                 p["pods"] = upstream_pid
             return p
@@ -381,6 +395,9 @@ async def _proxy_runs(opts: OverheadOptions, client: str, pods_n: int) -> dict[s
                     row: dict[str, Any] = {"setup": name, "connections": c, "round": rnd, "pods": pods_n, **m}
                     for k in pids:
                         row[f"{k}_us"] = round(max(0.0, used[k] - idle[k] * wall) / n * 1e6, 1)
+                    extra_sched = [k for k in pids if k.startswith("sched") and k != "sched"]
+                    if extra_sched:
+                        row["sched_us"] = round(sum(row[f"{k}_us"] for k in ("sched", *extra_sched)), 1)
                     rows.append(row)
                     log.info("overhead run %s", row)
         live = await decision_latency_live(eps, opts.live_decisions) if opts.upstream == "fake" else None

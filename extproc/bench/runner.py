@@ -200,9 +200,11 @@ async def _run_one(
                 models=[MODEL, *fleet.loras],
                 scheduler_args=["--seed", str(fleet.seed), "--predictor-warm-start", fleet.warm_start or "none"]
                 + (["--tokenizer", f"{MODEL}=sim"] if setup.kv_events else []),
+                replicas=setup.replicas,
             )
             proxy = Stack(spec)
-            config.update({"proxy": "envoy", "lb_policy": setup.lb_policy} if setup.kind == "envoy" else {"proxy": "envoy+extproc", "config": setup.config})
+            config.update({"proxy": "envoy", "lb_policy": setup.lb_policy} if setup.kind == "envoy" else
+                          {"proxy": "envoy+extproc", "config": setup.config, "scheduler_replicas": setup.replicas})
         results: list[RequestResult] = []
         prefix: list[tuple[float, float] | None] = []
         pred_stages: list[dict[str, float]] = []

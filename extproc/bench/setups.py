@@ -23,6 +23,7 @@ class SetupSpec:
     config: str | None = None  # extproc: built-in config name
     kv_events: bool = False  # extproc-precise: the fleet must publish KV events
     pd: bool = False  # P/D: the fleet is split into prefill- and decode-role pods (NixlConnector on all)
+    replicas: int = 1  # extproc: active-active scheduler replicas behind Envoy's ext_proc cluster (Redis-shared)
 
 
 SETUPS: dict[str, SetupSpec] = {
@@ -80,6 +81,27 @@ def parse_setups(spec: str) -> list[SetupSpec]:
     if not names:
         raise ValueError("no setups given")
     return [path_setup(n) if n.startswith(PATH_PREFIX) else SETUPS[n] for n in dict.fromkeys(names)]
+
+
+REPLICAS_SUFFIX = "@r"
+
+
+def with_replicas(setups: list[SetupSpec], counts: list[int]) -> list[SetupSpec]:
+    """``--replicas 1,2,3``: every extproc setup once per replica count, side by side in one report. A count of 1
+    keeps the setup's name; N > 1 runs it as ``<name>@rN`` (N ``extproc serve`` replicas sharing state through
+    Redis, docs/active-active.md). Other setups run once."""
+    import dataclasses
+
+    if not counts or any(n < 1 for n in counts):
+        raise ValueError("--replicas: counts must be >= 1")
+    out: list[SetupSpec] = []
+    for s in setups:
+        if s.kind != "extproc":
+            out.append(s)
+            continue
+        for n in dict.fromkeys(counts):
+            out.append(s if n == 1 else dataclasses.replace(s, name=f"{s.name}{REPLICAS_SUFFIX}{n}", replicas=n))
+    return out
 
 
 def config_available(config: str) -> str | None:

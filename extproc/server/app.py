@@ -211,7 +211,7 @@ class SchedulerServer:
         self.handler.access_log = self.access_log
         if self.opts.shared_state:
             from extproc.scheduling.plugins.prefix import SERVICE_KEY as PREFIX_INDEX
-            from extproc.server.replication import KEY_SEPARATOR, ReplicationSettings, SharedState
+            from extproc.server.replication import KEY_SEPARATOR, ReplicationCollector, ReplicationSettings, SharedState
 
             self.shared = SharedState(
                 ReplicationSettings(url=self.opts.shared_state, replica_id=self.opts.replica_id, namespace=self.opts.shared_state_namespace),
@@ -220,6 +220,7 @@ class SchedulerServer:
                 flow=self.flow,
                 access_log=self.access_log,
             )
+            self.metrics.registry.register(ReplicationCollector(self.shared))
             self.tracker.key_prefix = self.shared.replica_id + KEY_SEPARATOR
             self.access_log.forward = self.shared.forward_finish
             self.handler.release_orphans = False

@@ -415,4 +415,24 @@ class SharedState:
                 self._drop_peer(peer_id)
 
 
-__all__ = ["KEY_SEPARATOR", "ReplicationSettings", "SharedState", "owner_of"]
+class ReplicationCollector:
+    """Prometheus gauges of one replica's shared state (``extproc_replication_*``)."""
+
+    def __init__(self, shared: SharedState) -> None:
+        self.shared = shared
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        s = self.shared
+        yield GaugeMetricFamily("extproc_replication_connected", "1 while this replica is connected to the shared store", value=1.0 if s.connected else 0.0)
+        yield GaugeMetricFamily("extproc_replication_peers", "Other scheduler replicas heard from within the peer TTL", value=float(len(s.peers)))
+        yield GaugeMetricFamily("extproc_replication_connects", "Connections made to the shared store", value=float(s.connects))
+        yield GaugeMetricFamily("extproc_replication_messages_sent", "Messages published", value=float(s.sent))
+        yield GaugeMetricFamily("extproc_replication_messages_received", "Peer messages applied", value=float(s.received))
+        yield GaugeMetricFamily("extproc_replication_peers_dropped", "Peers dropped (silent past the TTL, or stopped)", value=float(s.dropped_peers))
+        st = s.status()
+        yield GaugeMetricFamily("extproc_replication_buffered", "Prefix inserts and flight ends waiting for the store", value=float(st["buffered_prefix"] + st["buffered_finish"]))
+
+
+__all__ = ["ReplicationCollector", "KEY_SEPARATOR", "ReplicationSettings", "SharedState", "owner_of"]

@@ -202,3 +202,57 @@ async def test_redis_killed_routing_continues_and_recovers(fleet: SimFleet) -> N
             assert collections.Counter(c for _, _, c in results) == {200: len(results)}, collections.Counter(c for _, _, c in results)
     finally:
         await redis.stop()
+
+
+def _gauge(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return -1.0
+
+
+async def test_precise_prefix_every_replica_subscribes_to_every_pod() -> None:
+    """Precise prefix routing with 2 replicas: each replica runs its own ZMQ subscriber per pod and indexes every
+    pod's KV events, so both hold the same view (nothing of it goes through Redis)."""
+    from extproc.sim.fleet import FleetSpec
+
+    async with SimFleet(FleetSpec(pods=3, profile="llama3-8b-h100", model=MODEL, time_scale=0.05, seed=2, kv_events=True)) as fleet:
+        spec = StackSpec(endpoints=fleet.endpoints, models=[MODEL], config="precise-prefix", kv_events=fleet.kv_events, replicas=2,
+                         scheduler_args=["--tokenizer", f"{MODEL}=sim"], scrape_interval_s=0.05)  # fmt: skip
+        async with Stack(spec) as st, aiohttp.ClientSession() as s:
+            assert await wait_until(lambda: _all_connected(s, st, 1), timeout_s=20)
+            codes = await asyncio.gather(*(_one(s, st.url, _body(i, max_tokens=4)) for i in range(24)))
+            assert codes == [200] * 24
+
+            async def same_events() -> bool:
+                texts = []
+                for u in st.metrics_urls:
+                    async with s.get(u + "/metrics") as r:
+                        texts.append(await r.text())
+                ev = [_gauge(t, "extproc_kv_events_events") for t in texts]
+                subs = [_gauge(t, "extproc_kv_events_subscribers") for t in texts]
+                return subs == [3.0, 3.0] and ev[0] > 0 and ev[0] == ev[1]
+
+            assert await wait_until(same_events, timeout_s=20)
+
+
+def test_demo_replicas_kill_replica(tmp_path: Any) -> None:
+    """``extproc demo --replicas 2 --kill-replica``: the last replica is SIGKILLed halfway, every request succeeds."""
+    import json
+    import subprocess
+    import sys
+
+    rep = tmp_path / "r.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "extproc", "demo", "--pods", "3", "--requests", "80", "--time-scale", "0.05", "--replicas", "2", "--kill-replica",
+         "--report", str(rep)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rep.exists(), p.stderr[-3000:]
+    r = json.loads(rep.read_text())
+    why = {"failures": r["failures"], "served_as_picked": r["served_as_picked"], "checks": {k: v for k, v in r["error_checks"].items() if not v["ok"]}}
+    assert p.returncode == 0, why
+    assert r["ok"] == r["requests"] == 80 and r["failed"] == 0
+    assert r["replicas"]["count"] == 2 and r["replicas"]["killed"] == 1 and 0 < r["replicas"]["killed_after_requests"] < 80
+    live = r["replicas"]["live"]
+    assert len(live) == 1 and live[0]["connected"] and live[0]["dropped_peers"] >= 1
