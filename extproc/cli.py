@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "envoy-config": ("extproc.envoy_config", "render a validated Envoy bootstrap for extproc"),
     "predictor": ("extproc.sim.predictor_cli", "train / evaluate the TTFT/TPOT latency predictor"),
     "pd-sidecar": ("extproc.sidecar.cli", "decode-side P/D proxy: prefill leg on x-prefiller-host-port, then local decode"),
+    "plan": ("extproc.bench.plan.cli", "capacity planning: search deployments in virtual time, rank the Pareto-optimal ones"),
     "batch": ("extproc.batch.cli", "the OpenAI Batch API beside the gateway (serve, status)"),
 }
 

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'run' (default): routing-quality benchmark; 'overhead': proxy + scheduler cost")
     p.add_argument("--workload", default="shared-prefix",
                    help="shared-prefix | multi-turn | multi-lora | heterogeneous | three-vendor | long-prompts | bursty")
+    p.add_argument("--workload-spec", default=None, metavar="SPEC",
+                   help="build the trace from the workload and SLOs of an `extproc plan` SPEC (same seed -> the same trace "
+                        "the plan evaluated); the report gets per-class SLO results. Replaces --workload/--stages")
     p.add_argument("--fleet", default=None,
                    help="N pods of llama3-8b-h100, or profile:N,profile:M (default: the workload's fleet, else 8)")
     p.add_argument("--setups", default=None,
@@ -97,14 +100,24 @@ def run_bench(args: argparse.Namespace) -> int:
     from extproc.bench.setups import DEFAULT_SETUPS, parse_setups, with_replicas
     from extproc.bench.workloads import generate, parse_stages
 
+    plan_spec = None
     try:
         setups = parse_setups(args.setups or ",".join(DEFAULT_SETUPS))
         replica_counts = [int(x) for x in str(getattr(args, "replicas", "1")).split(",") if x.strip()]
         setups = with_replicas(setups, replica_counts)
         if args.virtual and any(s.replicas > 1 for s in setups):
             raise ValueError("--replicas > 1 needs real time (drop --virtual): replicas are processes sharing state over Redis")
-        stages = parse_stages(args.stages) if args.stages else None
-        wl = generate(args.workload, stages, seed=args.seed)
+        if getattr(args, "workload_spec", None):
+            from extproc.bench.plan.spec import load_spec
+            from extproc.bench.plan.traffic import build_workload
+
+            if args.stages:
+                raise ValueError("--stages does not apply with --workload-spec (the SPEC's classes have their own)")
+            plan_spec = load_spec(args.workload_spec)
+            wl = build_workload(plan_spec)
+        else:
+            stages = parse_stages(args.stages) if args.stages else None
+            wl = generate(args.workload, stages, seed=args.seed)
     except ValueError as e:
         print(f"extproc bench: {e}", file=sys.stderr)
         return 2
@@ -174,6 +187,13 @@ def run_bench(args: argparse.Namespace) -> int:
                                  pd_prefill, args.link, args.kv_failure_rate, args.kv_load_failure_policy)
         runs = asyncio.run(runner.run_setups(wl, setups, fo, args.out, repeat=args.repeat, show_progress=not args.no_progress))
     report = rep.build_report(meta, [(s.rate, s.duration) for s in wl.stages], runs)
+    if plan_spec is not None:
+        from extproc.bench.plan.evaluate import class_metrics
+
+        report["workload_spec"] = args.workload_spec
+        for r in runs:
+            if r.status == "ok" and r.results is not None and r.name in report["setups"]:
+                report["setups"][r.name]["classes"] = class_metrics(plan_spec, wl, r.results, repeats=max(1, r.repeats))
     if getattr(args, "aiperf", False):
         from extproc.bench import aiperf
 

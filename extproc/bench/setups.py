@@ -48,6 +48,7 @@ DEFAULT_SETUPS = ("envoy-rr", "envoy-lr", "extproc-random", "extproc-default", "
 
 PATH_PREFIX = "extproc:"
 KV_EVENT_TYPES = ("precise-prefix-cache", "precise-prefix-cache-producer")
+PD_TYPES = ("disagg-profile-handler",)  # a config with one splits prefill from decode
 
 
 def path_setup(name: str) -> SetupSpec:
@@ -68,7 +69,7 @@ def path_setup(name: str) -> SetupSpec:
         raise ValueError(f"setup {name!r}: cannot read {path!r}: {e}") from None
     plugins = raw.get("plugins") if isinstance(raw, dict) else None
     types = {p.get("type") for p in plugins or [] if isinstance(p, dict)}
-    return SetupSpec(name, "extproc", config=path, kv_events=bool(types & set(KV_EVENT_TYPES)))
+    return SetupSpec(name, "extproc", config=path, kv_events=bool(types & set(KV_EVENT_TYPES)), pd=bool(types & set(PD_TYPES)))
 
 
 def parse_setups(spec: str) -> list[SetupSpec]:

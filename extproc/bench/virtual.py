@@ -212,6 +212,7 @@ class _Gateway:
         self.plugins: dict[str, Any] = {}
         self.saturation = SaturationDetector()
         self.predictor: Any = None
+        self.objectives: dict[str, int] = {}  # x-gateway-inference-objective -> priority, as the server maps it
         if setup.kind == "envoy":
             self.envoy = _EnvoyLB(setup.lb_policy or "ROUND_ROBIN", endpoints, seed)
         elif setup.kind == "extproc":
@@ -228,6 +229,7 @@ class _Gateway:
                 if isinstance(rng, random.Random):
                     rng.seed(seed * 1009 + i)
             self.saturation = SaturationDetector.from_config(cfg.saturation)
+            self.objectives = dict(cfg.objectives)
             self.predictor = services.get(SERVICE_KEY)
             if self.predictor is not None:
                 self.predictor.start_sync()
@@ -294,11 +296,14 @@ def run_virtual(
     progress: Callable[[int], None] | None = None,
     warm_start: str | None = None,
     stream: bool = True,
+    token_cache: dict[int, list[int]] | None = None,
 ) -> VirtualResult:
     """Replay ``workload`` through ``setup`` on a virtual fleet. Deterministic for a given seed.
 
     ``warm_start``: a latency-model file for predictor configs (None: the predictor starts cold and learns
-    online). ``stream``: send streaming requests (False: non-streaming, as most SDK calls and batch jobs)."""
+    online). ``stream``: send streaming requests (False: non-streaming, as most SDK calls and batch jobs).
+    ``token_cache``: prompt token ids by request index, filled on first use and reused by later runs of the same
+    workload (``extproc plan`` replays one trace for every candidate; the ids are never mutated)."""
     from extproc.sim.engine import Engine, SimRequest
     from extproc.sim.profiles import get_profile
     from extproc.datalayer.simtokenizer import get_tokenizer
@@ -437,11 +442,17 @@ def run_virtual(
     def arrive(index: int, now: float) -> None:
         wr = workload.requests[index]
         raw = wr.body_bytes(stream=stream)
-        req = parse_request(wr.path, raw, wr.headers(), request_id=f"bench-{wr.index}")
-        if wr.api == "chat":
-            ids = tok.encode_chat([{"role": r, "content": c} for r, c in wr.messages])
+        req = parse_request(wr.path, raw, wr.headers(), request_id=f"bench-{wr.index}", priority_of_objective=gw.objectives)
+        cached = token_cache.get(wr.index) if token_cache is not None else None
+        if cached is not None:
+            ids = cached
         else:
-            ids = tok.encode(wr.prompt())
+            if wr.api == "chat":
+                ids = tok.encode_chat([{"role": r, "content": c} for r, c in wr.messages])
+            else:
+                ids = tok.encode(wr.prompt())
+            if token_cache is not None:
+                token_cache[wr.index] = ids
         req.prompt_token_ids = ids if setup.kv_events else None
         try:
             flight = gw.decide(req)

@@ -37,6 +37,7 @@ from typing import Any
 # to size prompts. The exact token counts come from the simulator's tokenizer.
 CHARS_PER_TOKEN = 4
 MODEL = "sim-llama"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"  # the request's traffic class (the config maps it to a priority)
 LORAS: tuple[str, ...] = ("sim-lora-a", "sim-lora-b", "sim-lora-c", "sim-lora-d")
 LORA_SPLIT: tuple[float, ...] = (0.50, 0.30, 0.15, 0.05)
 
@@ -118,6 +119,7 @@ class WorkloadRequest:
     messages: tuple[tuple[str, str], ...] = ()  # chat: (role, content)
     group: int = -1  # shared-prefix group / session / document, for analysis
     session: str = ""  # multi-turn session id (sent as x-session-token)
+    objective: str = ""  # traffic class, sent as x-gateway-inference-objective (``extproc plan`` mixes classes)
 
     @property
     def path(self) -> str:
@@ -130,6 +132,8 @@ class WorkloadRequest:
         h = {"content-type": "application/json", "x-request-id": f"bench-{self.index}"}
         if self.session:
             h["x-session-token"] = self.session
+        if self.objective:
+            h[OBJECTIVE_HEADER] = self.objective
         return h
 
     def body(self, stream: bool = True) -> dict[str, Any]:

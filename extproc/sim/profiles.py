@@ -310,14 +310,22 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+_YAML_CACHE: dict[tuple[str, int, int], Profile] = {}
+
+
 def get_profile(name_or_path: str) -> Profile:
-    """A named profile, or one loaded from a YAML file path."""
+    """A named profile, or one loaded from a YAML file path (parsed once per file version: path, mtime, size)."""
     prof = PROFILES.get(name_or_path)
     if prof is not None:
         return prof
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
-        return Profile.from_yaml(p)
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+        prof = _YAML_CACHE.get(key)
+        if prof is None:
+            prof = _YAML_CACHE[key] = Profile.from_yaml(p)
+        return prof
     raise KeyError(f"unknown profile {name_or_path!r}; known: {', '.join(sorted(PROFILES))} (or a .yaml path)")
 
 
