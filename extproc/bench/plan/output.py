@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from extproc.bench.plan.evaluate import Evaluation, bench_command
@@ -96,7 +97,10 @@ def _param(k: str, v: Any) -> str:
 
 
 def _short_key(k: str) -> str:
-    k = k.replace("pods.llama3-8b-", "").replace("pods.", "").replace("admission.", "")
+    if k.startswith("pods."):  # a profile name or path -> its short name ("mi300x-tp1" for .../llama3-70b-mi300x-tp1.yaml)
+        k = os.path.splitext(os.path.basename(k[len("pods."):]))[0]
+        return re.sub(r"^llama3-\d+b-", "", k)
+    k = k.replace("admission.", "")
     return {"max_num_seqs": "seqs", "max_num_batched_tokens": "batched", "pd_prefill": "P/D prefill",
             "maxInflightPerPod": "inflight/pod", "queueDepthThreshold": "queue thr", "kvCacheUtilThreshold": "kv thr"}.get(k, k)
 
