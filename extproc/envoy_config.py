@@ -169,6 +169,13 @@ class EnvoyConfigOptions:
     # ``extproc`` and these, health-checks each over gRPC health, ejects failing ones, and retries a stream whose
     # replica is unreachable on another one
     extproc_replicas: tuple[HostPort, ...] = ()
+    # ``extproc`` is a DNS name that resolves to several replicas (a Kubernetes headless Service, STRICT_DNS):
+    # health-check, eject and retry them as with a list
+    extproc_replicated: bool = False
+
+    @property
+    def replicated(self) -> bool:
+        return len(self.scheduler_endpoints) > 1 or (self.extproc is not None and self.extproc_replicated)
 
     @property
     def scheduler_endpoints(self) -> tuple[HostPort, ...]:
@@ -381,7 +388,7 @@ def _extproc_cluster(opts: EnvoyConfigOptions) -> Any:
 
     assert opts.extproc is not None
     eps = list(opts.scheduler_endpoints)
-    replicated = len(eps) > 1
+    replicated = opts.replicated
     return Cluster(
         name=EXTPROC_CLUSTER,
         type=_discovery_type(eps),
@@ -632,9 +639,9 @@ def _grpc_service(opts: EnvoyConfigOptions | None = None) -> Any:
     from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc, RetryPolicy
 
     retry = None
-    if opts is not None and len(opts.scheduler_endpoints) > 1:
+    if opts is not None and opts.replicated:
         # a stream that cannot reach its replica (killed, refused) is retried on another one
-        retry = RetryPolicy(retry_on="connect-failure,refused-stream,reset,unavailable", num_retries=len(opts.scheduler_endpoints))
+        retry = RetryPolicy(retry_on="connect-failure,refused-stream,reset,unavailable", num_retries=max(2, len(opts.scheduler_endpoints)))
     return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTPROC_CLUSTER), retry_policy=retry)
 
 
@@ -1196,6 +1203,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(health-checked, outlier-ejected, retried); leave out for an Envoy-only balancer over --endpoints",
     )
     parser.add_argument(
+        "--extproc-replicated",
+        action="store_true",
+        help="the --extproc name resolves to several scheduler replicas (e.g. a Kubernetes headless Service): "
+        "health-check, outlier-eject and retry them as with a comma list (docs/active-active.md)",
+    )
+    parser.add_argument(
         "--failure-mode",
         choices=("fail-open", "fail-close"),
         default="fail-close",
@@ -1294,6 +1307,7 @@ def run(args: argparse.Namespace) -> int:
         "fallback_health_path": args.fallback_health_path,
         "access_log": not args.no_access_log,
         "batch": args.batch,
+        "extproc_replicated": args.extproc_replicated,
     }
     try:
         if args.extproc_tls_ca or args.extproc_tls_cert or args.extproc_tls_key or args.extproc_tls_sni:
