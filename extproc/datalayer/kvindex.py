@@ -176,6 +176,11 @@ class KVBlockIndex:
         self._spec_heap: list[tuple[float, int, str]] = []
         # In-flight holds: hold id → (pod, keys, expiry); key → {pod: number of live holds}; expiry heap.
         self._holds: dict[str, tuple[str, list[int], float]] = {}
+        # told of every local hold / release / speculative insert (the replication layer shares them with the
+        # other scheduler replicas, server/replication.py); inserts from a peer pass notify=False
+        self.on_hold: Callable[[str, str, list[int], float], None] | None = None
+        self.on_release: Callable[[str], None] | None = None
+        self.on_speculative: Callable[[str, list[int], float], None] | None = None
         self._held: dict[int, dict[str, int]] = {}
         self._hold_heap: list[tuple[float, str]] = []
         self.stats = IndexStats()
@@ -352,7 +357,7 @@ class KVBlockIndex:
         return n
 
     # ---------------------------------------------------------------- speculative entries
-    def add_speculative(self, address: str, keys: Sequence[int], ttl_s: float) -> None:
+    def add_speculative(self, address: str, keys: Sequence[int], ttl_s: float, notify: bool = True) -> None:
         """The request with ``keys`` was just dispatched to ``address``: count its blocks as held there for
         ``ttl_s`` seconds unless a BlockStored confirms them first."""
         if ttl_s <= 0 or not keys:
@@ -373,6 +378,9 @@ class KVBlockIndex:
             st.spec_keys.add(key)
             heapq.heappush(self._spec_heap, (exp, key, address))
         self.stats.speculative_inserts += len(keys)
+        cb = self.on_speculative
+        if notify and cb is not None:
+            cb(address, list(keys), ttl_s)
         # The heap holds one item per insert; compact it if refreshed entries left it much larger than live.
         if len(self._spec_heap) > 4 * max(1024, sum(len(v) for v in self._spec.values())):
             self._spec_heap = [(e, k, a) for k, d in self._spec.items() for a, e in d.items()]
@@ -405,7 +413,7 @@ class KVBlockIndex:
                 del spec[key]
 
     # ---------------------------------------------------------------- in-flight holds
-    def hold(self, hold_id: str, address: str, keys: Sequence[int], max_s: float) -> None:
+    def hold(self, hold_id: str, address: str, keys: Sequence[int], max_s: float, notify: bool = True) -> None:
         """Request ``hold_id`` with ``keys`` was dispatched to ``address``: its blocks count as held there until
         :meth:`release` (the request completed) or ``max_s`` seconds pass (a completion that never came).
 
@@ -432,11 +440,17 @@ class KVBlockIndex:
         heapq.heappush(self._hold_heap, (exp, hold_id))
         self._state(address)
         self.stats.holds += 1
+        cb = self.on_hold
+        if notify and cb is not None:
+            cb(hold_id, address, kl, max_s)
 
-    def release(self, hold_id: str) -> bool:
+    def release(self, hold_id: str, notify: bool = True) -> bool:
         """The request behind ``hold_id`` finished: drop its hold. True if it was live."""
         if self._release(hold_id):
             self.stats.holds_released += 1
+            cb = self.on_release
+            if notify and cb is not None:
+                cb(hold_id)
             return True
         return False
 

@@ -210,6 +210,7 @@ class SchedulerServer:
         self.access_log = AccessLogReceiver(self.tracker)
         self.handler.access_log = self.access_log
         if self.opts.shared_state:
+            from extproc.datalayer.kvindex import KV_INDEX
             from extproc.scheduling.plugins.prefix import SERVICE_KEY as PREFIX_INDEX
             from extproc.server.replication import KEY_SEPARATOR, ReplicationCollector, ReplicationSettings, SharedState
 
@@ -217,6 +218,7 @@ class SchedulerServer:
                 ReplicationSettings(url=self.opts.shared_state, replica_id=self.opts.replica_id, namespace=self.opts.shared_state_namespace),
                 self.pool,
                 prefix_index=self.services.get(PREFIX_INDEX),
+                kv_index=self.services.get(KV_INDEX),
                 flow=self.flow,
                 access_log=self.access_log,
             )

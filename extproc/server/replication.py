@@ -14,6 +14,11 @@ pub/sub and not Redis hashes, streams or a ZMQ mesh):
 * **approximate-prefix inserts** — the ``PrefixIndex`` entries a replica adds at dispatch (``on_add`` hook), in
   batches; peers insert them into their own index (``PrefixIndex.add_remote``). Precise prefix routing needs no
   sharing: every replica subscribes to every pod's KV events itself.
+* **precise-prefix in-flight holds and speculative entries** — what a replica's ``precise-prefix-cache`` marks
+  as held on a pod at dispatch (until the request completes) or speculatively cached (until its TTL or a
+  BlockStored): ``KVBlockIndex.on_hold`` / ``on_release`` / ``on_speculative``; peers apply them with
+  ``notify=False`` under ``<peer>/<hold id>`` and release every hold of a peer they drop. The KV events themselves
+  are not shared: every replica subscribes to every pod.
 * **flow-control occupancy** — the replica's queued count rides on the load message; the sum over peers is
   ``FlowController.peer_queued`` (a peer's queue holds sheddable work back and keeps FIFO across replicas).
 * **end of foreign flights** — Envoy's access log and observation streams go to whichever replica the ext_proc
@@ -49,6 +54,7 @@ _LOAD = "s"  # {"t", "r", "c": {addr: [inflight, prefill_tokens, decode_tokens]}
 _PREFIX = "p"  # {"t", "r", "e": [[addr, [hash, ...]], ...]}
 _FINISH = "f"  # {"t", "r", "e": [[key, status, outcome, end_wall, upstream_failure], ...]}
 _BYE = "b"  # {"t", "r"}: a replica stopping cleanly (peers drop it at once)
+_KV = "k"  # {"t", "r", "e": [["h", id, addr, [key...], max_s] | ["u", id] | ["s", addr, [key...], ttl_s], ...]}
 
 KEY_SEPARATOR = "."
 
@@ -77,6 +83,7 @@ class _Peer:
     last_seen: float
     counts: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     queued: int = 0
+    holds: set[str] = field(default_factory=set)  # precise-prefix holds applied for this peer (prefixed ids)
 
 
 class SharedState:
@@ -88,6 +95,7 @@ class SharedState:
         pool: EndpointPool,
         *,
         prefix_index: Any = None,
+        kv_index: Any = None,
         flow: Any = None,
         access_log: Any = None,
     ) -> None:
@@ -97,6 +105,7 @@ class SharedState:
             raise ValueError(f"replica id must not contain {KEY_SEPARATOR!r}: {self.replica_id!r}")
         self.pool = pool
         self.prefix_index = prefix_index
+        self.kv_index = kv_index
         self.flow = flow
         self.access_log = access_log
         ns = settings.namespace
@@ -108,6 +117,7 @@ class SharedState:
         self._published: dict[str, tuple[int, int, int]] = {}
         self._published_queued = -1
         self._prefix_out: deque[tuple[str, list[int]]] = deque(maxlen=settings.buffer_limit)
+        self._kv_out: deque[list[Any]] = deque(maxlen=settings.buffer_limit)
         self._finish_out: dict[str, deque[list[Any]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: Any = None
@@ -120,10 +130,23 @@ class SharedState:
         self.last_error = ""
         if prefix_index is not None:
             prefix_index.on_add = self._on_prefix_add
+        if kv_index is not None:
+            kv_index.on_hold = self._on_hold
+            kv_index.on_release = self._on_release
+            kv_index.on_speculative = self._on_speculative
 
     # ---------------------------------------------------------------- hot-path hooks (O(1), no I/O)
     def _on_prefix_add(self, hashes: Sequence[int], address: str) -> None:
         self._prefix_out.append((address, list(hashes)))
+
+    def _on_hold(self, hold_id: str, address: str, keys: list[int], max_s: float) -> None:
+        self._kv_out.append(["h", hold_id, address, keys, max_s])
+
+    def _on_release(self, hold_id: str) -> None:
+        self._kv_out.append(["u", hold_id])
+
+    def _on_speculative(self, address: str, keys: list[int], ttl_s: float) -> None:
+        self._kv_out.append(["s", address, keys, ttl_s])
 
     def forward_finish(self, key: str, status: int, outcome: str, end_wall: float, upstream_failure: bool) -> bool:
         """The access log got an entry for a flight another replica owns: queue it for the owner."""
@@ -158,6 +181,8 @@ class SharedState:
             self._drop_peer(peer)
         if self.prefix_index is not None and getattr(self.prefix_index, "on_add", None) == self._on_prefix_add:
             self.prefix_index.on_add = None
+        if self.kv_index is not None:
+            self.kv_index.on_hold = self.kv_index.on_release = self.kv_index.on_speculative = None
         await self._close()
 
     async def _close(self) -> None:
@@ -179,6 +204,7 @@ class SharedState:
             "dropped_peers": self.dropped_peers,
             "last_peer_drop_monotonic": self.last_peer_drop,
             "buffered_prefix": len(self._prefix_out),
+            "buffered_kv": len(self._kv_out),
             "buffered_finish": sum(len(q) for q in self._finish_out.values()),
             "last_error": self.last_error,
         }
@@ -285,6 +311,12 @@ class SharedState:
                 taken_prefix.append(prefix.popleft())
             if taken_prefix:
                 msgs.append((ch, self._pack({"t": _PREFIX, "r": self.replica_id, "e": [list(e) for e in taken_prefix]})))
+            kvq = self._kv_out
+            taken_kv: list[list[Any]] = []
+            while kvq and len(taken_kv) < 1024:
+                taken_kv.append(kvq.popleft())
+            if taken_kv:
+                msgs.append((ch, self._pack({"t": _KV, "r": self.replica_id, "e": taken_kv})))
             taken_finish: dict[str, list[list[Any]]] = {}
             for owner, q in self._finish_out.items():
                 if q:
@@ -301,6 +333,7 @@ class SharedState:
                 except Exception:
                     # keep what others still need; load state is re-sent in full after reconnecting
                     self._prefix_out.extendleft(reversed(taken_prefix))
+                    self._kv_out.extendleft(reversed(taken_kv))
                     for owner, batch in taken_finish.items():
                         self._finish_out[owner].extendleft(reversed(batch))
                     raise
@@ -359,6 +392,25 @@ class SharedState:
             for addr, hashes in m.get("e") or ():
                 if self.pool.get(addr) is not None:
                     index.add_remote(hashes, addr)
+        elif kind == _KV:
+            kv = self.kv_index
+            if kv is None:
+                return
+            for op in m.get("e") or ():
+                if op[0] == "h":
+                    _, hid, addr, keys, max_s = op
+                    if self.pool.get(addr) is not None:
+                        pid = f"{peer_id}/{hid}"
+                        kv.hold(pid, addr, keys, float(max_s), notify=False)
+                        peer.holds.add(pid)
+                elif op[0] == "u":
+                    pid = f"{peer_id}/{op[1]}"
+                    kv.release(pid, notify=False)
+                    peer.holds.discard(pid)
+                elif op[0] == "s":
+                    _, addr, keys, ttl = op
+                    if self.pool.get(addr) is not None:
+                        kv.add_speculative(addr, keys, float(ttl), notify=False)
         elif kind == _FINISH:
             al = self.access_log
             if al is None:
@@ -400,6 +452,9 @@ class SharedState:
             return
         self.dropped_peers += 1
         self.last_peer_drop = time.monotonic()
+        if self.kv_index is not None:
+            for pid in peer.holds:
+                self.kv_index.release(pid, notify=False)
         for addr in peer.counts:
             self._sync_pod(addr)
         self._sync_queued()
@@ -432,7 +487,8 @@ class ReplicationCollector:
         yield GaugeMetricFamily("extproc_replication_messages_received", "Peer messages applied", value=float(s.received))
         yield GaugeMetricFamily("extproc_replication_peers_dropped", "Peers dropped (silent past the TTL, or stopped)", value=float(s.dropped_peers))
         st = s.status()
-        yield GaugeMetricFamily("extproc_replication_buffered", "Prefix inserts and flight ends waiting for the store", value=float(st["buffered_prefix"] + st["buffered_finish"]))
+        yield GaugeMetricFamily("extproc_replication_buffered", "Prefix inserts, KV holds and flight ends waiting for the store",
+                                value=float(st["buffered_prefix"] + st["buffered_kv"] + st["buffered_finish"]))
 
 
 __all__ = ["ReplicationCollector", "KEY_SEPARATOR", "ReplicationSettings", "SharedState", "owner_of"]

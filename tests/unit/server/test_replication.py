@@ -144,3 +144,34 @@ def test_two_replicas_over_real_redis(redis_url: str) -> None:
             await redis.stop()
 
     asyncio.run(run())
+
+
+def test_precise_prefix_holds_and_speculative_entries_are_shared() -> None:
+    from extproc.datalayer.kvindex import KVBlockIndex
+
+    mine, theirs = KVBlockIndex(), KVBlockIndex()
+    pool = EndpointPool()
+    pool.set_endpoints([A, B])
+    st = SharedState(ReplicationSettings(url="redis://127.0.0.1:1/0", replica_id="me"), pool, kv_index=theirs)
+    sent: list[list[object]] = []
+    mine.on_hold = lambda hid, addr, keys, max_s: sent.append(["h", hid, addr, keys, max_s])
+    mine.on_release = lambda hid: sent.append(["u", hid])
+    mine.on_speculative = lambda addr, keys, ttl: sent.append(["s", addr, keys, ttl])
+    mine.hold("req-1", A, [11, 12, 13], 60.0)
+    mine.add_speculative(B, [21, 22], 2.0)
+    st.handle({"t": "k", "r": "peer", "e": list(sent)})
+    assert theirs.lookup([11, 12, 13], [A, B]).get(A) == 3 and theirs.holds_of(A) == 1
+    assert theirs.lookup([21, 22], [A, B]).get(B) == 2
+    sent.clear()
+    assert mine.release("req-1")
+    st.handle({"t": "k", "r": "peer", "e": list(sent)})
+    assert theirs.holds_of(A) == 0
+    # a peer that dies holding blocks: its holds go with it
+    st.handle({"t": "k", "r": "peer", "e": [["h", "req-2", A, [11], 60.0]]})
+    assert theirs.holds_of(A) == 1
+    st.handle({"t": "b", "r": "peer"})
+    assert theirs.holds_of(A) == 0
+    # our own index tells the shared state of local holds (and nothing it applied for a peer)
+    assert theirs.on_hold is not None
+    theirs.hold("local", B, [5], 10.0)
+    assert st.status()["buffered_kv"] == 1
