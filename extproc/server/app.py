@@ -221,6 +221,7 @@ class SchedulerServer:
                 kv_index=self.services.get(KV_INDEX),
                 flow=self.flow,
                 access_log=self.access_log,
+                tracker=self.tracker,
             )
             self.metrics.registry.register(ReplicationCollector(self.shared))
             self.tracker.key_prefix = self.shared.replica_id + KEY_SEPARATOR

@@ -72,6 +72,7 @@ class ReplicationSettings:
     namespace: str = "extproc"  # channel prefix: replicas of one pool share it
     interval_s: float = 0.005
     heartbeat_s: float = 0.2
+    token_refresh_s: float = 0.025  # in-flight token counters (prefill → decode) are re-read at least this often
     peer_ttl_s: float = 0.75
     buffer_limit: int = 100_000  # prefix inserts / forwarded ends kept while Redis is away
     reconnect_min_s: float = 0.1
@@ -98,6 +99,7 @@ class SharedState:
         kv_index: Any = None,
         flow: Any = None,
         access_log: Any = None,
+        tracker: Any = None,
     ) -> None:
         self.settings = settings
         self.replica_id = settings.replica_id or secrets.token_hex(4)
@@ -108,6 +110,12 @@ class SharedState:
         self.kv_index = kv_index
         self.flow = flow
         self.access_log = access_log
+        # FlightTracker: its ``changes`` counter says whether any in-flight count moved since the last tick, so an
+        # idle or steady replica does not walk the pool every 5 ms (token counters moving inside a flight, prefill →
+        # decode, are picked up at least every ``token_refresh_s``)
+        self.tracker = tracker
+        self._seen_changes = -1
+        self._last_scan = 0.0
         ns = settings.namespace
         self.broadcast = f"{ns}:all"
         self.own_channel = f"{ns}:r:{self.replica_id}"
@@ -276,6 +284,18 @@ class SharedState:
         return msgpack.packb(msg, use_bin_type=True)  # type: ignore[no-any-return]
 
     def _load_message(self, full: bool) -> dict[str, Any] | None:
+        now = time.monotonic()
+        tr = self.tracker
+        if tr is not None and not full:
+            changes = tr.changes
+            if changes == self._seen_changes and now - self._last_scan < self.settings.token_refresh_s:
+                flow = self.flow
+                if (flow.queued() if flow is not None else 0) == self._published_queued:
+                    return None
+            self._seen_changes = changes
+        elif tr is not None:
+            self._seen_changes = tr.changes
+        self._last_scan = now
         counts: dict[str, list[int]] = {}
         pub = self._published
         for ep in self.pool.snapshot():

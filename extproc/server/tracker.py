@@ -127,6 +127,7 @@ class FlightTracker:
         self._sweeper: asyncio.Task[None] | None = None
         # ``<replica tag>.``: with several scheduler replicas a flight key names its owner (server/replication.py)
         self.key_prefix = ""
+        self.changes = 0  # dispatches + finishes so far (the replication layer publishes load only when it moved)
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -149,6 +150,7 @@ class FlightTracker:
         while f.key in self._flights:  # never in practice (96 random bits); keeps keys unique regardless
             f.key = prefix + secrets.token_hex(12)
         self._flights[f.key] = f
+        self.changes += 1
         endpoint.add_inflight(prompt_tokens)
         if prefill is not None and prefill is not endpoint:
             f.prefill_endpoint = prefill
@@ -171,6 +173,7 @@ class FlightTracker:
 
     def _finish(self, f: Flight, outcome: str, complete_ts: float | None = None) -> None:
         f.finished = True
+        self.changes += 1
         f.release_prefill()
         if f.in_prefill:
             f.endpoint.release_inflight(prefill_tokens=f.prefill_tokens)
