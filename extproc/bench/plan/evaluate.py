@@ -240,11 +240,11 @@ def evaluate(spec: Spec, workload: Workload, cand: Candidate, mat: Materializer,
     from extproc.bench import virtual
     from extproc.bench.setups import path_setup
 
-    fleet = mat.fleet(cand)
-    config = mat.config(cand)
-    ev = Evaluation(cid, cand, fleet, config, "ok")
+    ev = Evaluation(cid, cand, "", "", "ok")
     t0 = time.perf_counter()
     try:
+        ev.fleet = fleet = mat.fleet(cand)
+        ev.config = config = mat.config(cand)
         setup = path_setup(f"extproc:{config}")
         fl = virtual.layout(fleet, spec.kv_blocks)
         if setup.pd:

@@ -17,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.bench.plan.evaluate import Candidate, Materializer, canonical, class_metrics
+from extproc.bench.plan.output import build as build_report
+from extproc.bench.plan.output import markdown
 from extproc.bench.plan.pareto import dominates, pareto_front, rank_key
 from extproc.bench.plan.search import run_search
 from extproc.bench.plan.spec import SpecError, load_spec, parse_spec
@@ -349,3 +351,32 @@ def test_plan_end_to_end_and_bench_reproduces_the_winner(tmp_path: Path, capsys:
     (setup,) = bench["setups"].values()
     assert setup["classes"]["classes"] == cands[w]["metrics"]["classes"]
     assert setup["classes"]["checks"] == cands[w]["checks"] and math.isclose(setup["classes"]["slo_attainment"], cands[w]["slo_attainment"])
+
+
+def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A profile file that disappears after the SPEC was read: every candidate using it fails (recorded with
+    the error), the others still run, and the command exits 1."""
+    prof = tmp_path / "gone.yaml"
+    from extproc.sim.profiles import get_profile
+
+    get_profile("llama3-8b-l40s").replace(name="gone").to_yaml(prof)
+    raw = copy.deepcopy(BASE)
+    raw["search"]["pods"] = {"llama3-8b-h100": {"counts": [0, 1], "cost_per_hour": 4.0}, "gone.yaml": {"counts": [0, 1], "cost_per_hour": 1.0}}
+    raw["search"]["routing"] = ["default"]
+    raw["search"]["admission"] = {}
+    spec_path = _write(tmp_path, raw)
+    spec = load_spec(spec_path)
+    prof.unlink()
+    res = run_search(spec, build_workload(spec), Materializer(spec, str(tmp_path / "o")))
+    by_fleet = {tuple(e.candidate.fleet): e for e in res.evaluations}
+    assert len(res.evaluations) == 3
+    ok = by_fleet[(("llama3-8b-h100", 1),)]
+    assert ok.status == "ok" and ok.metrics["classes"]["interactive"]["ok"] > 0
+    failed = [e for e in res.evaluations if e.status == "failed"]
+    assert len(failed) == 2 and all("unknown profile" in e.error and not e.slo_met for e in failed)
+    report = build_report(spec, build_workload(spec), res, str(tmp_path / "o"), {})
+    assert report["failed"] == 2 and {c["status"] for c in report["candidates"]} == {"ok", "failed"}
+    assert report["winner"] in (None, ok.id) and "failed" in markdown(report)
+    # read again, the SPEC itself is now bad: the command says so before running anything
+    assert main(["plan", spec_path, "--out", str(tmp_path / "out2"), "--no-progress"]) == 2
+    assert "search.pods.gone.yaml: unknown profile" in capsys.readouterr().err
