@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 from collections.abc import Callable, Sequence
 
 import aiohttp
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 
 POD_HEADERS = ("x-inference-pod", "x-gateway-destination-endpoint-served")
 PREFILL_POD_HEADER = "x-pd-prefill-endpoint"  # set by extproc pd-sidecar on a split request
+PREFILL_MS_HEADER = "x-pd-prefill-ms"  # the sidecar's prefill-leg time
+
+
+def _prefill_ms(headers: Any) -> float:
+    try:
+        return float(headers.get(PREFILL_MS_HEADER, -1.0))
+    except ValueError:
+        return -1.0
 
 
 def _content_of(chunk: dict) -> str:  # type: ignore[type-arg]
@@ -51,6 +60,7 @@ async def _send_plain(session: aiohttp.ClientSession, url: str, req: WorkloadReq
                 res.pod = resp.headers[h]
                 break
         res.prefill_pod = resp.headers.get(PREFILL_POD_HEADER, "")
+        res.prefill_ms = _prefill_ms(resp.headers)
         raw = await resp.read()
         res.e2e_ms = res.ttft_ms = (time.perf_counter() - start) * 1000.0
         if resp.status != 200:
@@ -99,6 +109,7 @@ async def send_one(
                     res.pod = resp.headers[h]
                     break
             res.prefill_pod = resp.headers.get(PREFILL_POD_HEADER, "")
+            res.prefill_ms = _prefill_ms(resp.headers)
             if resp.status != 200:
                 text = await resp.text()
                 res.error = f"http {resp.status}: {text[:200]}"

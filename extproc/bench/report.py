@@ -30,6 +30,7 @@ class RequestResult:
     pod: str = ""
     error: str = ""
     prefill_pod: str = ""  # P/D: the pod that ran the prefill leg ("" = local prefill)
+    prefill_ms: float = -1.0  # P/D, real time: the sidecar's prefill-leg time (x-pd-prefill-ms; -1 = not reported)
 
     @property
     def tpot_ms(self) -> float:
@@ -117,6 +118,11 @@ def summarize_stage(
         "prefix_cache_hits": prefix_hits,
         "errors": errors,
         **({"prefill_split": sum(1 for r in ok if r.prefill_pod)} if any(r.prefill_pod for r in ok) else {}),
+        # where a split request's TTFT goes: the prefill leg as the sidecar timed it, and the rest (scheduling,
+        # hops, KV transfer, the decode pod's first step)
+        **({"prefill_leg_ms": _dist([r.prefill_ms for r in ok if r.prefill_ms >= 0], ("p50", "p90")),
+            "ttft_after_prefill_ms": _dist([r.ttft_ms - r.prefill_ms for r in ok if r.prefill_ms >= 0], ("p50", "p90"))}
+           if any(r.prefill_ms >= 0 for r in ok) else {}),
     }
 
 

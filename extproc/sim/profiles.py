@@ -305,8 +305,26 @@ _TINY_CPU = Profile(
     ),
 )
 
+
+
+def _l8_h100_roofline(tp: int) -> Profile:
+    """Llama-3-8B on ``tp`` x H100 with the validated roofline step model (docs/calibration.md): unlike the linear
+    profiles, whose b2 is one decode token at 1k context, a decode step reads each sequence's whole KV cache, so
+    long contexts cost what they cost (a 5k-token context reads 640 MiB per token). Same as
+    ``models/sim-profiles/llama3-8b-h100-roofline.yaml`` at tp 1."""
+    from extproc.sim.roofline import roofline_profile
+
+    name = "llama3-8b-h100-roofline" if tp == 1 else f"llama3-8b-h100-tp{tp}-roofline"
+    p = roofline_profile("llama3-8b", "H100", tp, max_num_seqs=1024, name=name)
+    return p.replace(tensor_parallel=tp) if tp > 1 else p
+
+
 PROFILES: dict[str, Profile] = {
-    p.name: p for p in (_L8_H100, _L8_A100, _L8_L40S, _L8_MI300X, _L8_GAUDI3, _L70_H100_TP4, _L8_H100_TP4, _TINY_CPU)
+    p.name: p
+    for p in (
+        _L8_H100, _L8_A100, _L8_L40S, _L8_MI300X, _L8_GAUDI3, _L70_H100_TP4, _L8_H100_TP4, _TINY_CPU,
+        _l8_h100_roofline(1), _l8_h100_roofline(4),
+    )
 }
 
 

@@ -11,7 +11,7 @@ from extproc.bench.client import replay
 from extproc.bench.workloads import Stage, generate
 
 
-async def _server(fail_every: int = 0) -> tuple[web.AppRunner, str]:
+async def _server(fail_every: int = 0, extra_headers: dict[str, str] | None = None) -> tuple[web.AppRunner, str]:
     seen = {"n": 0}
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -19,7 +19,7 @@ async def _server(fail_every: int = 0) -> tuple[web.AppRunner, str]:
         seen["n"] += 1
         if fail_every and seen["n"] % fail_every == 0:
             return web.json_response({"error": {"message": "busy"}}, status=503)
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "x-inference-pod": "pod-1"})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "x-inference-pod": "pod-1", **(extra_headers or {})})
         await resp.prepare(request)
         for i in range(body["max_tokens"]):
             await asyncio.sleep(0.001)
@@ -71,3 +71,32 @@ async def test_replay_connection_refused() -> None:
     reqs = generate("shared-prefix", [Stage(20.0, 0.2)], seed=0).requests
     res = await replay("http://127.0.0.1:9", reqs)
     assert res and all(not r.ok and r.error for r in res)
+
+
+async def test_replay_reads_the_sidecars_prefill_leg_time() -> None:
+    from extproc.bench.report import summarize_stage
+
+    runner, url = await _server(extra_headers={"x-pd-prefill-endpoint": "10.0.0.9:8000", "x-pd-prefill-ms": "42.500"})
+    try:
+        reqs = generate("shared-prefix", [Stage(50.0, 0.3)], seed=0).requests
+        res = await replay(url, reqs)
+    finally:
+        await runner.cleanup()
+    assert res and all(r.ok and r.prefill_pod == "10.0.0.9:8000" and r.prefill_ms == 42.5 for r in res)
+    s = summarize_stage(res, stage=0, offered_rate=50.0, stage_start=0.0, stage_duration=0.3)
+    assert s["prefill_split"] == len(res)
+    assert s["prefill_leg_ms"]["p50"] == 42.5
+    assert abs(s["ttft_after_prefill_ms"]["p50"] - (s["ttft_ms"]["p50"] - 42.5)) < 1e-6
+
+
+async def test_no_prefill_leg_fields_without_the_header() -> None:
+    from extproc.bench.report import summarize_stage
+
+    runner, url = await _server()
+    try:
+        res = await replay(url, generate("shared-prefix", [Stage(50.0, 0.2)], seed=0).requests)
+    finally:
+        await runner.cleanup()
+    assert res and all(r.prefill_ms == -1.0 for r in res)
+    s = summarize_stage(res, stage=0, offered_rate=50.0, stage_start=0.0, stage_duration=0.2)
+    assert "prefill_leg_ms" not in s and "ttft_after_prefill_ms" not in s

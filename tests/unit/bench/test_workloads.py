@@ -121,3 +121,23 @@ def test_three_vendor_fleet_mixes_three_vendors_never_seen_by_the_warm_start_mod
     model, _ = load_initial_model(None, "builtin")
     assert model is not None
     assert not ({get_profile("llama3-8b-mi300x").accelerator, get_profile("llama3-8b-gaudi3").accelerator} & set(model.pod_classes))
+
+
+def test_pd_prompts_are_long_cold_and_short_output() -> None:
+    from extproc.bench.workloads import PDParams
+
+    wl = generate("pd", parse_stages("40:15"), seed=0)
+    reqs = wl.requests
+    assert wl.fleet == "llama3-8b-h100-roofline:8" and wl.pd_prefill == 4
+    assert all(r.max_tokens == 250 for r in reqs)
+    sizes = [len("".join(r.parts)) for r in reqs]
+    assert min(sizes) > 4_500 * 4 and max(sizes) < 6_000 * 4  # ~4.7k-5.5k tokens of ~4 characters
+    # the reference's prompts are random: few documents repeat (the 1,000-document pool made caches warm)
+    groups = [r.group for r in reqs]
+    assert len(set(groups)) > 0.95 * len(groups)
+    assert PDParams().documents >= 10 * len(reqs) // 2
+    # the same document is the same text every time it is drawn, and the question is unique
+    by_doc: dict[int, str] = {}
+    for r in reqs:
+        assert by_doc.setdefault(r.group, r.parts[0]) == r.parts[0]
+    assert len({r.parts[1] for r in reqs}) == len(reqs)

@@ -104,3 +104,24 @@ def test_shipped_offload_and_roofline_profiles_load() -> None:
     roof = get_profile(str(root / "llama3-8b-h100-roofline.yaml"))
     eng = Engine(roof)
     assert eng.step_model is not None and eng.cpu_tier is None
+
+
+def test_named_roofline_profiles_match_the_shipped_yaml() -> None:
+    from pathlib import Path
+
+    from extproc.sim.profiles import get_profile
+
+    root = Path(__file__).resolve().parents[3] / "models" / "sim-profiles"
+    assert get_profile("llama3-8b-h100-roofline") == get_profile(str(root / "llama3-8b-h100-roofline.yaml"))
+    tp4 = get_profile("llama3-8b-h100-tp4-roofline")
+    assert tp4.tensor_parallel == 4 and tp4.roofline is not None and tp4.roofline["tp"] == 4
+    # decode cost grows with context (what the linear profiles' constant b2 leaves out): 50 sequences at 5k
+    # context take longer than at 1k
+    from extproc.sim.roofline import step_model_from_profile
+
+    class _S:
+        def __init__(self, ctx: int) -> None:
+            self.num_computed = ctx
+
+    m = step_model_from_profile(get_profile("llama3-8b-h100-roofline").roofline)
+    assert m([(_S(5000), 1)] * 50) > 1.5 * m([(_S(1000), 1)] * 50)
