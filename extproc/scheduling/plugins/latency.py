@@ -2,9 +2,16 @@
 
 score = 1 − (ttftWeight · norm(TTFT̂) + tpotWeight · norm(TPOT̂)) / (ttftWeight + tpotWeight), where norm is
 min–max over the candidates and TTFT̂/TPOT̂ are the quantile-model (p90 by default) predictions; all equal → 1.0.
-Without a model (cold start, fewer than ``minSamples`` observations) or on any predictor failure every candidate
-gets 0.0 — a neutral score — so the profile's heuristic scorers decide, and ``extproc_predictor_fallback_total``
-counts it.
+Without a model (cold start, fewer than ``minSamples`` observations) or on any predictor failure the decision is a
+fallback, counted in ``extproc_predictor_fallback_total``. What the scorer returns then is ``coldStart``:
+
+- ``step-time`` (default): a model-free latency estimate from what each pod has shown so far, measured step time ×
+  (requests in flight + 1) — the pod's own per-token time (``step_interval_ms``, the EWMA of its chunk gaps) times
+  the requests that will share its steps — scored 1 − min–max like a prediction. Pods not yet measured are given
+  the fastest measured step time (optimistic, so they get traffic and are measured); with fewer than two measured
+  candidates every pod gets 0.0. This is what keeps a cold fleet of fast and slow pods from being split by
+  scraped queue/KV alone until the first model exists (docs/predictor.md, "Cold start in real time").
+- ``neutral``: 0.0 for every pod, so the profile's heuristic scorers decide alone (the behaviour before).
 
 It is also the ResponseObserver that feeds completed requests (the feature row the server put in
 ``Observation.features``) to the trainer. List the prefix scorer before it in the profile so
@@ -32,9 +39,27 @@ from extproc.plugin import (
     get_float,
     register,
 )
+from extproc.predictor.features import INFLIGHT, STEP_INTERVAL_MS
 from extproc.predictor.service import SERVICE_PARAM_KEYS, PredictorService
 
 NEUTRAL = 0.0
+COLD_START_MODES = ("step-time", "neutral")
+
+
+def cold_step_time_scores(matrix: np.ndarray) -> list[float] | None:
+    """``coldStart: step-time`` scores from the feature matrix (one row per candidate), or None when fewer than two
+    candidates have a measured step time. Bounded: O(candidates), no allocation beyond a few small arrays."""
+    step = matrix[:, STEP_INTERVAL_MS]
+    measured = ~np.isnan(step)
+    if int(measured.sum()) < 2:
+        return None
+    step = np.where(measured, step, float(step[measured].min()))
+    est = step * (matrix[:, INFLIGHT] + 1.0)
+    lo = float(est.min())
+    span = float(est.max()) - lo
+    if span <= 0.0:
+        return [1.0] * len(est)
+    return (1.0 - (est - lo) / span).tolist()  # type: ignore[no-any-return]
 
 
 def blend_normalised(ttft: np.ndarray, tpot: np.ndarray, w_ttft: float, w_tpot: float) -> np.ndarray:
@@ -56,11 +81,15 @@ def blend_normalised(ttft: np.ndarray, tpot: np.ndarray, w_ttft: float, w_tpot: 
 @register
 class PredictedLatencyScorer:
     type_name: ClassVar[str] = "predicted-latency-scorer"
-    __slots__ = ("name", "service", "ttft_weight", "tpot_weight")
+    __slots__ = ("name", "service", "ttft_weight", "tpot_weight", "cold_start")
 
-    def __init__(self, name: str, service: PredictorService, ttft_weight: float = 0.8, tpot_weight: float = 0.2) -> None:
+    def __init__(self, name: str, service: PredictorService, ttft_weight: float = 0.8, tpot_weight: float = 0.2,
+                 cold_start: str = "step-time") -> None:
         if ttft_weight < 0 or tpot_weight < 0 or ttft_weight + tpot_weight <= 0:
             raise ValueError("ttftWeight and tpotWeight must be >= 0 and not both 0")
+        if cold_start not in COLD_START_MODES:
+            raise ValueError(f"coldStart must be one of {', '.join(COLD_START_MODES)}, not {cold_start!r}")
+        self.cold_start = cold_start
         self.name = name
         self.service = service
         self.ttft_weight = ttft_weight
@@ -68,13 +97,14 @@ class PredictedLatencyScorer:
 
     @classmethod
     def from_config(cls, name: str, params: Mapping[str, Any], ctx: PluginContext) -> "PredictedLatencyScorer":
-        check_keys(params, SERVICE_PARAM_KEYS | {"ttftWeight", "tpotWeight"})
+        check_keys(params, SERVICE_PARAM_KEYS | {"ttftWeight", "tpotWeight", "coldStart"})
         svc = PredictorService.get_or_create(ctx.services, params, owner=name)
         return cls(
             name,
             svc,
             get_float(params, "ttftWeight", 0.8, minimum=0.0),
             get_float(params, "tpotWeight", 0.2, minimum=0.0),
+            str(params.get("coldStart", "step-time")),
         )
 
     def score(self, cycle: CycleState, request: InferenceRequest, candidates: Sequence[Endpoint]) -> Sequence[float]:
@@ -84,6 +114,10 @@ class PredictedLatencyScorer:
         ps = self.service.predict(cycle, request, candidates)
         pred = ps.prediction
         if pred is None:
+            if self.cold_start == "step-time" and ps.matrix is not None and len(ps.matrix) == n:
+                cold = cold_step_time_scores(ps.matrix)
+                if cold is not None:
+                    return cold
             return [NEUTRAL] * n
         blended = blend_normalised(pred.ttft_ms, pred.tpot_ms, self.ttft_weight, self.tpot_weight)
         return (1.0 - blended).tolist()  # type: ignore[no-any-return]
