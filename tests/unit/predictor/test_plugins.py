@@ -189,3 +189,29 @@ def test_no_slo_score_policy_follows_weighted_total(small_model: LatencyModel) -
     assert cycle.data["slo_tier"] == "no_slo"
     with pytest.raises(ValueError):
         SLOAwarePicker("slo", svc, no_slo_policy="fastest")
+
+
+def test_cold_start_step_time_ranks_by_measured_speed_and_load() -> None:
+    # coldStart: step-time (the default): no model yet, so the decision is a counted fallback, but the scorer ranks
+    # pods by measured step time x (in flight + 1) instead of returning neutral scores.
+    svc = _service(None)
+    scorer = PredictedLatencyScorer("pl", svc)
+    fast = make_endpoint("10.0.0.1:8000", inflight=3)  # 20 ms x 4 = 80
+    slow = make_endpoint("10.0.0.2:8000", inflight=1)  # 60 ms x 2 = 120
+    busy = make_endpoint("10.0.0.3:8000", inflight=9)  # 20 ms x 10 = 200
+    new = make_endpoint("10.0.0.4:8000", inflight=0)  # never streamed: fastest measured (20 ms) x 1 = 20
+    for ep, step_s in ((fast, 0.020), (slow, 0.060), (busy, 0.020)):
+        ep.set_chunk_timing(1.0, step_s)
+    before = _fallback_count()
+    cycle = CycleState()
+    scores = scorer.score(cycle, make_request(), [fast, slow, busy, new])
+    assert _fallback_count() == before + 1
+    assert cycle.data["predictor_fallback"] == "no_model"
+    assert scores[3] == pytest.approx(1.0) and scores[2] == pytest.approx(0.0)
+    assert scores[3] > scores[0] > scores[1] > scores[2]
+    assert scores[0] == pytest.approx(1 - 60 / 180) and scores[1] == pytest.approx(1 - 100 / 180)
+    # coldStart: neutral keeps the old behaviour; one measured pod is not enough to rank
+    assert list(PredictedLatencyScorer("pl2", svc, cold_start="neutral").score(CycleState(), make_request(), [fast, slow])) == [0.0, 0.0]
+    assert list(scorer.score(CycleState(), make_request(), [fast, new])) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="coldStart"):
+        PredictedLatencyScorer("pl3", svc, cold_start="fastest")
