@@ -380,3 +380,13 @@ def test_a_failing_candidate_is_recorded_and_the_search_goes_on(tmp_path: Path, 
     # read again, the SPEC itself is now bad: the command says so before running anything
     assert main(["plan", spec_path, "--out", str(tmp_path / "out2"), "--no-progress"]) == 2
     assert "search.pods.gone.yaml: unknown profile" in capsys.readouterr().err
+
+
+def test_bench_workload_spec_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _tiny(tmp_path)
+    assert main(["bench", "--virtual", "--workload-spec", spec, "--stages", "1:1", "--setups", "extproc-default",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--stages does not apply with --workload-spec" in capsys.readouterr().err
+    bad = _write(tmp_path, _mutate("slos.batch.success_rate", 2), "bad.yaml")
+    assert main(["bench", "--virtual", "--workload-spec", bad, "--out", str(tmp_path / "o")]) == 2
+    assert f"{bad}: slos.batch.success_rate: is a fraction within [0, 1]" in capsys.readouterr().err
