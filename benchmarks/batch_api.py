@@ -36,7 +36,9 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -148,6 +150,22 @@ async def mixed_run(url: str, rnd: int, interactive: Sequence[Any], args: argpar
     return res, {"batch_id": bid, "lines_done": done, "lines_failed": failed, "window_s": snap["t"], "lines_per_s": done / snap["t"]}
 
 
+async def batch_dispatch_metrics(s: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with s.get(url + "/metrics") as r:
+        text = await r.text()
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("extproc_batch_dispatch")}
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def round_order(rnd: int) -> tuple[str, ...]:
+    """Mirrored between rounds, so every stage sits as often early as late in a pair of rounds and box load
+    drifting over the run hits each side alike; the capacity runs stay next to the interactive-only run."""
+    return ("capacity", "interactive-only", "mixed") if rnd % 2 == 0 else ("mixed", "interactive-only", "capacity")
+
+
 async def main(args: argparse.Namespace) -> int:
     from extproc.harness import BatchServerProcess, Stack, StackSpec, start_sim_process, stop_process
     from extproc.netutil import free_port
@@ -160,39 +178,67 @@ async def main(args: argparse.Namespace) -> int:
     interactive = bi.make_trace("interactive", args.rate, args.seconds, args.seed, args.prompt_tokens, args.output_tokens)
     cap_i_reqs = bi.make_trace("capacity", 50.0, 20.0, args.seed, args.prompt_tokens, args.output_tokens, start_index=2_000_000)
     cap_b_reqs = bi.make_trace("capacity-b", 50.0, 20.0, args.seed, args.batch_prompt_tokens, args.batch_output_tokens, start_index=3_000_000)
+    load_start = os.getloadavg()
+    t_start = time.time()
+    print(f"seeds: interactive trace {args.seed} (Poisson {args.rate}/s × {args.seconds}s = {len(interactive)} requests, the same every run), "
+          f"batch file seed+round, sim {args.seed}; dispatcher {args.dispatcher}; load average {load_start[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
     sim, ready = await start_sim_process(["--pods", str(args.pods), "--profile", str(wd / "profile.yaml"), "--model", MODEL, "--time-scale", str(args.time_scale), "--seed", str(args.seed)])
     bport = free_port()
     runs: list[Any] = []
-    batch_windows: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
     batch_metrics: dict[str, float] = {}
+    clients = args.pods * args.max_seqs
+    bs_args = ["--max-concurrency", str(args.batch_max_concurrency), "--decrease-factor", str(args.decrease_factor),
+               "--backoff", str(args.backoff), "--backoff-cap", str(args.backoff_cap)]  # fmt: skip
+    if args.dispatcher == "aimd":
+        bs_args.append("--no-gateway-headroom")
     try:
         async with Stack(StackSpec(endpoints=ready["endpoints"], config=str(config), models=[MODEL], scrape_interval_s=args.scrape_interval, envoy_args={"batch": f"127.0.0.1:{bport}"})) as st:
-            bs = await BatchServerProcess.start(st.url, str(wd / "store"), port=bport, args=[
-                "--max-concurrency", str(args.batch_max_concurrency), "--decrease-factor", str(args.decrease_factor),
-                "--backoff", str(args.backoff), "--backoff-cap", str(args.backoff_cap)])  # fmt: skip
+            bs = await BatchServerProcess.start(st.url, str(wd / "store"), port=bport, args=bs_args)
             try:
+                # stage 0 (cold → warm): fresh processes; one third of the interactive trace and one batch-shape
+                # capacity probe warm the stack up before anything is measured; every round below runs warm
                 await bi.one_run(st.url, "warmup", -1, interactive[: max(1, len(interactive) // 3)], [], args)
-                cap_i = await capacity(st.url, cap_i_reqs, args.pods * args.max_seqs, args.capacity_seconds, args.capacity_warmup)
+                cap_probe = await capacity(st.url, cap_b_reqs, clients, max(3.0, args.capacity_seconds / 2), args.capacity_warmup)
+                # the job must outlast every window: sized from the probe with a margin for box-load swings
+                lines = int(max(cap_probe, 1.0) * 1.5 * (args.seconds + args.ramp) * args.lines_factor) + 100
+                print(f"warm-up done (capacity probe {cap_probe:.2f} lines/s → {lines} lines per job)", file=sys.stderr, flush=True)
                 await asyncio.sleep(args.settle)
-                cap = await capacity(st.url, cap_b_reqs, args.pods * args.max_seqs, args.capacity_seconds, args.capacity_warmup)
-                print(f"capacity: interactive shape {cap_i:.2f} req/s, batch shape {cap:.2f} req/s ({args.pods} pods × {args.max_seqs} slots, closed loop)", file=sys.stderr, flush=True)
-                await asyncio.sleep(args.settle)
-                lines = int(cap * (args.seconds + args.ramp) * args.lines_factor) + 100
-                for rnd in range(args.rounds):
-                    order = ("interactive-only", "mixed") if rnd % 2 == 0 else ("mixed", "interactive-only")
-                    for kind in order:
-                        if kind == "mixed":
-                            res, bw = await mixed_run(st.url, rnd, interactive, args, lines)
-                            batch_windows.append(bw)
-                        else:
-                            res = await bi.one_run(st.url, kind, rnd, interactive, [], args)
-                        runs.append(res)
-                        p90 = percentile([x.ttft_ms for x in res.interactive if x.ok], 90)
-                        extra = f"  batch {batch_windows[-1]['lines_per_s']:.2f} lines/s" if kind == "mixed" else ""
-                        print(f"round {rnd} {kind:16s} interactive TTFT p90 {p90:7.1f} ms{extra}", file=sys.stderr, flush=True)
-                        await asyncio.sleep(args.settle)
-                async with aiohttp.ClientSession() as ms, ms.get(bs.url + "/metrics") as r:
-                    batch_metrics = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in (await r.text()).splitlines() if ln.startswith("extproc_batch_dispatch")}
+                async with aiohttp.ClientSession() as ms:
+                    for rnd in range(args.rounds):
+                        row: dict[str, Any] = {"round": rnd, "order": list(round_order(rnd)), "batch_file_seed": args.seed + rnd}
+                        for kind in round_order(rnd):
+                            if kind == "capacity":
+                                row["C_i"] = await capacity(st.url, cap_i_reqs, clients, args.capacity_seconds, args.capacity_warmup)
+                                await asyncio.sleep(args.settle)
+                                row["C_b"] = await capacity(st.url, cap_b_reqs, clients, args.capacity_seconds, args.capacity_warmup)
+                                print(f"round {rnd} capacity         interactive shape {row['C_i']:.2f} req/s, batch shape {row['C_b']:.2f} lines/s", file=sys.stderr, flush=True)
+                            elif kind == "mixed":
+                                m0 = await batch_dispatch_metrics(ms, bs.url)
+                                res, bw = await mixed_run(st.url, rnd, interactive, args, lines)
+                                m1 = await batch_dispatch_metrics(ms, bs.url)
+                                bw["dispatch_delta"] = {k: m1[k] - m0.get(k, 0.0) for k in m1 if m1[k] != m0.get(k, 0.0) and "total" in k}
+                                row["batch"] = bw
+                                row["B"] = bw["lines_per_s"]
+                                row["p90_mixed_ms"] = percentile([x.ttft_ms for x in res.interactive if x.ok], 90)
+                                row["mixed_errors"] = sum(1 for x in res.interactive if not x.ok)
+                                runs.append(res)
+                                print(f"round {rnd} mixed            interactive TTFT p90 {row['p90_mixed_ms']:7.1f} ms  batch {row['B']:.2f} lines/s", file=sys.stderr, flush=True)
+                            else:
+                                res = await bi.one_run(st.url, kind, rnd, interactive, [], args)
+                                runs.append(res)
+                                row["I"] = sum(1 for x in res.interactive if x.ok) / args.seconds
+                                row["p90_only_ms"] = percentile([x.ttft_ms for x in res.interactive if x.ok], 90)
+                                row["only_errors"] = sum(1 for x in res.interactive if not x.ok)
+                                print(f"round {rnd} interactive-only interactive TTFT p90 {row['p90_only_ms']:7.1f} ms", file=sys.stderr, flush=True)
+                            await asyncio.sleep(args.settle)
+                        row["S"] = row["C_b"] * (1.0 - row["I"] / row["C_i"])
+                        row["spare_used"] = row["B"] / row["S"] if row["S"] > 0 else float("nan")
+                        row["ratio"] = row["p90_mixed_ms"] / row["p90_only_ms"] if row["p90_only_ms"] else float("nan")
+                        row["load_avg_1m"] = os.getloadavg()[0]
+                        rounds.append(row)
+                        print(f"round {rnd}: spare {row['S']:.2f} lines/s, used {row['spare_used'] * 100:.1f} %, TTFT p90 ratio {row['ratio']:.3f}", file=sys.stderr, flush=True)
+                    batch_metrics = await batch_dispatch_metrics(ms, bs.url)
             finally:
                 await bs.stop()
     finally:
@@ -200,36 +246,48 @@ async def main(args: argparse.Namespace) -> int:
 
     only = bi.summarize(runs, "interactive-only")
     mixed = bi.summarize(runs, "mixed")
-    only_runs = [r for r in runs if r.kind == "interactive-only"]
-    inter_rate = sum(sum(1 for x in r.interactive if x.ok) for r in only_runs) / (args.seconds * len(only_runs))
-    spare = cap * (1.0 - inter_rate / cap_i)
-    b_rate = sum(w["lines_done"] for w in batch_windows) / sum(w["window_s"] for w in batch_windows)
-    util = b_rate / spare if spare > 0 else float("nan")
-    ratio = mixed["ttft_p90_ms"] / only["ttft_p90_ms"] if only["ttft_p90_ms"] else float("nan")
+    med = {k: _median([r[k] for r in rounds]) for k in ("C_i", "C_b", "I", "S", "B", "spare_used", "p90_only_ms", "p90_mixed_ms", "ratio")}
+    # pooled over the rounds, for comparison: TTFT p90 of all interactive-only vs all mixed requests; spare from the
+    # mean capacities and load, batch use over all windows
+    pooled_ratio = mixed["ttft_p90_ms"] / only["ttft_p90_ms"] if only["ttft_p90_ms"] else float("nan")
+    mean = {k: statistics.fmean(r[k] for r in rounds) for k in ("C_i", "C_b", "I")}
+    pooled_spare = mean["C_b"] * (1.0 - mean["I"] / mean["C_i"])
+    pooled_b = sum(r["batch"]["lines_done"] for r in rounds) / sum(r["batch"]["window_s"] for r in rounds)
+    pooled_used = pooled_b / pooled_spare if pooled_spare > 0 else float("nan")
+    errors = sum(r["only_errors"] + r["mixed_errors"] for r in rounds)
+    failed_lines = sum(r["batch"]["lines_failed"] for r in rounds)
+    met = med["ratio"] <= 1.10 and med["spare_used"] >= 0.70 and errors == 0 and failed_lines == 0
+    load_end = os.getloadavg()
     report = {
         "params": {k: v for k, v in vars(args).items() if k != "json"},
-        "capacity_interactive_shape_req_s": cap_i, "capacity_batch_shape_req_s": cap, "interactive_req_s": inter_rate,
-        "interactive_fleet_share": inter_rate / cap_i, "spare_req_s": spare, "batch_lines_s": b_rate,
-        "spare_used": util, "ttft_p90_ratio": ratio, "interactive_only": only, "mixed": mixed, "batch_windows": batch_windows,
-        "batch_dispatch_metrics": batch_metrics,
+        "condition": {"processes": "fresh (cold start), one warm-up stage, every measured stage warm", "lines_per_job": lines,
+                      "load_avg_start": load_start, "load_avg_end": load_end, "wall_s": time.time() - t_start},
+        "seeds": {"interactive_trace": args.seed, "batch_files": [r["batch_file_seed"] for r in rounds], "sim": args.seed},
+        "rounds": rounds, "median": med,
+        "pooled": {"ttft_p90_ratio": pooled_ratio, "spare_req_s": pooled_spare, "batch_lines_s": pooled_b, "spare_used": pooled_used},
+        "goal": {"judged_on": "median over rounds of the per-round ratio and spare used", "met": met, "interactive_errors": errors, "batch_lines_failed": failed_lines},
+        "interactive_only": only, "mixed": mixed, "batch_dispatch_metrics": batch_metrics,
     }  # fmt: skip
     print()
-    print(f"fleet: {args.pods} pods llama3-8b-h100 max_num_seqs={args.max_seqs}, time-scale {args.time_scale}; batch-interactive, headroom {args.headroom} slots/pod")
-    print(f"interactive {inter_rate:.2f} req/s of a capacity of {cap_i:.2f} (shape {args.prompt_tokens}→{args.output_tokens} tokens) = {inter_rate / cap_i * 100:.1f} % of the fleet")
-    print(f"batch shape {args.batch_prompt_tokens}→{args.batch_output_tokens} tokens: capacity {cap:.2f} lines/s → spare {spare:.2f} lines/s; batch used {b_rate:.2f} lines/s = {util * 100:.1f} % of the spare")
+    print(f"fleet: {args.pods} pods llama3-8b-h100 max_num_seqs={args.max_seqs}, time-scale {args.time_scale}; batch-interactive, headroom {args.headroom} slots/pod; "
+          f"dispatcher {args.dispatcher}")  # fmt: skip
+    print(f"condition: fresh processes, warm-up stage, then {args.rounds} warm rounds (stage order mirrored between rounds); seeds: interactive {args.seed}, "
+          f"batch files {[r['batch_file_seed'] for r in rounds]}, sim {args.seed}; load average {load_start[0]:.1f} → {load_end[0]:.1f}")  # fmt: skip
+    print(f"shapes: interactive {args.prompt_tokens}→{args.output_tokens} tokens at {args.rate}/s; batch {args.batch_prompt_tokens}→{args.batch_output_tokens} tokens")
     print()
-    print("| run | interactive ok/sent | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | batch lines/s |")
-    print("|---|---|---|---|---|---|")
-    for name, s in (("interactive-only", only), ("mixed (batch job running)", mixed)):
-        bl = f"{b_rate:.2f}" if s is mixed else "–"
-        print(f"| {name} | {s['interactive_ok']}/{s['interactive_sent']} | {s['ttft_p50_ms']:.1f} | {s['ttft_p90_ms']:.1f} | {s['ttft_p99_ms']:.1f} | {bl} |")
+    print("| round | order | C_i req/s | C_b lines/s | I req/s | spare S lines/s | batch B lines/s | spare used | TTFT p90 only ms | TTFT p90 mixed ms | ratio | 429s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rounds:
+        n429 = r["batch"]["dispatch_delta"].get('extproc_batch_dispatch_responses_total{code="429"}', 0.0)
+        print(f"| {r['round']} | {' → '.join(r['order'])} | {r['C_i']:.2f} | {r['C_b']:.2f} | {r['I']:.2f} | {r['S']:.2f} | {r['B']:.2f} | {r['spare_used'] * 100:.1f} % | "
+              f"{r['p90_only_ms']:.1f} | {r['p90_mixed_ms']:.1f} | {r['ratio']:.3f} | {n429:.0f} | {r['load_avg_1m']:.1f} |")  # fmt: skip
+    print(f"| **median** | | {med['C_i']:.2f} | {med['C_b']:.2f} | {med['I']:.2f} | {med['S']:.2f} | {med['B']:.2f} | **{med['spare_used'] * 100:.1f} %** | "
+          f"{med['p90_only_ms']:.1f} | {med['p90_mixed_ms']:.1f} | **{med['ratio']:.3f}** | | |")  # fmt: skip
+    print(f"| pooled | | | | | {pooled_spare:.2f} | {pooled_b:.2f} | {pooled_used * 100:.1f} % | {only['ttft_p90_ms']:.1f} | {mixed['ttft_p90_ms']:.1f} | {pooled_ratio:.3f} | | |")
     print()
-    errors = mixed["interactive_errors"] or only["interactive_errors"]
-    met = ratio <= 1.10 and util >= 0.70 and not errors and sum(w["lines_failed"] for w in batch_windows) == 0
+    print(f"interactive ok: only {only['interactive_ok']}/{only['interactive_sent']}, mixed {mixed['interactive_ok']}/{mixed['interactive_sent']}; batch lines failed {failed_lines}")
     print(f"batch dispatcher: {batch_metrics}")
-    print(f"TTFT p90 ratio {ratio:.3f} (goal ≤ 1.10), spare used {util * 100:.1f} % (goal ≥ 70 %): {'met' if met else 'NOT met'}")
-    if errors:
-        print(f"interactive errors: only={only['interactive_errors']} mixed={mixed['interactive_errors']}")
+    print(f"median TTFT p90 ratio {med['ratio']:.3f} (goal ≤ 1.10), median spare used {med['spare_used'] * 100:.1f} % (goal ≥ 70 %): {'met' if met else 'NOT met'}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     return 0
@@ -251,7 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lines-factor", type=float, default=1.5, help="job size = capacity × (window + ramp) × this")
     p.add_argument("--drain", type=float, default=5.0)
     p.add_argument("--settle", type=float, default=2.0)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of capacity + interactive-only + mixed; the goal is judged on medians")
     p.add_argument("--prompt-tokens", type=int, default=300)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--batch-prompt-tokens", type=int, default=64)
@@ -261,6 +319,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backoff", type=float, default=0.1)
     p.add_argument("--backoff-cap", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--dispatcher", choices=("headroom", "aimd"), default="headroom", help="headroom: the batch server sizes its concurrency from x-gateway-batch-headroom; aimd: --no-gateway-headroom")
     p.add_argument("--json", default="")
     return p.parse_args(argv)
 

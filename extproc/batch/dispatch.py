@@ -100,6 +100,10 @@ class Aimd:
                 await asyncio.wait_for(self._freed.wait(), self.cfg.increase_interval_s)
         self.inflight += 1
 
+    def guided(self) -> bool:
+        """The gateway's headroom answers set the limit (one arrived within ``headroom_ttl_s``)."""
+        return time.monotonic() < self._guided_until
+
     def release(self) -> None:
         """Synchronous on purpose: a release that awaited (a lock) could be interrupted by a cancellation and
         leak its slot — that happened when a cancelled job's lines were dropped mid-request."""
@@ -210,7 +214,8 @@ class Dispatcher:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 err = f"{type(e).__name__}: {e}"
             finally:
-                self.aimd.release()
+                # synchronous in every branch (a cancelled send must give its slot back, see Aimd.release)
+                held = self._release_slot(status, free, data)
             self._count(status)
             if 200 <= status < 300:
                 self.aimd.on_success()
@@ -229,8 +234,32 @@ class Dispatcher:
                     return Outcome(False, status, request_id, _json_or_text(data), "server_error", f"the gateway answered {status} after {attempt + 1} attempts", attempt)
             else:  # a 4xx other than 429: the request itself is wrong; final
                 return Outcome(False, status, request_id, _json_or_text(data), "request_failed", f"the model server answered {status}", attempt)
-            await asyncio.sleep(min(self._sleep_for(attempt), max(0.0, deadline - time.time())))
+            try:
+                await asyncio.sleep(min(self._sleep_for(attempt), max(0.0, deadline - time.time())))
+            finally:
+                if held:
+                    self.aimd.release()
             attempt += 1
+
+    def _release_slot(self, status: int, free: int, data: bytes) -> bool:
+        """Give the slot back after an answer; True when the caller keeps it until its retry.
+
+        While the gateway's headroom guides the limit, the level is full when a line was admitted with
+        ``free == 0``, and a line sent at once into the slot its answer frees reaches the scheduler before the
+        end of the finished one does (Envoy reports it asynchronously): a 429 race. So that slot comes back
+        ``race_window_s`` later. And a line shed as ``saturated`` keeps its slot while it waits to retry:
+        otherwise the next waiting line takes it at once, is shed too, and the rejections churn."""
+        a = self.aimd
+        if free < 0 and not a.guided():  # neither this answer nor a recent one carried the headroom
+            a.release()
+            return False
+        if 200 <= status < 300 and free == 0:
+            asyncio.get_running_loop().call_later(self.cfg.race_window_s, a.release)
+            return False
+        if status == 429 and _error_code(data) == "saturated":
+            return True
+        a.release()
+        return False
 
 
 def _int_header(v: str | None) -> int:

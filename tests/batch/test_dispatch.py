@@ -158,3 +158,35 @@ async def test_gateway_headroom_sets_the_limit(server: tuple[Scripted, str]) -> 
         d = Dispatcher(_cfg(url, use_headroom=False), sess)
         await d.send("/v1/completions", {"model": "m"}, request_id="d", deadline=time.time() + 10)
         assert d.aimd.headroom_updates == 0 and d.aimd.limit == 8
+
+
+async def test_guided_slots_avoid_the_completion_race_and_shed_churn(server: tuple[Scripted, str]) -> None:
+    s, url = server
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(_cfg(url, race_window_s=0.3), sess)
+        s.headroom = ["0"]  # admitted as the last free batch slot: the fleet's batch band is full
+        await d.send("/v1/completions", {"model": "m"}, request_id="a", deadline=time.time() + 10)
+        assert d.aimd.guided() and d.aimd.inflight == 1  # its slot comes back after the race window, not at once
+        await asyncio.sleep(0.6)
+        assert d.aimd.inflight == 0
+        # a saturated shed while guided: the line keeps its slot while it waits to retry
+        s.script = [429, 200]
+        s.headroom = ["3"]
+        d.cfg.backoff_s = d.cfg.backoff_cap_s = 0.4
+        t = asyncio.create_task(d.send("/v1/completions", {"model": "m"}, request_id="b", deadline=time.time() + 10))
+        deadline = time.monotonic() + 5
+        while len(s.seen) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(s.seen) == 2 and d.aimd.inflight == 1  # answered 429, sleeping, slot still held
+        out = await asyncio.wait_for(t, 5)
+        assert out.ok and out.retries == 1 and d.aimd.inflight == 0 and d.aimd.limit == 1 + 3
+    s.script, s.headroom = [429, 200], []
+    async with aiohttp.ClientSession() as sess:
+        d = Dispatcher(_cfg(url, use_headroom=False), sess)  # AIMD alone: a shed line gives its slot back at once
+        d.cfg.backoff_s = d.cfg.backoff_cap_s = 0.4
+        t = asyncio.create_task(d.send("/v1/completions", {"model": "m"}, request_id="c", deadline=time.time() + 10))
+        deadline = time.monotonic() + 5
+        while len(s.seen) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert d.aimd.inflight == 0
+        assert (await asyncio.wait_for(t, 5)).ok
