@@ -75,21 +75,32 @@ def render_config(max_seqs: int, headroom: int, staleness_s: float, out: Path) -
     return out
 
 
+def output_len(rng: random.Random, mean: int) -> int:
+    """Batch output lengths, uniform in [mean/2, 3·mean/2]: equal lengths kept the lines of a burst (a job's
+    start, a closed loop's first requests) finishing in waves one line-duration apart, and a window of a few
+    line durations then counted 2 or 3 waves: ±1 wave moved the measured rate by a third."""
+    return rng.randint(max(1, mean // 2), mean + mean // 2)
+
+
 def batch_file(n: int, seed: int, prompt_tokens: int, output_tokens: int) -> bytes:
     from extproc.bench.workloads import text
 
     rng = random.Random(f"batch-lines-{seed}")
     lines = []
     for i in range(n):
-        body = {"model": MODEL, "prompt": text(rng, prompt_tokens), "max_tokens": output_tokens, "temperature": 0.0, "ignore_eos": True}
+        body = {"model": MODEL, "prompt": text(rng, prompt_tokens), "max_tokens": output_len(rng, output_tokens), "temperature": 0.0, "ignore_eos": True}
         lines.append(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions", "body": body}))
     return ("\n".join(lines) + "\n").encode()
 
 
 async def capacity(url: str, reqs: Sequence[Any], clients: int, seconds: float, warmup_s: float) -> float:
-    """Closed loop of ``clients`` senders (no objective: priority 0): completed requests/s after the warm-up."""
-    done_at: list[float] = []
+    """Closed loop of ``clients`` senders (no objective: priority 0): requests/s the fleet completes with every
+    engine slot busy, by Little's law: ``clients`` requests are always outstanding, so the rate is clients / the
+    mean latency of the requests started after the warm-up. Counting completions in the window instead counted
+    whole waves of requests that started together (± a third on a window of 2–3 line durations)."""
+    lat: list[float] = []
     stop = time.perf_counter() + warmup_s + seconds
+    lo = time.perf_counter() + warmup_s
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
 
         async def worker(k: int) -> None:
@@ -97,16 +108,14 @@ async def capacity(url: str, reqs: Sequence[Any], clients: int, seconds: float, 
             while time.perf_counter() < stop:
                 r = reqs[i % len(reqs)]
                 i += clients
+                t = time.perf_counter()
                 async with s.post(url + r.path, data=r.body_bytes(stream=False), headers={"content-type": "application/json"}) as resp:
                     await resp.read()
-                    if resp.status == 200:
-                        done_at.append(time.perf_counter())
+                    if resp.status == 200 and t >= lo:
+                        lat.append(time.perf_counter() - t)
 
-        t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(clients)))
-    lo = t0 + warmup_s
-    n = sum(1 for t in done_at if lo <= t < lo + seconds)
-    return n / seconds
+    return clients / statistics.fmean(lat) if lat else 0.0
 
 
 async def batch_get(s: aiohttp.ClientSession, url: str, bid: str) -> dict[str, Any]:
@@ -178,6 +187,9 @@ async def main(args: argparse.Namespace) -> int:
     interactive = bi.make_trace("interactive", args.rate, args.seconds, args.seed, args.prompt_tokens, args.output_tokens)
     cap_i_reqs = bi.make_trace("capacity", 50.0, 20.0, args.seed, args.prompt_tokens, args.output_tokens, start_index=2_000_000)
     cap_b_reqs = bi.make_trace("capacity-b", 50.0, 20.0, args.seed, args.batch_prompt_tokens, args.batch_output_tokens, start_index=3_000_000)
+    len_rng = random.Random(f"capacity-b-lengths-{args.seed}")
+    for r in cap_b_reqs:  # the batch shape: the same output-length distribution as the job's lines
+        r.max_tokens = output_len(len_rng, args.batch_output_tokens)
     load_start = os.getloadavg()
     t_start = time.time()
     print(f"seeds: interactive trace {args.seed} (Poisson {args.rate}/s × {args.seconds}s = {len(interactive)} requests, the same every run), "
@@ -273,7 +285,7 @@ async def main(args: argparse.Namespace) -> int:
           f"dispatcher {args.dispatcher}")  # fmt: skip
     print(f"condition: fresh processes, warm-up stage, then {args.rounds} warm rounds (stage order mirrored between rounds); seeds: interactive {args.seed}, "
           f"batch files {[r['batch_file_seed'] for r in rounds]}, sim {args.seed}; load average {load_start[0]:.1f} → {load_end[0]:.1f}")  # fmt: skip
-    print(f"shapes: interactive {args.prompt_tokens}→{args.output_tokens} tokens at {args.rate}/s; batch {args.batch_prompt_tokens}→{args.batch_output_tokens} tokens")
+    print(f"shapes: interactive {args.prompt_tokens}→{args.output_tokens} tokens at {args.rate}/s; batch {args.batch_prompt_tokens}→{args.batch_output_tokens // 2}–{args.batch_output_tokens + args.batch_output_tokens // 2} tokens (uniform)")
     print()
     print("| round | order | C_i req/s | C_b lines/s | I req/s | spare S lines/s | batch B lines/s | spare used | TTFT p90 only ms | TTFT p90 mixed ms | ratio | 429s | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

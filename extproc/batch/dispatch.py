@@ -47,6 +47,7 @@ class DispatchConfig:
     race_window_s: float = 0.05  # a saturated shed this soon after a completion does not lower the limit
     use_headroom: bool = True  # size the limit from the gateway's x-gateway-batch-headroom answers
     headroom_ttl_s: float = 10.0  # without such an answer for this long, the interval probe takes over again
+    headroom_hold_s: float = 2.0  # after a saturated shed, headroom answers (stale by a line's duration) only lower
     max_retries: int = 5  # for other 5xx and transport errors; 429/503 are retried until the deadline
     backoff_s: float = 0.1
     backoff_cap_s: float = 5.0
@@ -70,7 +71,7 @@ class Aimd:
       not discovered through 429s. Without the header (another gateway config), AIMD alone, as above.
     """
 
-    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_freed", "_last_ok", "_guided_until",
+    __slots__ = ("cfg", "limit", "inflight", "_last_change", "_last_decrease", "_last_hold", "_freed", "_last_ok", "_guided_until", "_last_shed",
                  "decreases", "holds", "races", "headroom_updates")  # fmt: skip
 
     def __init__(self, cfg: DispatchConfig) -> None:
@@ -86,6 +87,7 @@ class Aimd:
         self.races = 0
         self._last_ok = -1e18
         self._guided_until = -1e18
+        self._last_shed = -1e18
         self.headroom_updates = 0
 
     async def acquire(self) -> None:
@@ -127,8 +129,16 @@ class Aimd:
         now = time.monotonic()
         self._guided_until = now + self.cfg.headroom_ttl_s
         self._last_change = now
-        self.limit = float(max(self.cfg.min_concurrency, min(self.cfg.max_concurrency, sent_inflight + free)))
+        target = float(max(self.cfg.min_concurrency, min(self.cfg.max_concurrency, sent_inflight + free)))
+        # the answer arrives when the line ends: its count is as old as the line. Right after a shed (fresh
+        # news: full now) an older count may lower the limit but not raise it again
+        if target < self.limit or now - self._last_shed >= self.cfg.headroom_hold_s:
+            self.limit = target
         self.headroom_updates += 1
+
+    def is_race(self) -> bool:
+        """A saturated shed now would most likely be the completion race (see :meth:`on_saturated`)."""
+        return time.monotonic() - self._last_ok < self.cfg.race_window_s
 
     def _may_decrease(self) -> bool:
         now = time.monotonic()
@@ -149,6 +159,7 @@ class Aimd:
             return
         self.limit = max(float(self.cfg.min_concurrency), min(self.limit, float(self.inflight)))
         self.holds += 1
+        self._last_shed = now
 
     def on_backoff(self) -> None:
         """Hard signal: multiplicative decrease."""
@@ -247,8 +258,9 @@ class Dispatcher:
         While the gateway's headroom guides the limit, the level is full when a line was admitted with
         ``free == 0``, and a line sent at once into the slot its answer frees reaches the scheduler before the
         end of the finished one does (Envoy reports it asynchronously): a 429 race. So that slot comes back
-        ``race_window_s`` later. And a line shed as ``saturated`` keeps its slot while it waits to retry:
-        otherwise the next waiting line takes it at once, is shed too, and the rejections churn."""
+        ``race_window_s`` later. And a line shed as ``saturated`` in that race keeps its slot while it waits to
+        retry: otherwise the next waiting line takes it at once, is shed too, and the rejections churn. A shed
+        outside the race window gives the slot back, and :meth:`Aimd.on_saturated` holds the limit below it."""
         a = self.aimd
         if free < 0 and not a.guided():  # neither this answer nor a recent one carried the headroom
             a.release()
@@ -256,8 +268,8 @@ class Dispatcher:
         if 200 <= status < 300 and free == 0:
             asyncio.get_running_loop().call_later(self.cfg.race_window_s, a.release)
             return False
-        if status == 429 and _error_code(data) == "saturated":
-            return True
+        if status == 429 and _error_code(data) == "saturated" and a.is_race():
+            return True  # retried soon in its own slot; a real shed gives the slot back and lowers the limit
         a.release()
         return False
 

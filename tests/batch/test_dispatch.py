@@ -169,17 +169,24 @@ async def test_guided_slots_avoid_the_completion_race_and_shed_churn(server: tup
         assert d.aimd.guided() and d.aimd.inflight == 1  # its slot comes back after the race window, not at once
         await asyncio.sleep(0.6)
         assert d.aimd.inflight == 0
-        # a saturated shed while guided: the line keeps its slot while it waits to retry
-        s.script = [429, 200]
-        s.headroom = ["3"]
-        d.cfg.backoff_s = d.cfg.backoff_cap_s = 0.4
-        t = asyncio.create_task(d.send("/v1/completions", {"model": "m"}, request_id="b", deadline=time.time() + 10))
-        deadline = time.monotonic() + 5
-        while len(s.seen) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert len(s.seen) == 2 and d.aimd.inflight == 1  # answered 429, sleeping, slot still held
-        out = await asyncio.wait_for(t, 5)
-        assert out.ok and out.retries == 1 and d.aimd.inflight == 0 and d.aimd.limit == 1 + 3
+        # a saturated shed right after a completion (the race): the line keeps its slot while it waits to retry
+        shed = b'{"error": {"code": "saturated"}}'
+        await d.aimd.acquire()
+        d.aimd.on_success()
+        assert d._release_slot(429, -1, shed) is True and d.aimd.inflight == 1
+        d.aimd.release()
+        # a shed outside the race window: a real one, the slot goes back and the limit is held below it
+        d.aimd._last_ok = -1e18
+        await d.aimd.acquire()
+        assert d._release_slot(429, -1, shed) is False and d.aimd.inflight == 0
+        d.aimd.on_saturated()
+        assert d.aimd.limit == 1 and d.aimd.holds == 1
+        # a stale headroom answer right after that shed may not raise the limit again, only lower it
+        d.aimd.on_headroom(sent_inflight=4, free=6)
+        assert d.aimd.limit == 1
+        d.aimd._last_shed = -1e18
+        d.aimd.on_headroom(sent_inflight=4, free=6)
+        assert d.aimd.limit == 10
     s.script, s.headroom = [429, 200], []
     async with aiohttp.ClientSession() as sess:
         d = Dispatcher(_cfg(url, use_headroom=False), sess)  # AIMD alone: a shed line gives its slot back at once
