@@ -14,16 +14,20 @@ dataset labelling, interactive requests prompt-heavy chat turns):
 
 * capacity of a shape, C_i (interactive shape) and C_b (batch shape): requests/s the fleet completes when every
   engine slot is busy — a closed loop of ``pods × max_num_seqs`` clients sending that shape back to back
-  (priority 0, through the gateway) for ``--capacity-seconds`` after a warm-up;
-* interactive load I: requests/s completed in the interactive-only runs; it uses the fraction I / C_i of the fleet;
+  (priority 0, through the gateway) for ``--capacity-seconds`` after a warm-up, rate by Little's law;
+* interactive load I: requests/s completed in the round's interactive-only run; it uses the fraction I / C_i;
 * spare capacity, in batch lines/s: S = C_b × (1 − I / C_i);
 * batch use B: lines/s the batch job completed during the interactive arrival window of the mixed runs (the
   job's ``request_counts`` read at the window's start and end);
 * utilisation of the spare = B / S.
 
-Each round runs interactive-only and mixed (order alternating between rounds) on the same stack; a mixed run
+Fresh processes (cold), one warm-up stage, then ``--rounds`` warm rounds. Each round measures the capacities
+(Little's law: clients / mean latency of the closed loop), an interactive-only run and a mixed run on the same
+stack, in an order mirrored between rounds, so box load affects both sides alike; every per-round value and
+the medians are reported (the goal is judged on the medians), with pooled values beside them. A mixed run
 creates a job larger than the window can finish, lets the dispatcher ramp for ``--ramp`` seconds, replays the
-SAME interactive trace (fixed seed), then cancels the job and lets the fleet drain.
+SAME interactive trace (fixed seed), then cancels the job and lets the fleet drain. Batch output lengths are
+uniform in [mean/2, 3·mean/2] (see :func:`output_len`).
 
 The thresholds of ``batch-interactive`` are per-pod slot counts: the benchmark renders the profile for its
 engine size (``--max-seqs``) with ``--headroom`` slots per pod kept for interactive requests (batch is shed at
