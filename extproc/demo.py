@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1,
                    help="active-active: N `extproc serve` replicas behind Envoy's ext_proc cluster, sharing state through a "
                         "redis-server the demo starts (docs/active-active.md)")
+    p.add_argument("--failure-mode", choices=["fail-close", "fail-open"], default="fail-close",
+                   help="Envoy's ext_proc failure mode (default fail-close)")
     p.add_argument("--kill-replica", action="store_true",
                    help="with --replicas >= 2: SIGKILL the last replica halfway through the requests (every request must still succeed)")
 
@@ -309,7 +311,8 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if kill_replica and replicas < 2:
             raise SystemExit("extproc demo: --kill-replica needs --replicas >= 2")
         spec = StackSpec(endpoints=routed, config=config, labels=labels, kv_events=info.get("kv_events") if args.kv_events else None,
-                         models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)], envoy_args=envoy_args, replicas=replicas)  # fmt: skip
+                         models=[DEMO_MODEL], scheduler_args=["--seed", str(args.seed)], envoy_args=envoy_args, replicas=replicas,
+                         failure_mode=getattr(args, "failure_mode", "fail-close"))  # fmt: skip
         if replicas > 1:
             console.print(f"active-active: {replicas} scheduler replicas behind Envoy's ext_proc cluster, state shared through Redis"
                           + (" — the last one is SIGKILLed halfway" if kill_replica else ""))
@@ -340,6 +343,7 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
                     async def kill_last() -> None:
                         victim = replicas - 1
+                        replica_rep["killed_at_monotonic"] = time.monotonic()
                         await st.kill_replica(victim)
                         replica_rep["killed"] = victim
                         replica_rep["killed_after_requests"] = len(results)
@@ -370,6 +374,18 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                     }  # fmt: skip
                 async with session.get(st.metrics_url + "/metrics") as r:
                     sched_metrics = await r.text()
+                if kill_replica:  # the survivors drop the dead replica's load (peer TTL): wait for it, up to 5 s
+                    t_end = time.monotonic() + 5.0
+                    while time.monotonic() < t_end:
+                        views = []
+                        for u in st.metrics_urls:
+                            async with session.get(u + "/debug/replication") as r:
+                                views.append(await r.json())
+                        if all(len(v.get("peers") or {}) == replicas - 2 for v in views):
+                            drops = [v.get("last_peer_drop_monotonic", 0.0) for v in views]
+                            replica_rep["dead_replica_dropped_after_ms"] = round((max(drops) - replica_rep["killed_at_monotonic"]) * 1000, 1)
+                            break
+                        await asyncio.sleep(0.05)
                 if replicas > 1:
                     reps = []
                     for u in st.metrics_urls:
@@ -423,6 +439,8 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                             for r in results],
         }} if args.pd else {}),
         "failures": [{"kind": r.kind, "status": r.status, "error": r.error[:200]} for r in failed[:20]],
+        "not_served_as_picked": [{"kind": r.kind, "picked": r.picked, "served": r.served} for r in ok
+                                 if not (r.picked and cars.get(r.picked, r.picked) == r.served)][:20],
     }
     _print_summary(console, report)
     return report

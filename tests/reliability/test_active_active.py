@@ -237,7 +237,9 @@ async def test_precise_prefix_every_replica_subscribes_to_every_pod() -> None:
 
 
 def test_demo_replicas_kill_replica(tmp_path: Any) -> None:
-    """``extproc demo --replicas 2 --kill-replica``: the last replica is SIGKILLed halfway, every request succeeds."""
+    """``extproc demo --replicas 2 --kill-replica``: the last replica is SIGKILLed halfway, every request succeeds
+    (fail-open here: at the demo's request rate a fail-close run can catch a request inside the killed replica's
+    decision window, see docs/active-active.md "Limits"), and the survivor drops the dead replica within 1 s."""
     import json
     import subprocess
     import sys
@@ -245,7 +247,7 @@ def test_demo_replicas_kill_replica(tmp_path: Any) -> None:
     rep = tmp_path / "r.json"
     p = subprocess.run(
         [sys.executable, "-m", "extproc", "demo", "--pods", "3", "--requests", "80", "--time-scale", "0.05", "--replicas", "2", "--kill-replica",
-         "--report", str(rep)],
+         "--failure-mode", "fail-open", "--report", str(rep)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert rep.exists(), p.stderr[-3000:]
@@ -255,4 +257,5 @@ def test_demo_replicas_kill_replica(tmp_path: Any) -> None:
     assert r["ok"] == r["requests"] == 80 and r["failed"] == 0
     assert r["replicas"]["count"] == 2 and r["replicas"]["killed"] == 1 and 0 < r["replicas"]["killed_after_requests"] < 80
     live = r["replicas"]["live"]
-    assert len(live) == 1 and live[0]["connected"] and live[0]["dropped_peers"] >= 1
+    assert len(live) == 1 and live[0]["connected"] and live[0]["dropped_peers"] >= 1 and not live[0]["peers"]
+    assert 0 < r["replicas"]["dead_replica_dropped_after_ms"] <= 1000
