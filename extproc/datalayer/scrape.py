@@ -593,8 +593,11 @@ class MetricsScraper:
                 delay = 3600.0
             wake.clear()
             if delay > 0:
-                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await asyncio.wait_for(wake.wait(), delay)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that races the event being
+                # set (a finishing scrape sets it), and stop() then awaits this loop forever
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await wake.wait()
 
     async def _one(self, st: _PodState) -> None:
         ep = st.ep

@@ -326,8 +326,9 @@ class SimPod:
                     # waiting for a remote KV transfer to land: a new arrival may run meanwhile
                     self._deliver(res)
                     wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(wake.wait(), delay if delay > 0 else 0)
+                    with contextlib.suppress(TimeoutError):  # not wait_for: it can swallow a cancel on 3.11
+                        async with asyncio.timeout(delay if delay > 0 else 0):
+                            await wake.wait()
                     continue
                 await asyncio.sleep(delay if delay > 0 else 0)
                 self._deliver(res)

@@ -300,3 +300,20 @@ async def test_failing_pods_back_off_and_inflight_is_capped() -> None:
         release.set()
         await scraper.stop()
         await runner.cleanup()
+
+
+async def test_stop_is_not_lost_when_a_scrape_finishes_at_the_same_moment() -> None:
+    """A cancel arriving in the loop iteration that wakes the scheduler loop (a scrape finishing sets its event)
+    must still stop it: asyncio.wait_for on Python 3.11 swallows exactly that cancel, and stop() then waited
+    forever (a 600 s CI timeout)."""
+    pool = EndpointPool()
+    scraper = MetricsScraper(pool, ScrapeSettings(interval_s=0.01))
+    await scraper.start()
+    await asyncio.sleep(0.05)  # the loop is parked waiting on its wake event (no pods)
+    task = scraper._task
+    assert task is not None and scraper._wake is not None
+    scraper._wake.set()  # what a finishing scrape does ...
+    task.cancel()  # ... in the same iteration as stop()'s cancel
+    done, _ = await asyncio.wait({task}, timeout=2.0)
+    assert task in done, "the scrape loop swallowed its cancellation"
+    await scraper.stop()
