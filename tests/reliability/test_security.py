@@ -187,9 +187,13 @@ async def test_health_and_metrics_on_their_own_ports(fleet: SimFleet) -> None:
             assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
         async with grpc.aio.insecure_channel(f"127.0.0.1:{info['grpc_port']}") as ch:
             assert await _route_over(ch) == ["request_headers", "request_body"]
-            # and the ext_proc port does not serve health
-            with pytest.raises(grpc.aio.AioRpcError):
-                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            # the ext_proc port answers gRPC health too (Envoy's grpc_health_check of a replicated ext_proc cluster
+            # probes the port it sends ext_proc traffic to; docs/active-active.md) — and nothing else besides ext_proc
+            r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await ch.unary_unary("/grpc.health.v1.Health/Watch")(b"", timeout=10)
+            assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://127.0.0.1:{info['metrics_port']}/metrics") as r:
                 assert r.status == 200
