@@ -98,8 +98,9 @@ class Aimd:
                 self.limit += 1.0  # every slot busy for a whole interval without a rejection: probe one more
                 self._last_change = now
                 continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), self.cfg.increase_interval_s)
+            with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can swallow a racing cancel
+                async with asyncio.timeout(self.cfg.increase_interval_s):
+                    await self._freed.wait()
         self.inflight += 1
 
     def guided(self) -> bool:

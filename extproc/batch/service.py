@@ -178,8 +178,9 @@ class BatchService:
             except Exception:
                 log.exception("batch worker tick failed")
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.tick_s)
+            with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can swallow a racing cancel
+                async with asyncio.timeout(self.cfg.tick_s):
+                    await self._wake.wait()
 
     async def _tick(self) -> None:
         batches = await self.store.active_batches()
