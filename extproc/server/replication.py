@@ -243,7 +243,8 @@ class SharedState:
             pubsub = None
             try:
                 r = aioredis.Redis.from_url(s.url, socket_connect_timeout=1.0, socket_keepalive=True)
-                await asyncio.wait_for(r.ping(), 2.0)
+                async with asyncio.timeout(2.0):  # not wait_for: on 3.11 it can swallow a racing cancel
+                    await r.ping()
                 pubsub = r.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.broadcast, self.own_channel)
                 self._redis = r
