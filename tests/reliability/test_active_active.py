@@ -252,9 +252,14 @@ def test_demo_replicas_kill_replica(tmp_path: Any) -> None:
     )  # fmt: skip
     assert rep.exists(), p.stderr[-3000:]
     r = json.loads(rep.read_text())
-    why = {"failures": r["failures"], "served_as_picked": r["served_as_picked"], "checks": {k: v for k, v in r["error_checks"].items() if not v["ok"]}}
+    why = {"failures": r["failures"], "served_as_picked": r["served_as_picked"], "fell_back": r.get("fell_back"),
+           "not_served_as_picked": r["not_served_as_picked"], "checks": {k: v for k, v in r["error_checks"].items() if not v["ok"]}}
     assert p.returncode == 0, why
     assert r["ok"] == r["requests"] == 80 and r["failed"] == 0
+    # every request was served by the scheduler's pick, except those whose ext_proc stream was open on the killed
+    # replica: fail-open sends them to the fallback cluster (no pick) — a handful at most, never a misroute
+    assert r["served_as_picked"] + r["fell_back"] == 80 and r["fell_back"] <= 8, why
+    assert all(not x["picked"] for x in r["not_served_as_picked"]), why
     assert r["replicas"]["count"] == 2 and r["replicas"]["killed"] == 1 and 0 < r["replicas"]["killed_after_requests"] < 80
     live = r["replicas"]["live"]
     assert len(live) == 1 and live[0]["connected"] and live[0]["dropped_peers"] >= 1 and not live[0]["peers"]
