@@ -16,6 +16,8 @@ batch id, so a finalization interrupted by a crash is simply redone.
 
 from __future__ import annotations
 
+import abc
+
 import asyncio
 import contextlib
 import json
@@ -54,35 +56,43 @@ def _batch_json(b: BatchRecord) -> str:
     return json.dumps({k: getattr(b, k) for k in _BATCH_FIELDS}, separators=(",", ":"))
 
 
-class Store:
+class Store(abc.ABC):
     """The interface both backends implement (all methods are coroutines; none blocks the event loop)."""
 
     dialect = "sql"
 
     # -- low level, per backend
+    @abc.abstractmethod
     async def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
-        raise NotImplementedError
+        """Backend-specific (SQLiteStore, PostgresStore)."""
 
+    @abc.abstractmethod
     async def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
+        """Backend-specific (SQLiteStore, PostgresStore)."""
 
+    @abc.abstractmethod
     async def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        raise NotImplementedError
+        """Backend-specific (SQLiteStore, PostgresStore)."""
 
+    @abc.abstractmethod
     async def _put_blob(self, file_id: str, data: bytes) -> None:
-        raise NotImplementedError
+        """Backend-specific (SQLiteStore, PostgresStore)."""
 
+    @abc.abstractmethod
     async def _get_blob(self, file_id: str) -> bytes | None:
-        raise NotImplementedError
+        """Backend-specific (SQLiteStore, PostgresStore)."""
 
+    @abc.abstractmethod
     async def _delete_blob(self, file_id: str) -> None:
-        raise NotImplementedError
+        """Backend-specific (SQLiteStore, PostgresStore)."""
 
+    @abc.abstractmethod
     async def open(self) -> None:
-        raise NotImplementedError
+        """Backend-specific (SQLiteStore, PostgresStore)."""
 
+    @abc.abstractmethod
     async def close(self) -> None:
-        raise NotImplementedError
+        """Backend-specific (SQLiteStore, PostgresStore)."""
 
     def _schema(self) -> list[str]:
         blob_seq = "INTEGER PRIMARY KEY AUTOINCREMENT" if self.dialect == "sqlite" else "BIGSERIAL PRIMARY KEY"
