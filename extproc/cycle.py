@@ -62,6 +62,15 @@ PROMPT_TOKEN_IDS: CycleKey[list[int]] = CycleKey("prompt_token_ids")
 PREDICTOR_FEATURES: CycleKey[dict[str, Any]] = CycleKey("predictor_features")  # address → FeatureRow
 # the endpoint picked by an earlier profile of this cycle (decode pick in decode-first P/D), for later profiles
 PEER_ENDPOINT: CycleKey[Endpoint] = CycleKey("peer_endpoint")
+# P/D: the stage the profile being run serves, set by ``disagg-profile-handler`` before it returns each profile:
+# "decode" (the decode pod of a split request: its TTFT comes after the prefill leg), "prefill", "encode".
+# Absent: an aggregated cycle (or P/D off). The predictor builds each stage's features for its own leg.
+PD_STAGE: CycleKey[str] = CycleKey("pd_stage")
+PD_STAGE_DECODE = "decode"
+PD_STAGE_PREFILL = "prefill"
+PD_STAGE_ENCODE = "encode"
+# address → FeatureRow of the prefill stage's candidates (PREDICTOR_FEATURES keeps the decode stage's)
+PREDICTOR_PREFILL_FEATURES: CycleKey[dict[str, Any]] = CycleKey("predictor_prefill_features")
 
 
 
@@ -82,6 +91,7 @@ class Observation:
     features: Any = None  # the predictor's feature row for the chosen pod at decision time, if any
     prefill_endpoint: str = ""  # P/D: the prefill pod of a split request ("" = prefilled on the decode pod)
     prefill_ms: float = 0.0  # P/D: prefill-leg wall time reported by the decode pod's sidecar (x-pd-prefill-ms)
+    prefill_features: Any = None  # P/D: the predictor's feature row for the prefill pod at decision time, if any
 
     @property
     def ttft_ms(self) -> float:

@@ -36,7 +36,12 @@ from typing import Any
 from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint, EndpointPool, PodMetrics
 from extproc.scheduling.framework import (
+    PD_STAGE,
+    PD_STAGE_DECODE,
+    PD_STAGE_ENCODE,
+    PD_STAGE_PREFILL,
     PEER_ENDPOINT,
+    PREDICTOR_PREFILL_FEATURES,
     Admitter,
     FairnessPolicy,
     UsageLimitPolicy,
@@ -180,4 +185,9 @@ __all__ = [
     "PROMPT_TOKEN_IDS",
     "PREDICTOR_FEATURES",
     "PEER_ENDPOINT",
+    "PD_STAGE",
+    "PD_STAGE_DECODE",
+    "PD_STAGE_PREFILL",
+    "PD_STAGE_ENCODE",
+    "PREDICTOR_PREFILL_FEATURES",
 ]

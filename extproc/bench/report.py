@@ -293,6 +293,24 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{p.get('fallback_decisions')}/{p.get('decisions')} | {per or '–'} | {_fmt(p.get('online_ttft_mape'), 3)} | "
                 f"{_fmt(p.get('online_tpot_mape'), 3)} | {_fmt(p.get('online_ttft_mape_after_2000'), 3)} |"
             )
+        pd_preds = [(n, p) for n, p in preds if p.get("prefill_leg_samples")]
+        if pd_preds:
+            lines += [
+                "",
+                "P/D legs (online, the point model on the requests it predicted; coverage = share at or under the "
+                "p90 prediction):",
+                "",
+                "| setup | prefill-leg samples | prefill-leg MAPE | coverage | decode-leg samples | TTFT-after-prefill MAPE "
+                "| coverage | TTFT (sum of legs) MAPE |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for n, p in pd_preds:
+                lines.append(
+                    f"| {n} | {p.get('prefill_leg_samples')} | {_fmt(p.get('online_prefill_leg_mape'), 3)} | "
+                    f"{_fmt(p.get('online_prefill_leg_p90_coverage'), 3)} | {p.get('decode_leg_samples')} | "
+                    f"{_fmt(p.get('online_ttft_after_prefill_mape'), 3)} | "
+                    f"{_fmt(p.get('online_ttft_after_prefill_p90_coverage'), 3)} | {_fmt(p.get('online_pd_ttft_mape'), 3)} |"
+                )
     lines += _aiperf_markdown(report)
     if skipped:
         lines += ["", "## Not run", ""]

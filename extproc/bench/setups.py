@@ -40,6 +40,7 @@ SETUPS: dict[str, SetupSpec] = {
     "extproc-approx-111": SetupSpec("extproc-approx-111", "extproc", config="approx-111"),
     "extproc-predicted": SetupSpec("extproc-predicted", "extproc", config="predicted-latency"),
     "extproc-pd": SetupSpec("extproc-pd", "extproc", config="pd", pd=True),
+    "extproc-pd-predicted": SetupSpec("extproc-pd-predicted", "extproc", config="pd-predicted", pd=True),
     **{name: SetupSpec(name, "peer", pd=spec.pd) for name, spec in peers.PEERS.items()},
 }
 

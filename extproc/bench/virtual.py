@@ -393,7 +393,7 @@ def run_virtual(
             if leg is not None:  # P/D prefill leg: its one token is the sidecar's cue for the decode leg
                 if out.finished:
                     del prefill_legs[out.request_id]
-                    leg.flight.release_prefill()
+                    leg.flight.prefill_leg_done(now)  # x-pd-prefill-ms, as the sidecar reports it
                     start_decode_leg(leg, out.block_ids or [], now)
                 continue
             lv = live.get(out.request_id)

@@ -34,7 +34,22 @@ Columns (``FEATURE_NAMES``, in order; all float64, ``nan`` = unknown):
  15    stream                    1 for a streaming request, 0 for a non-streaming one. The TTFT head's target is
                                  the time to the first response byte: the first token for a stream, the whole
                                  response (E2E) for a non-streaming request, whose first byte is its last.
+ 16    pd_leg                    categorical, what the row's TTFT head predicts (prefill/decode disaggregation):
+                                 0 ``PD_AGGREGATED`` the whole request on this pod (TTFT as above);
+                                 1 ``PD_PREFILL`` the prefill leg on a prefill pod (dispatch → the prefill pod's
+                                 answer: the sidecar's ``x-pd-prefill-ms``); no TPOT;
+                                 2 ``PD_DECODE`` the decode pod of a split request: TTFT − prefill leg (hops, the
+                                 KV transfer, decode-side queueing, the first decode step), and TPOT.
+ 17    kv_transfer_tokens        prompt tokens whose KV the decode pod must fetch from the prefill pod (rows with
+                                 ``pd_leg`` 2: ``uncached_input_tokens`` on this decode pod; else 0)
+ 18    kv_transfer_ms            that transfer's estimated time: setup + tokens × KV bytes per token / link
+                                 bandwidth (``TransferModel``, from the predictor's ``kvBytesPerToken`` / model
+                                 dimensions and ``linkGbps`` parameters); ``nan`` when not configured, 0 when no
+                                 transfer.
 ====  ========================  ==========================================================================
+
+Columns 16–18 were appended for P/D; a model saved with the first 16 columns still loads and predicts (it reads
+only its own columns, ``LatencyModel.n_features``).
 
 Columns 13–14 read a clock: ``build_matrix(now=...)``, else ``clock()`` (``time.monotonic`` unless a virtual-time
 driver installed its own with ``set_clock``), which must be the clock ``Endpoint.last_chunk_ts`` is stamped with.
@@ -46,6 +61,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -69,14 +85,21 @@ FEATURE_NAMES: tuple[str, ...] = (
     "since_last_chunk_ms",
     "step_interval_ms",
     "stream",
+    "pd_leg",
+    "kv_transfer_tokens",
+    "kv_transfer_ms",
 )
 N_FEATURES = len(FEATURE_NAMES)
-CATEGORICAL_FEATURES: tuple[str, ...] = ("pod_class", "lora_state")
+CATEGORICAL_FEATURES: tuple[str, ...] = ("pod_class", "lora_state", "pd_leg")
+# The feature list of models trained before the P/D columns existed (still loadable: they read a prefix).
+LEGACY_N_FEATURES = 16
 
 # Column indexes used outside this module (bucketing, tests).
 KV_USAGE = 0
 WAITING = 1
 RUNNING = 2
+INFLIGHT_PREFILL_TOKENS = 3
+INFLIGHT_DECODE_TOKENS = 4
 INFLIGHT = 5
 INPUT_TOKENS = 6
 PREFIX_SCORE = 7
@@ -88,6 +111,13 @@ LORA_SLOTS_FREE = 12
 SINCE_LAST_CHUNK_MS = 13
 STEP_INTERVAL_MS = 14
 STREAM = 15
+PD_LEG = 16
+KV_TRANSFER_TOKENS = 17
+KV_TRANSFER_MS = 18
+
+PD_AGGREGATED = 0
+PD_PREFILL = 1
+PD_DECODE = 2
 
 # ``since_last_chunk_ms`` is clipped here; a pod silent this long is not mid-step (idle, or in a long prefill the
 # other columns describe), and a never-seen pod gets the same value.
@@ -133,6 +163,27 @@ def observe_chunk(ep: Endpoint, now: float) -> None:
         if STEP_GAP_MIN_S <= gap <= STEP_GAP_MAX_S:
             interval = gap if interval <= 0.0 else interval + STEP_EWMA_ALPHA * (gap - interval)
     ep.set_chunk_timing(now, interval)
+
+
+@dataclass(slots=True, frozen=True)
+class TransferModel:
+    """The KV-transfer estimate of column 18: ``setup_ms`` + tokens × ``bytes_per_token`` / (``gbps`` ×
+    ``efficiency``). KV bytes per token = 2 × layers × KV heads × head dim × dtype bytes (Llama-3-8B bf16:
+    131,072 B); for TP > 1 give the per-rank share (each rank's NIC moves its own heads)."""
+
+    bytes_per_token: float
+    gbps: float
+    efficiency: float = 0.8
+    setup_ms: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_token <= 0 or self.gbps <= 0 or not 0.0 < self.efficiency <= 1.0 or self.setup_ms < 0:
+            raise ValueError("transfer model: bytes_per_token > 0, gbps > 0, 0 < efficiency <= 1, setup_ms >= 0")
+
+    def ms(self, tokens: float) -> float:
+        if tokens <= 0.0:
+            return 0.0
+        return self.setup_ms + tokens * self.bytes_per_token * 8.0 / (self.gbps * 1e9 * self.efficiency) * 1000.0
 
 
 class PodClassCodes:
@@ -194,10 +245,14 @@ def build_matrix(
     prefix_scores: Mapping[str, float] | None,
     classes: PodClassCodes,
     now: float | None = None,
+    pd_leg: int = PD_AGGREGATED,
+    transfer: TransferModel | None = None,
 ) -> np.ndarray:
     """The (len(candidates), N_FEATURES) float64 feature matrix for one request over all candidates.
 
-    ``now``: decision time on the ``last_chunk_ts`` clock (default ``clock()``)."""
+    ``now``: decision time on the ``last_chunk_ts`` clock (default ``clock()``). ``pd_leg``: which leg the
+    candidates would serve (``PD_*``; every candidate of one scheduling profile serves the same leg).
+    ``transfer``: the KV-transfer estimate for ``PD_DECODE`` rows (None: column 18 is ``nan``)."""
     if now is None:
         now = _clock()
     cap = CHUNK_AGE_CAP_MS
@@ -207,6 +262,8 @@ def build_matrix(
     stream = 1.0 if request.stream else 0.0
     ps = prefix_scores or {}
     code = classes.code
+    leg = float(pd_leg)
+    decode_leg = pd_leg == PD_DECODE
     rows: list[tuple[float, ...]] = []
     for ep in candidates:
         m = ep.metrics
@@ -222,6 +279,12 @@ def build_matrix(
         else:
             age = cap
         si = ep.chunk_interval_s
+        uncached = input_tokens * (1.0 - p)
+        if decode_leg:
+            xfer_tokens = uncached
+            xfer_ms = transfer.ms(uncached) if transfer is not None else math.nan
+        else:
+            xfer_tokens = xfer_ms = 0.0
         rows.append(
             (
                 m.kv_usage,
@@ -232,7 +295,7 @@ def build_matrix(
                 ep.inflight,
                 input_tokens,
                 p,
-                input_tokens * (1.0 - p),
+                uncached,
                 code(ep.pod_class),
                 lora_state(model, ep),
                 max_tokens,
@@ -240,6 +303,9 @@ def build_matrix(
                 age,
                 si * 1000.0 if si > 0.0 else math.nan,
                 stream,
+                leg,
+                xfer_tokens,
+                xfer_ms,
             )
         )
     if not rows:

@@ -16,7 +16,7 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
-from extproc.predictor.features import FEATURE_NAMES
+from extproc.predictor.features import FEATURE_NAMES, LEGACY_N_FEATURES, N_FEATURES
 
 MODEL_KEYS: tuple[str, ...] = ("ttft_q", "ttft_mean", "tpot_q", "tpot_mean")
 FORMAT_NAME = "extproc-latency-predictor"
@@ -72,12 +72,14 @@ class LatencyModel:
         missing = [k for k in MODEL_KEYS if k not in strings]
         if missing:
             raise ValueError(f"latency model is missing boosters: {missing}")
-        if tuple(feature_names) != FEATURE_NAMES:
+        names = tuple(feature_names)
+        # a model from before the P/D columns (a prefix of this build's list) still loads: it reads its columns
+        if names != FEATURE_NAMES and not (len(names) >= LEGACY_N_FEATURES and names == FEATURE_NAMES[: len(names)]):
             raise ValueError(f"latency model features {list(feature_names)} do not match this build's {list(FEATURE_NAMES)}")
         boosters = {k: lgb.Booster(model_str=strings[k]) for k in MODEL_KEYS}
         for k, b in boosters.items():
-            if b.num_feature() != len(FEATURE_NAMES):
-                raise ValueError(f"booster {k} expects {b.num_feature()} features, not {len(FEATURE_NAMES)}")
+            if b.num_feature() != len(names):
+                raise ValueError(f"booster {k} expects {b.num_feature()} features, not {len(names)}")
         return cls(
             version=version,
             ttft_q=boosters["ttft_q"],
@@ -93,8 +95,17 @@ class LatencyModel:
             metadata=dict(metadata or {}),
         )
 
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def _cols(self, matrix: np.ndarray) -> np.ndarray:
+        n = len(self.feature_names)
+        return matrix if n == N_FEATURES or matrix.shape[1] == n else np.ascontiguousarray(matrix[:, :n])
+
     def predict(self, matrix: np.ndarray) -> Prediction:
         """Routing estimates for all candidates: two batched single-threaded predictions."""
+        matrix = self._cols(matrix)
         return Prediction(
             ttft_ms=_to_ms(self.ttft_q.predict(matrix, num_threads=1)),
             tpot_ms=_to_ms(self.tpot_q.predict(matrix, num_threads=1)),
@@ -102,6 +113,7 @@ class LatencyModel:
 
     def predict_mean(self, matrix: np.ndarray) -> Prediction:
         """Mean-model estimates (used off the hot path: accuracy tracking and evaluation)."""
+        matrix = self._cols(matrix)
         return Prediction(
             ttft_ms=_to_ms(self.ttft_mean.predict(matrix, num_threads=1)),
             tpot_ms=_to_ms(self.tpot_mean.predict(matrix, num_threads=1)),

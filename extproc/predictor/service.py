@@ -25,11 +25,33 @@ from prometheus_client import Counter, Gauge
 
 from extproc.api import InferenceRequest
 from extproc.datalayer.endpoint import Endpoint
-from extproc.predictor.features import N_FEATURES, STREAM, PodClassCodes, build_matrix
+from extproc.predictor.features import (
+    KV_TRANSFER_MS,
+    KV_TRANSFER_TOKENS,
+    N_FEATURES,
+    PD_AGGREGATED,
+    PD_DECODE,
+    PD_LEG,
+    PD_PREFILL,
+    STREAM,
+    PodClassCodes,
+    TransferModel,
+    build_matrix,
+)
 from extproc.predictor.model import LatencyModel, Prediction
 from extproc.predictor.persistence import BUILTIN, load_initial_model, save_model, state_model_path
 from extproc.predictor.trainer import InlineTrainer, ProcessTrainer, ThreadTrainer, TrainerConfig, TrainResult
-from extproc.cycle import PREDICTOR_FEATURES, PREFIX_SCORES, CycleState, Observation
+from extproc.cycle import (
+    PD_STAGE,
+    PD_STAGE_DECODE,
+    PD_STAGE_ENCODE,
+    PD_STAGE_PREFILL,
+    PREDICTOR_FEATURES,
+    PREDICTOR_PREFILL_FEATURES,
+    PREFIX_SCORES,
+    CycleState,
+    Observation,
+)
 from extproc.services import ServiceKey
 
 log = logging.getLogger(__name__)
@@ -41,6 +63,8 @@ CYCLE_TTFT = "predicted_ttft_ms"
 CYCLE_TPOT = "predicted_tpot_ms"
 CYCLE_PREFIX = PREFIX_SCORES
 CYCLE_FALLBACK = "predictor_fallback"
+CYCLE_PREFILL_FEATURES = PREDICTOR_PREFILL_FEATURES
+CYCLE_PREFILL_MS = "predicted_prefill_ms"  # P/D prefill stage: address → predicted prefill-leg time (quantile)
 
 SERVICE_KEY: ServiceKey[PredictorService] = ServiceKey("predictor")
 STATE_DIR_KEY: ServiceKey[str] = ServiceKey("predictor_state_dir")
@@ -152,6 +176,7 @@ class ServiceConfig:
     flush_interval_s: float = 0.5
     accuracy_window: int = 500
     max_pending: int = 100_000
+    transfer: TransferModel | None = None  # P/D: the KV-transfer estimate of feature kv_transfer_ms
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], state_dir: str | None = None) -> "ServiceConfig":
@@ -179,6 +204,7 @@ class ServiceConfig:
         if mode not in ("process", "thread", "inline"):
             raise ValueError(f"trainer must be 'process', 'thread' or 'inline', got {mode!r}")
         warm = params.get("warmStart", BUILTIN)
+        transfer = transfer_from_params(params)
         return cls(
             trainer=t,
             mode=mode,
@@ -187,7 +213,35 @@ class ServiceConfig:
             save_interval_s=float(params.get("saveIntervalSeconds", 30.0)),
             batch_size=int(params.get("batchSize", 64)),
             accuracy_window=int(params.get("accuracyWindow", 500)),
+            transfer=transfer,
         )
+
+
+def transfer_from_params(params: Mapping[str, Any]) -> TransferModel | None:
+    """``kvBytesPerToken`` (or ``modelDims: {layers, kvHeads, headDim, dtypeBytes}``, optionally ``tensorParallel``)
+    with ``linkGbps`` (and ``linkEfficiency`` 0.8, ``linkSetupMs`` 0.5) → the KV-transfer estimate; None when
+    neither is given (the feature is then ``nan`` and the model learns the transfer from the token count)."""
+    bpt = params.get("kvBytesPerToken")
+    dims = params.get("modelDims")
+    gbps = params.get("linkGbps")
+    if bpt is None and dims is None and gbps is None:
+        return None
+    if bpt is not None and dims is not None:
+        raise ValueError("give 'kvBytesPerToken' or 'modelDims', not both")
+    if dims is not None:
+        if not isinstance(dims, Mapping):
+            raise TypeError(f"parameter 'modelDims' must be a mapping, got {dims!r}")
+        unknown = set(dims) - {"layers", "kvHeads", "headDim", "dtypeBytes", "tensorParallel"}
+        if unknown:
+            raise ValueError(f"modelDims: unknown keys {', '.join(sorted(unknown))}")
+        try:
+            bpt = 2 * int(dims["layers"]) * int(dims["kvHeads"]) * int(dims["headDim"]) * int(dims.get("dtypeBytes", 2))
+        except KeyError as e:
+            raise ValueError(f"modelDims needs layers, kvHeads and headDim (missing {e.args[0]})") from None
+        bpt = bpt / max(int(dims.get("tensorParallel", 1)), 1)
+    if bpt is None or gbps is None:
+        raise ValueError("the KV-transfer estimate needs 'kvBytesPerToken' (or 'modelDims') and 'linkGbps'")
+    return TransferModel(float(bpt), float(gbps), float(params.get("linkEfficiency", 0.8)), float(params.get("linkSetupMs", 0.5)))
 
 
 SERVICE_PARAM_KEYS = frozenset(
@@ -213,6 +267,11 @@ SERVICE_PARAM_KEYS = frozenset(
         "saveIntervalSeconds",
         "batchSize",
         "accuracyWindow",
+        "kvBytesPerToken",
+        "modelDims",
+        "linkGbps",
+        "linkEfficiency",
+        "linkSetupMs",
     }
 )
 
@@ -249,6 +308,12 @@ class PredictorService:
         self.ttft_acc = RollingAccuracy(self.cfg.accuracy_window)
         self.tpot_acc = RollingAccuracy(self.cfg.accuracy_window)
         self.e2e_acc = RollingAccuracy(self.cfg.accuracy_window)  # non-streaming requests (TTFT head = E2E)
+        # P/D: the prefill leg on prefill pods, TTFT after the prefill leg on decode pods, and their sum vs TTFT
+        self.prefill_acc = RollingAccuracy(self.cfg.accuracy_window)
+        self.after_prefill_acc = RollingAccuracy(self.cfg.accuracy_window)
+        self.pd_ttft_acc = RollingAccuracy(self.cfg.accuracy_window)
+        self._prefill_samples = 0
+        self._decode_leg_samples = 0
         self._nonstream_samples = 0
         # learning curve: per CURVE_EVERY observed samples, [samples seen, TTFT APE sum, n, TPOT APE sum, n]
         self.curve: list[list[float]] = []
@@ -357,14 +422,16 @@ class PredictorService:
         """
         prefix = cycle.data.get(CYCLE_PREFIX)
         addresses = tuple(ep.address for ep in candidates)
-        key = (addresses, id(prefix) if prefix is not None else None)
+        stage = cycle.data.get(PD_STAGE)
+        leg = PD_PREFILL if stage == PD_STAGE_PREFILL else PD_DECODE if stage == PD_STAGE_DECODE else PD_AGGREGATED
+        key = (addresses, id(prefix) if prefix is not None else None, stage)
         cached: PredictionSet | None = cycle.data.get(CYCLE_CACHE)
         if cached is not None and cached.key == key:
             return cached
         model = self.model
         pred: Prediction | None = None
         try:
-            matrix = build_matrix(request, candidates, prefix, self.classes)
+            matrix = build_matrix(request, candidates, prefix, self.classes, pd_leg=leg, transfer=self.cfg.transfer)
         except Exception as e:
             M_ERRORS.labels("features").inc()
             self._last_error = f"features: {type(e).__name__}: {e}"
@@ -385,21 +452,36 @@ class PredictorService:
                 reason = "error"
         ps = PredictionSet(key, addresses, matrix, model if pred is not None else None, pred)
         cycle.data[CYCLE_CACHE] = ps
+        if stage == PD_STAGE_ENCODE:
+            return ps  # encoder pods are not a leg the model learns; leave the decode stage's rows alone
+        prefill_stage = leg == PD_PREFILL
         if pred is not None:
             tt = pred.ttft_ms.tolist()
             tp = pred.tpot_ms.tolist()
-            cycle.data[CYCLE_TTFT] = dict(zip(addresses, tt))
-            cycle.data[CYCLE_TPOT] = dict(zip(addresses, tp))
-            cycle.data[CYCLE_FEATURES] = {a: FeatureRow(matrix[i], model, tt[i], tp[i]) for i, a in enumerate(addresses)}
+            rows = {a: FeatureRow(matrix[i], model, tt[i], tp[i]) for i, a in enumerate(addresses)}
+            if prefill_stage:
+                # the prefill leg's prediction: its own keys, so the decode stage's TTFT/TPOT (read by SLO
+                # plugins) and feature rows stay as they were
+                cycle.data[CYCLE_PREFILL_MS] = dict(zip(addresses, tt))
+                cycle.data[CYCLE_PREFILL_FEATURES] = rows
+            else:
+                cycle.data[CYCLE_TTFT] = dict(zip(addresses, tt))
+                cycle.data[CYCLE_TPOT] = dict(zip(addresses, tp))
+                cycle.data[CYCLE_FEATURES] = rows
             if not cycle.data.get("predictor_counted"):
                 cycle.data["predictor_counted"] = True
                 self._predictions += 1
                 M_PREDICTIONS.inc()
             cycle.data.pop(CYCLE_FALLBACK, None)
         else:
-            cycle.data.pop(CYCLE_TTFT, None)
-            cycle.data.pop(CYCLE_TPOT, None)
-            cycle.data[CYCLE_FEATURES] = {a: FeatureRow(matrix[i], None, math.nan, math.nan) for i, a in enumerate(addresses)}
+            rows = {a: FeatureRow(matrix[i], None, math.nan, math.nan) for i, a in enumerate(addresses)}
+            if prefill_stage:
+                cycle.data.pop(CYCLE_PREFILL_MS, None)
+                cycle.data[CYCLE_PREFILL_FEATURES] = rows
+            else:
+                cycle.data.pop(CYCLE_TTFT, None)
+                cycle.data.pop(CYCLE_TPOT, None)
+                cycle.data[CYCLE_FEATURES] = rows
             cycle.data[CYCLE_FALLBACK] = reason
             if not cycle.data.get("predictor_counted"):
                 cycle.data["predictor_counted"] = True
@@ -410,15 +492,28 @@ class PredictorService:
     # ------------------------------------------------------------------ response side
 
     def observe(self, observation: Observation) -> bool:
-        """Feed one completed request to the trainer and the accuracy gauges. Returns True if it was used."""
-        row = observation.features
-        if not isinstance(row, FeatureRow):
-            return False
+        """Feed one completed request to the trainer and the accuracy gauges. Returns True if it was used.
+
+        A P/D split (``prefill_endpoint`` set and the prefill leg's time known) gives up to two samples: the
+        prefill pod's row (``pd_leg`` 1) with the prefill-leg time as its TTFT target, and the decode pod's row
+        (``pd_leg`` 2) with TTFT − prefill leg and the TPOT. A decode row ranked as a split that was not split
+        after all (the decider said no, no prefill pod) is relabelled as an aggregated row (``pd_leg`` 0)."""
         if observation.error or not (observation.status == 0 or 200 <= observation.status < 300):
             return False
-        if np.isnan(row.values).all():
-            return False
-        stream = row.values[STREAM] != 0.0
+        split = bool(observation.prefill_endpoint) and observation.prefill_ms > 0.0
+        used = False
+        prefill_mean = math.nan
+        prow = observation.prefill_features if split else None
+        if isinstance(prow, FeatureRow) and not np.isnan(prow.values).all():
+            ok, prefill_mean = self._observe_prefill(prow, observation.prefill_ms)
+            used = used or ok
+        row = observation.features
+        if not isinstance(row, FeatureRow):
+            return used
+        values = row.values
+        if np.isnan(values).all():
+            return used
+        stream = values[STREAM] != 0.0
         if stream:
             ttft = observation.ttft_ms
             tpot = observation.tpot_ms
@@ -428,44 +523,93 @@ class PredictorService:
             ttft = observation.e2e_ms
             tpot = 0.0
         if not ttft > 0:
-            return False
+            return used
+        decode_leg = values[PD_LEG] == PD_DECODE
+        relabelled = False
+        total = ttft
+        if decode_leg:
+            if split:
+                ttft = ttft - observation.prefill_ms
+                if not ttft > 0:
+                    return used
+            else:
+                values = values.copy()
+                values[PD_LEG] = PD_AGGREGATED
+                values[KV_TRANSFER_TOKENS] = 0.0
+                values[KV_TRANSFER_MS] = 0.0
+                decode_leg = False
+                relabelled = True
+        if not self._enqueue(values, ttft, tpot):
+            return used
+        if not stream:
+            self._nonstream_samples += 1
+        if decode_leg:
+            self._decode_leg_samples += 1
+        if row.model is not None and not relabelled:
+            after_mean = self._track_accuracy(row, ttft, tpot, stream, self.after_prefill_acc if decode_leg else self.ttft_acc)
+            if decode_leg and stream and prefill_mean == prefill_mean and after_mean == after_mean and isinstance(prow, FeatureRow):
+                # the two legs' predictions together against the client's TTFT
+                self.pd_ttft_acc.add(total, prefill_mean + after_mean, prow.ttft_ms + row.ttft_ms)
+        self._sampled()
+        return True
+
+    def _enqueue(self, values: np.ndarray, ttft: float, tpot: float) -> bool:
         if len(self._pending_t) >= self.cfg.max_pending:
             self._dropped += 1
             return False
-        self._pending_x.append(row.values)
+        self._pending_x.append(values)
         self._pending_t.append(ttft)
         self._pending_p.append(tpot)
         self._samples += 1
-        if not stream:
-            self._nonstream_samples += 1
         M_SAMPLES.set(self._samples)
-        if row.model is not None:
-            self._track_accuracy(row, ttft, tpot, stream)
+        return True
+
+    def _sampled(self) -> None:
         if self._samples % CURVE_EVERY == 0:
             b = self._bucket
             self.curve.append([float(self._samples), b[0], float(b[1]), b[2], float(b[3])])
             self._bucket = [0.0, 0, 0.0, 0]
         if len(self._pending_t) >= self.cfg.batch_size:
             self.flush()
-        return True
 
-    def _track_accuracy(self, row: FeatureRow, ttft: float, tpot: float, stream: bool = True) -> None:
+    def _observe_prefill(self, row: FeatureRow, prefill_ms: float) -> tuple[bool, float]:
+        """The prefill pod's sample (target: the prefill-leg time, no TPOT); returns (used, mean prediction)."""
+        if not self._enqueue(row.values, prefill_ms, 0.0):
+            return False, math.nan
+        self._prefill_samples += 1
+        mean = math.nan
+        if row.model is not None:
+            try:
+                mean = float(row.model.predict_mean(row.values.reshape(1, -1)).ttft_ms[0])
+            except Exception as e:
+                M_ERRORS.labels("predict").inc()
+                log.warning("predictor accuracy prediction failed", extra={"error": str(e)})
+            else:
+                self.prefill_acc.add(prefill_ms, mean, row.ttft_ms)
+        self._sampled()
+        return True, mean
+
+    def _track_accuracy(self, row: FeatureRow, ttft: float, tpot: float, stream: bool = True,
+                        ttft_acc: RollingAccuracy | None = None) -> float:
+        """Accuracy of the row's prediction; returns the mean model's TTFT estimate (nan on failure)."""
         assert row.model is not None
         try:
             mean = row.model.predict_mean(row.values.reshape(1, -1))
         except Exception as e:
             M_ERRORS.labels("predict").inc()
             log.warning("predictor accuracy prediction failed", extra={"error": str(e)})
-            return
+            return math.nan
         pt = float(mean.ttft_ms[0])
         if not stream:
             self.e2e_acc.add(ttft, pt, row.ttft_ms)
-            return
-        self.ttft_acc.add(ttft, pt, row.ttft_ms)
-        self._bucket[0] += abs(pt - ttft) / ttft
-        self._bucket[1] += 1
-        M_TTFT_MAPE.set(self.ttft_acc.mape)
-        M_TTFT_COV.set(self.ttft_acc.coverage)
+            return pt
+        acc = ttft_acc if ttft_acc is not None else self.ttft_acc
+        acc.add(ttft, pt, row.ttft_ms)
+        if acc is self.ttft_acc:
+            self._bucket[0] += abs(pt - ttft) / ttft
+            self._bucket[1] += 1
+            M_TTFT_MAPE.set(self.ttft_acc.mape)
+            M_TTFT_COV.set(self.ttft_acc.coverage)
         if tpot > 0:
             pp = float(mean.tpot_ms[0])
             self._bucket[2] += abs(pp - tpot) / tpot
@@ -473,6 +617,7 @@ class PredictorService:
             self.tpot_acc.add(tpot, pp, row.tpot_ms)
             M_TPOT_MAPE.set(self.tpot_acc.mape)
             M_TPOT_COV.set(self.tpot_acc.coverage)
+        return pt
 
     def flush(self) -> None:
         """Hand pending observations to the trainer (a non-blocking queue put)."""
@@ -567,6 +712,11 @@ class PredictorService:
             "accuracy_samples": self.ttft_acc.count,
             "nonstream_samples": self._nonstream_samples,
             "nonstream_e2e_mape": self.e2e_acc.mape,
+            "prefill_leg_samples": self._prefill_samples,
+            "decode_leg_samples": self._decode_leg_samples,
+            "prefill_leg_mape": self.prefill_acc.mape,
+            "ttft_after_prefill_mape": self.after_prefill_acc.mape,
+            "pd_ttft_mape": self.pd_ttft_acc.mape,
             "last_error": self._last_error,
         }
 
@@ -589,6 +739,15 @@ class PredictorService:
             "online_tpot_mape": num(self.tpot_acc.mape),
             "online_ttft_p90_coverage": num(self.ttft_acc.coverage),
             "nonstream_e2e_mape": num(self.e2e_acc.mape),
+            # P/D (docs/pd.md): the prefill leg on prefill pods, TTFT − prefill leg on decode pods, their sum vs
+            # the client's TTFT, and the quantile coverage of the first two
+            "prefill_leg_samples": self._prefill_samples,
+            "decode_leg_samples": self._decode_leg_samples,
+            "online_prefill_leg_mape": num(self.prefill_acc.mape),
+            "online_prefill_leg_p90_coverage": num(self.prefill_acc.coverage),
+            "online_ttft_after_prefill_mape": num(self.after_prefill_acc.mape),
+            "online_ttft_after_prefill_p90_coverage": num(self.after_prefill_acc.coverage),
+            "online_pd_ttft_mape": num(self.pd_ttft_acc.mape),
             "model_version": self.model.version if self.model is not None else 0,
             "curve": [[int(c[0]), num(c[1] / c[2]) if c[2] else None, num(c[3] / c[4]) if c[4] else None] for c in self.curve],
             "curve_raw": self.curve,

@@ -37,7 +37,16 @@ from typing import Any
 
 import numpy as np
 
-from extproc.predictor.features import CATEGORICAL_FEATURES, FEATURE_NAMES, KV_USAGE, N_FEATURES, PREFIX_SCORE, WAITING
+from extproc.predictor.features import (
+    CATEGORICAL_FEATURES,
+    FEATURE_NAMES,
+    KV_USAGE,
+    LEGACY_N_FEATURES,
+    N_FEATURES,
+    PD_LEG,
+    PREFIX_SCORE,
+    WAITING,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +105,13 @@ class TrainResult:
 
 
 def bucket_keys(x: np.ndarray) -> np.ndarray:
-    """Bucket id per row: waiting bin (8) × KV-use 5 % bin (20) × prefix quartile (4)."""
+    """Bucket id per row: P/D leg (3) × waiting bin (8) × KV-use 5 % bin (20) × prefix quartile (4). The leg
+    keeps prefill-leg rows and decode rows of a P/D fleet from pushing each other out of the window."""
     w = np.searchsorted(_WAITING_EDGES, np.nan_to_num(x[:, WAITING]), side="right")
     kv = np.clip((np.nan_to_num(x[:, KV_USAGE]) * 20.0).astype(np.int64), 0, 19)
     pq = np.clip((np.nan_to_num(x[:, PREFIX_SCORE]) * 4.0).astype(np.int64), 0, 3)
-    return (w * 20 + kv) * 4 + pq
+    leg = np.clip(np.nan_to_num(x[:, PD_LEG]).astype(np.int64), 0, 2)
+    return ((leg * 8 + w) * 20 + kv) * 4 + pq
 
 
 class SampleWindow:
@@ -158,9 +169,18 @@ class SampleWindow:
     def load(self, path: str) -> int:
         with np.load(path) as d:
             x, t, p = d["x"], d["ttft"], d["tpot"]
+        if x.ndim == 2 and LEGACY_N_FEATURES <= x.shape[1] < N_FEATURES:
+            x = pad_legacy(x)
         if x.ndim != 2 or x.shape[1] != N_FEATURES:
             raise ValueError(f"saved window has {x.shape[1] if x.ndim == 2 else '?'} features, expected {N_FEATURES}")
         return self.add(x, t, p)
+
+
+def pad_legacy(x: np.ndarray) -> np.ndarray:
+    """Rows saved before the P/D columns: aggregated requests (``pd_leg`` 0, no transfer)."""
+    out = np.zeros((x.shape[0], N_FEATURES), dtype=np.float64)
+    out[:, : x.shape[1]] = x
+    return out
 
 
 def lgb_params(cfg: TrainerConfig, objective: str) -> dict[str, Any]:

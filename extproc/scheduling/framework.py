@@ -16,8 +16,13 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from extproc.api import InferenceRequest
 from extproc.cycle import (  # re-exported: the per-request records live below scheduling (the predictor uses them)
+    PD_STAGE,
+    PD_STAGE_DECODE,
+    PD_STAGE_ENCODE,
+    PD_STAGE_PREFILL,
     PEER_ENDPOINT,
     PREDICTOR_FEATURES,
+    PREDICTOR_PREFILL_FEATURES,
     PREFIX_BLOCK_SIZE,
     PREFIX_CACHED_TOKENS,
     PREFIX_MATCHED_BLOCKS,

@@ -7,7 +7,8 @@ virtual benchmark's gateway (``extproc.bench.virtual``) both call them, in this 
 3. (server only) flow control may hold the request until a slot frees;
 4. :func:`schedule_and_dispatch` — ``Scheduler.schedule``, the tracker's ``dispatch`` with the chosen pod's
    predictor feature row and, for a P/D split, the prefill pod (``x-prefiller-host-port`` in the result's
-   headers, accounted until its leg ends), then ``Scheduler.dispatched`` (pre-request plugins).
+   headers, accounted until its leg ends) with its own feature row, then ``Scheduler.dispatched`` (pre-request
+   plugins).
 
 Each step returns (or raises) a ``SchedulingError`` carrying the client's HTTP status; its ``error_type`` is the
 OpenAI error ``type`` — the one mapping from status to error type.
@@ -19,7 +20,14 @@ from extproc.admission.saturation import SaturationDetector
 from extproc.api import InferenceRequest
 from extproc.contract import PREFILLER_HEADER
 from extproc.datalayer.endpoint import EndpointPool
-from extproc.scheduling.framework import PREDICTOR_FEATURES, CycleState, Scheduler, SchedulingError, SchedulingResult
+from extproc.scheduling.framework import (
+    PREDICTOR_FEATURES,
+    PREDICTOR_PREFILL_FEATURES,
+    CycleState,
+    Scheduler,
+    SchedulingError,
+    SchedulingResult,
+)
 from extproc.server.tracker import Flight, FlightTracker
 
 SHED_MESSAGE = "the fleet is saturated and this request is sheddable (priority < 0)"
@@ -59,6 +67,13 @@ def schedule_and_dispatch(
     feats = cycle.data.get(PREDICTOR_FEATURES)
     paddr = result.headers.get(PREFILLER_HEADER) if result.headers else None
     prefill = pool.get(paddr) if paddr else None
-    flight = tracker.dispatch(request, primary, feats.get(primary.address) if isinstance(feats, dict) else None, prefill)
+    pfeats = cycle.data.get(PREDICTOR_PREFILL_FEATURES) if prefill is not None else None
+    flight = tracker.dispatch(
+        request,
+        primary,
+        feats.get(primary.address) if isinstance(feats, dict) else None,
+        prefill,
+        pfeats.get(prefill.address) if isinstance(pfeats, dict) and prefill is not None else None,
+    )
     scheduler.dispatched(cycle, request, result)
     return flight, result, cycle

@@ -75,6 +75,14 @@ class Flight:
             self.obs.prefill_ms = prefill_ms
         self.release_prefill()
 
+    def prefill_leg_done(self, now: float) -> None:
+        """The prefill leg ended at ``now`` (tracker clock) and the decode leg starts: a driver that sees the leg
+        itself (the virtual-time benchmark) records its time like the sidecar's ``x-pd-prefill-ms`` and frees
+        the prefill pod."""
+        if self.prefill_endpoint is not None and self.obs.prefill_ms <= 0.0:
+            self.obs.prefill_ms = max((now - self.obs.dispatch_ts) * 1000.0, 1e-6)
+        self.release_prefill()
+
     def release_prefill(self) -> None:
         pep = self.prefill_endpoint
         if pep is not None:
@@ -133,7 +141,12 @@ class FlightTracker:
         return len(self._flights)
 
     def dispatch(
-        self, request: InferenceRequest, endpoint: Endpoint, features: object = None, prefill: Endpoint | None = None
+        self,
+        request: InferenceRequest,
+        endpoint: Endpoint,
+        features: object = None,
+        prefill: Endpoint | None = None,
+        prefill_features: object = None,
     ) -> Flight:
         prompt_tokens = request.prompt_tokens_estimate
         decode = request.max_tokens if request.max_tokens is not None else 16
@@ -155,6 +168,7 @@ class FlightTracker:
         if prefill is not None and prefill is not endpoint:
             f.prefill_endpoint = prefill
             obs.prefill_endpoint = prefill.address
+            obs.prefill_features = prefill_features
             prefill.add_inflight(prompt_tokens)
         return f
 

@@ -31,6 +31,10 @@ from typing import Any, ClassVar
 
 from extproc.contract import ENCODER_HEADER, PREFILLER_HEADER
 from extproc.plugin import (
+    PD_STAGE,
+    PD_STAGE_DECODE,
+    PD_STAGE_ENCODE,
+    PD_STAGE_PREFILL,
     PEER_ENDPOINT,
     CycleState,
     Decider,
@@ -155,20 +159,30 @@ class DisaggProfileHandler:
         self, cycle: CycleState, request: InferenceRequest, profiles: dict[str, SchedulingProfile], results: ProfileResults
     ) -> list[SchedulingProfile]:
         dname, pname, ename = self.decode_profile, self.prefill_profile, self.encode_profile
+        # PD_STAGE tells stage-aware plugins (the latency predictor) which leg the profile's candidates serve
         if self.stage_order == PREFILL_FIRST:
             if pname not in results:
+                cycle.set(PD_STAGE, PD_STAGE_PREFILL)
                 return [profiles[pname]]
             if self.encode_decider is not None and ename not in results:
                 if self.encode_decider.disaggregate(cycle, request, None):
+                    cycle.set(PD_STAGE, PD_STAGE_ENCODE)
                     return [profiles[ename]]
                 results[ename] = None  # evaluated: no encode stage
             if dname not in results:
                 pres = results[pname]
                 if pres is not None and pres.targets:
                     cycle.set(PEER_ENDPOINT, pres.targets[0])
+                    cycle.set(PD_STAGE, PD_STAGE_DECODE)
+                else:
+                    cycle.data.pop(PD_STAGE, None)  # no prefill pod: the decode pod prefills itself
                 return [profiles[dname]]
             return []
         if dname not in results:
+            if self.decider is not None:
+                # decode-first: the decider has not spoken yet; the decode pod is ranked as the decode leg of a
+                # split request (the predictor relabels the row when the request was not split after all)
+                cycle.set(PD_STAGE, PD_STAGE_DECODE)
             return [profiles[dname]]
         dres = results[dname]
         if dres is None or not dres.targets:
@@ -176,12 +190,14 @@ class DisaggProfileHandler:
         decode_pod = dres.targets[0]
         if self.encode_decider is not None and ename not in results:
             if self.encode_decider.disaggregate(cycle, request, decode_pod):
+                cycle.set(PD_STAGE, PD_STAGE_ENCODE)
                 return [profiles[ename]]
             results[ename] = None  # evaluated: no encode stage
         if self.decider is None or pname in results:
             return []
         if self.decider.disaggregate(cycle, request, decode_pod):
             cycle.set(PEER_ENDPOINT, decode_pod)
+            cycle.set(PD_STAGE, PD_STAGE_PREFILL)
             return [profiles[pname]]
         results[pname] = None  # evaluated: no split
         return []

@@ -13,6 +13,13 @@ fallback, counted in ``extproc_predictor_fallback_total``. What the scorer retur
   scraped queue/KV alone until the first model exists (docs/predictor.md, "Cold start in real time").
 - ``neutral``: 0.0 for every pod, so the profile's heuristic scorers decide alone (the behaviour before).
 
+P/D (``disagg-profile-handler`` sets the cycle's ``PD_STAGE``): in the ``prefill`` profile the model predicts the
+prefill leg's time on each prefill pod and the score is TTFT-only (a prefill leg has no TPOT); its cold start
+(either mode but ``neutral``) is the least outstanding prefill work — prompt tokens in flight on the pod plus this
+request's uncached tokens, counted by the tracker at decision time — since prefill pods stream nothing to measure a
+step time from. In the ``decode`` profile it predicts TTFT after the prefill leg (transfer + decode-side queueing,
+``kv_transfer_*`` features) and TPOT, blended as usual.
+
 It is also the ResponseObserver that feeds completed requests (the feature row the server put in
 ``Observation.features``) to the trainer. List the prefix scorer before it in the profile so
 ``cycle.data["prefix_scores"]`` is available when features are built.
@@ -30,6 +37,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from extproc.plugin import (
+    PD_STAGE,
+    PD_STAGE_PREFILL,
     CycleState,
     Endpoint,
     InferenceRequest,
@@ -39,7 +48,7 @@ from extproc.plugin import (
     get_float,
     register,
 )
-from extproc.predictor.features import INFLIGHT, STEP_INTERVAL_MS
+from extproc.predictor.features import INFLIGHT, INFLIGHT_PREFILL_TOKENS, STEP_INTERVAL_MS, UNCACHED_INPUT_TOKENS
 from extproc.predictor.service import SERVICE_PARAM_KEYS, PredictorService
 
 NEUTRAL = 0.0
@@ -60,6 +69,17 @@ def cold_step_time_scores(matrix: np.ndarray) -> list[float] | None:
     if span <= 0.0:
         return [1.0] * len(est)
     return (1.0 - (est - lo) / span).tolist()  # type: ignore[no-any-return]
+
+
+def cold_prefill_work_scores(matrix: np.ndarray) -> list[float]:
+    """Prefill-stage cold start: 1 − min–max of (prompt tokens in flight on the pod + this request's uncached
+    tokens there): the pod that will finish this prompt's prefill first, by outstanding work counted locally."""
+    work = np.nan_to_num(matrix[:, INFLIGHT_PREFILL_TOKENS]) + np.nan_to_num(matrix[:, UNCACHED_INPUT_TOKENS])
+    lo = float(work.min())
+    span = float(work.max()) - lo
+    if span <= 0.0:
+        return [1.0] * len(work)
+    return (1.0 - (work - lo) / span).tolist()  # type: ignore[no-any-return]
 
 
 def blend_normalised(ttft: np.ndarray, tpot: np.ndarray, w_ttft: float, w_tpot: float) -> np.ndarray:
@@ -113,13 +133,19 @@ class PredictedLatencyScorer:
             return []
         ps = self.service.predict(cycle, request, candidates)
         pred = ps.prediction
+        prefill_stage = cycle.data.get(PD_STAGE) == PD_STAGE_PREFILL
         if pred is None:
+            if prefill_stage and self.cold_start != "neutral" and ps.matrix is not None and len(ps.matrix) == n:
+                return cold_prefill_work_scores(ps.matrix)
             if self.cold_start == "step-time" and ps.matrix is not None and len(ps.matrix) == n:
                 cold = cold_step_time_scores(ps.matrix)
                 if cold is not None:
                     return cold
             return [NEUTRAL] * n
-        blended = blend_normalised(pred.ttft_ms, pred.tpot_ms, self.ttft_weight, self.tpot_weight)
+        if prefill_stage:  # the prefill leg: its time is the whole prediction (no TPOT on a prefill pod)
+            blended = blend_normalised(pred.ttft_ms, pred.tpot_ms, 1.0, 0.0)
+        else:
+            blended = blend_normalised(pred.ttft_ms, pred.tpot_ms, self.ttft_weight, self.tpot_weight)
         return (1.0 - blended).tolist()  # type: ignore[no-any-return]
 
     def on_complete(self, request: InferenceRequest, observation: Observation) -> None:

@@ -52,3 +52,20 @@ def test_aggregated_setup_ignores_roles(wl) -> None:  # type: ignore[no-untyped-
     vr = virtual.run_virtual(wl, SETUPS["extproc-default"], virtual.layout("8"), seed=1)
     assert all(r.ok and not r.prefill_pod for r in vr.results)
     assert len({r.pod for r in vr.results}) > 4
+
+
+def test_pd_predicted_learns_both_legs_from_cold() -> None:
+    """extproc-pd-predicted: every split request trains the prefill-leg head (prefill pod's row) and the
+    after-prefill head (decode pod's row); once a model exists both legs are predicted online."""
+    wl = generate("pd", parse_stages("20:15"), seed=2)
+    fl = virtual.layout("8").split(4)
+    vr = virtual.run_virtual(wl, SETUPS["extproc-pd-predicted"], fl, seed=2)
+    assert all(r.ok for r in vr.results)
+    split = sum(1 for r in vr.results if r.prefill_pod)
+    assert split > 0.9 * len(vr.results)
+    rep = vr.extra["predictor"]
+    assert rep["warm_start"] is None and rep["retrains"] >= 1
+    assert rep["prefill_leg_samples"] == split and rep["decode_leg_samples"] == split
+    for k in ("online_prefill_leg_mape", "online_ttft_after_prefill_mape", "online_pd_ttft_mape"):
+        assert rep[k] is not None and 0.0 < rep[k] < 0.3, (k, rep[k])
+    assert rep["online_ttft_mape"] is None  # no aggregated request: nothing trained as one
