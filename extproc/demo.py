@@ -205,6 +205,17 @@ async def scrape_pod_counters(endpoints: list[str]) -> dict[str, dict[str, float
     return out
 
 
+async def envoy_counter(session: Any, admin_url: str, name: str) -> int | None:
+    """One counter from Envoy's admin ``/stats`` (None when Envoy does not have it: the config has no such cluster)."""
+    async with session.get(f"{admin_url}/stats", params={"filter": f"^{name}$"}) as r:
+        text = await r.text()
+    for line in text.splitlines():
+        key, _, value = line.partition(": ")
+        if key.strip() == name:
+            return int(value.strip())
+    return None
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -386,6 +397,10 @@ async def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                             replica_rep["dead_replica_dropped_after_ms"] = round((max(drops) - replica_rep["killed_at_monotonic"]) * 1000, 1)
                             break
                         await asyncio.sleep(0.05)
+                if replicas > 1 and st.envoy is not None:
+                    # requests whose first decision failed (replica died mid-decision) and were decided again
+                    replica_rep["decision_retries"] = await envoy_counter(
+                        session, st.envoy.admin_url, "cluster.extproc_decision_retry.upstream_rq_total")
                 if replicas > 1:
                     reps = []
                     for u in st.metrics_urls:
@@ -472,6 +487,7 @@ def _print_summary(console: Any, rep: dict[str, Any]) -> None:
         if rep.get("fell_back"):
             t.add_row("fell back (fail-open, stream on the killed replica)", str(rep["fell_back"]))
         t.add_row("scheduler replicas (killed)", f"{r['count']} ({'replica ' + str(r['killed']) if r.get('killed') is not None else 'none'})")
+        t.add_row("decided again (decision retry)", str(r.get("decision_retries")))
     console.print(t)
     p = Table(title="requests per pod", show_header=True)
     p.add_column("pod")

@@ -91,6 +91,9 @@ BACKENDS_CLUSTER = "backends"
 BATCH_CLUSTER = "extproc_batch"
 BATCH_PATHS: tuple[str, ...] = ("/v1/files", "/v1/batches")  # the OpenAI Batch API, served by ``extproc batch serve``
 LISTENER_NAME = "extproc_listener"
+# the decision retry (EnvoyConfigOptions.decision_retry): an Envoy internal listener and the cluster that reaches it
+DECISION_RETRY_LISTENER = "extproc_decision_retry"
+DECISION_RETRY_CLUSTER = "extproc_decision_retry"
 
 NO_DESTINATION_BODY = json.dumps(
     {
@@ -172,6 +175,15 @@ class EnvoyConfigOptions:
     # ``extproc`` is a DNS name that resolves to several replicas (a Kubernetes headless Service, STRICT_DNS):
     # health-check, eject and retry them as with a list
     extproc_replicated: bool = False
+    # A second decision pass (docs/active-active.md "Decision retry"): the public listener's ext_proc filter fails
+    # open onto a route to an internal listener that runs the whole ext_proc chain again, on another replica, in
+    # ``failure_mode``; a request whose replica died mid-decision is decided again instead of failed (fail-close) or
+    # sent unpicked to the fallback (fail-open). None: on exactly when the scheduler is replicated.
+    decision_retry: bool | None = None
+
+    @property
+    def decision_retry_on(self) -> bool:
+        return self.extproc is not None and (self.replicated if self.decision_retry is None else self.decision_retry)
 
     @property
     def replicated(self) -> bool:
@@ -200,6 +212,8 @@ class EnvoyConfigOptions:
             raise ValueError("an Envoy-only config (no extproc) needs endpoints")
         if self.extproc_replicas and self.extproc is None:
             raise ValueError("scheduler replicas need --extproc")
+        if self.decision_retry and self.extproc is None:
+            raise ValueError("a decision retry needs --extproc")
         if self.extproc_tls is not None and self.extproc is None:
             raise ValueError("scheduler TLS needs --extproc")
         if self.fallback_retries and not self.endpoints:
@@ -645,7 +659,9 @@ def _grpc_service(opts: EnvoyConfigOptions | None = None) -> Any:
     return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=EXTPROC_CLUSTER), retry_policy=retry)
 
 
-def _extproc_filters(opts: EnvoyConfigOptions) -> list[Any]:
+def _extproc_filters(opts: EnvoyConfigOptions, *, first_pass: bool = False) -> list[Any]:
+    """The ext_proc filters. ``first_pass``: the public listener's filter when a decision retry follows — it
+    always fails open (onto the retry route, never onto a pod), the retry applies ``opts.failure_mode``."""
     from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutationRules
     from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
         ExternalProcessor,
@@ -662,7 +678,7 @@ def _extproc_filters(opts: EnvoyConfigOptions) -> list[Any]:
     streamed = opts.response_observe == "streamed"
     main = ExternalProcessor(
         grpc_service=_grpc_service(opts),
-        failure_mode_allow=opts.failure_mode == "fail-open",
+        failure_mode_allow=first_pass or opts.failure_mode == "fail-open",
         processing_mode=ProcessingMode(
             request_header_mode=Hdr.SEND,
             request_body_mode=Body.BUFFERED,
@@ -728,7 +744,10 @@ def _retry_policy(opts: EnvoyConfigOptions) -> Any:
     )
 
 
-def _routes(opts: EnvoyConfigOptions) -> list[Any]:
+def _routes(opts: EnvoyConfigOptions, *, first_pass: bool = False) -> list[Any]:
+    """Route A (the scheduler set a destination) and route B (it did not: fallback or JSON 503). ``first_pass``:
+    route B is the decision retry instead — the request, body included, goes to the internal listener, whose
+    chain decides again (on another replica) and applies the failure mode there."""
     from envoy_data_plane.envoy.config.core.v3 import (
         DataSource,
         HeaderValue,
@@ -782,7 +801,24 @@ def _routes(opts: EnvoyConfigOptions) -> list[Any]:
         route_as = [observed, plain]
     else:
         route_as = [destination_route("extproc_destination", [dest], None)]
-    if opts.fallback_endpoints:
+    if first_pass:
+        no_observe: dict[str, Any] = {}
+        if opts.response_observe == "observability":
+            from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ExtProcPerRoute
+
+            # the retried request is observed (and logged) by the internal listener's chain
+            no_observe["extproc-observe"] = _any(ExtProcPerRoute(disabled=True))
+        route_b = Route(
+            name="extproc_decision_retry",
+            match=RouteMatch(prefix="/"),
+            route=RouteAction(
+                cluster=DECISION_RETRY_CLUSTER,
+                timeout=_td(opts.route_timeout_s),
+                idle_timeout=_td(opts.stream_idle_timeout_s),
+            ),
+            typed_per_filter_config=no_observe,
+        )
+    elif opts.fallback_endpoints:
         route_b = Route(
             name="extproc_fallback",
             match=RouteMatch(prefix="/"),
@@ -883,10 +919,10 @@ def _envoy_only_routes(opts: EnvoyConfigOptions) -> list[Any]:
     ]
 
 
-def _http_filters(opts: EnvoyConfigOptions) -> list[Any]:
+def _http_filters(opts: EnvoyConfigOptions, *, first_pass: bool = False) -> list[Any]:
     if opts.extproc is None:
         return [_router_filter()]
-    return [_header_mutation_filter(), *_extproc_filters(opts), _router_filter()]
+    return [_header_mutation_filter(), *_extproc_filters(opts, first_pass=first_pass), _router_filter()]
 
 
 def _clusters(opts: EnvoyConfigOptions) -> list[Any]:
@@ -894,6 +930,8 @@ def _clusters(opts: EnvoyConfigOptions) -> list[Any]:
     if opts.extproc is None:
         return [_static_cluster(BACKENDS_CLUSTER, opts.endpoints, opts, lb_policy=opts.lb_policy), *batch]
     clusters = [_extproc_cluster(opts), *batch]
+    if opts.decision_retry_on:
+        clusters.append(_decision_retry_cluster(opts))
     clusters.append(_override_host_cluster(opts) if opts.fallback_retries else _original_dst_cluster(opts))
     if opts.fallback_endpoints:
         clusters.append(
@@ -909,49 +947,89 @@ def _clusters(opts: EnvoyConfigOptions) -> list[Any]:
     return clusters
 
 
-def _listener(opts: EnvoyConfigOptions) -> Any:
-    from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+def _hcm(opts: EnvoyConfigOptions, *, stat_prefix: str, routes: list[Any], first_pass: bool) -> Any:
     from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration, VirtualHost
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
         HttpConnectionManager,
         HttpConnectionManagerCodecType,
     )
 
-    hcm = HttpConnectionManager(
-        stat_prefix="extproc_ingress",
+    return HttpConnectionManager(
+        stat_prefix=stat_prefix,
         codec_type=HttpConnectionManagerCodecType.AUTO,
         route_config=RouteConfiguration(
-            name="extproc_routes",
-            virtual_hosts=[
-                VirtualHost(
-                    name="extproc",
-                    domains=["*"],
-                    routes=_batch_routes(opts) + (_routes(opts) if opts.extproc is not None else _envoy_only_routes(opts)),
-                )
-            ],
+            name=f"{stat_prefix}_routes" if stat_prefix != "extproc_ingress" else "extproc_routes",
+            virtual_hosts=[VirtualHost(name="extproc", domains=["*"], routes=routes)],
         ),
-        http_filters=_http_filters(opts),
+        http_filters=_http_filters(opts, first_pass=first_pass),
         early_header_mutation_extensions=[_early_header_mutation()] if opts.extproc is not None else [],
         stream_idle_timeout=_td(opts.stream_idle_timeout_s),
         request_timeout=_td(0),
         local_reply_config=local_reply_config() if opts.json_local_replies else None,
         access_log=_access_logs(opts),
     )
+
+
+def _hcm_filter_chain(hcm: Any) -> Any:
+    from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain
+
+    return FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm))])
+
+
+def _listener(opts: EnvoyConfigOptions) -> Any:
+    from envoy_data_plane.envoy.config.listener.v3 import Listener
+
+    retry = opts.decision_retry_on
+    routes = _batch_routes(opts) + (_routes(opts, first_pass=retry) if opts.extproc is not None else _envoy_only_routes(opts))
     return Listener(
         name=LISTENER_NAME,
         address=_socket_address(opts.listen),
         per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
-        filter_chains=[
-            FilterChain(
-                filters=[
-                    Filter(
-                        name="envoy.filters.network.http_connection_manager",
-                        typed_config=_any(hcm),
-                    )
-                ]
-            )
-        ],
+        filter_chains=[_hcm_filter_chain(_hcm(opts, stat_prefix="extproc_ingress", routes=routes, first_pass=retry))],
     )
+
+
+def _decision_retry_listener(opts: EnvoyConfigOptions) -> Any:
+    """The internal listener of the decision retry: the same chain as a config without the retry (strip of
+    spoofed headers — the first pass's partial mutations included —, ext_proc in ``opts.failure_mode``,
+    observation, routes A/B, access log). Reached only through :data:`DECISION_RETRY_CLUSTER`, never from a
+    socket."""
+    from envoy_data_plane.envoy.config.listener.v3 import Listener, ListenerInternalListenerConfig
+
+    return Listener(
+        name=DECISION_RETRY_LISTENER,
+        internal_listener=ListenerInternalListenerConfig(),
+        per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
+        filter_chains=[_hcm_filter_chain(_hcm(opts, stat_prefix="extproc_decision_retry", routes=_routes(opts), first_pass=False))],
+    )
+
+
+def _decision_retry_cluster(opts: EnvoyConfigOptions) -> Any:
+    from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+    from envoy_data_plane.envoy.config.core.v3 import Address, EnvoyInternalAddress
+    from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+
+    address = Address(envoy_internal_address=EnvoyInternalAddress(server_listener_name=DECISION_RETRY_LISTENER))
+    return Cluster(
+        name=DECISION_RETRY_CLUSTER,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=_td(opts.connect_timeout_s),
+        per_connection_buffer_limit_bytes=opts.buffer_limit_bytes,
+        circuit_breakers=_circuit_breakers(),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=DECISION_RETRY_CLUSTER,
+            endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address))])],
+        ),
+    )
+
+
+def _bootstrap_extensions(opts: EnvoyConfigOptions) -> list[Any]:
+    if not opts.decision_retry_on:
+        return []
+    from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig
+    from envoy_data_plane.envoy.extensions.bootstrap.internal_listener.v3 import InternalListener
+
+    return [TypedExtensionConfig(name="envoy.bootstrap.internal_listener", typed_config=_any(InternalListener()))]
 
 
 def build_bootstrap(opts: EnvoyConfigOptions) -> Any:
@@ -960,7 +1038,11 @@ def build_bootstrap(opts: EnvoyConfigOptions) -> Any:
 
     return Bootstrap(
         admin=Admin(address=_socket_address(opts.admin)),
-        static_resources=BootstrapStaticResources(listeners=[_listener(opts)], clusters=_clusters(opts)),
+        static_resources=BootstrapStaticResources(
+            listeners=[_listener(opts), *([_decision_retry_listener(opts)] if opts.decision_retry_on else [])],
+            clusters=_clusters(opts),
+        ),
+        bootstrap_extensions=_bootstrap_extensions(opts),
     )
 
 
@@ -1039,15 +1121,21 @@ def render_include(
     opts = _options(
         listen="0.0.0.0:0", extproc=extproc, endpoints=endpoints, fallback_endpoints=fallback_endpoints, **kwargs
     )
-    return {
+    retry = opts.decision_retry_on
+    out: dict[str, Any] = {
         "early_header_mutation_extensions": [_to_dict(_early_header_mutation())],
         "local_reply_config": _to_dict(local_reply_config()),
-        "http_filters": [_to_dict(f) for f in _http_filters(opts)],
-        "routes": [_to_dict(r) for r in _batch_routes(opts) + _routes(opts)],
+        "http_filters": [_to_dict(f) for f in _http_filters(opts, first_pass=retry)],
+        "routes": [_to_dict(r) for r in _batch_routes(opts) + _routes(opts, first_pass=retry)],
         # observability mode: the HCM's access_log (end of request for requests outside the observation sample)
         "access_log": [_to_dict(a) for a in _access_logs(opts)],
         "clusters": [_to_dict(c) for c in _clusters(opts)],
     }
+    if retry:
+        # the decision retry's internal listener (static_resources.listeners) and the bootstrap extension it needs
+        out["listeners"] = [_to_dict(_decision_retry_listener(opts))]
+        out["bootstrap_extensions"] = [_to_dict(e) for e in _bootstrap_extensions(opts)]
+    return out
 
 
 def to_yaml(config: dict[str, Any], *, header: str = "") -> str:
@@ -1209,6 +1297,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "health-check, outlier-eject and retry them as with a comma list (docs/active-active.md)",
     )
     parser.add_argument(
+        "--decision-retry",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decide again on another replica when the scheduler's stream fails mid-decision (an Envoy internal "
+        "listener runs the ext_proc chain a second time, in --failure-mode); default: on with replicas "
+        "(docs/active-active.md \"Decision retry\")",
+    )
+    parser.add_argument(
         "--failure-mode",
         choices=("fail-open", "fail-close"),
         default="fail-close",
@@ -1308,6 +1404,7 @@ def run(args: argparse.Namespace) -> int:
         "access_log": not args.no_access_log,
         "batch": args.batch,
         "extproc_replicated": args.extproc_replicated,
+        "decision_retry": args.decision_retry,
     }
     try:
         if args.extproc_tls_ca or args.extproc_tls_cert or args.extproc_tls_key or args.extproc_tls_sni:

@@ -264,6 +264,11 @@ class Responder:
     observe: bool = True  # also set x-extproc-observe: Envoy routes the request through the observation filter
     streams: list[list[str]] = field(default_factory=list)
     request_headers: list[dict[str, str]] = field(default_factory=list)
+    # fail the request-body messages whose index (0, 1, ...) this returns True for, after answering their headers:
+    # a replica that dies mid-decision
+    abort_body: Callable[[int], bool] | None = None
+    bodies: int = 0
+    aborted: int = 0
 
 
 class _Servicer(ep_grpc.ExternalProcessorServicer):
@@ -282,6 +287,10 @@ class _Servicer(ep_grpc.ExternalProcessorServicer):
                 )
                 yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
             elif kind == "request_body":
+                i, self.r.bodies = self.r.bodies, self.r.bodies + 1
+                if self.r.abort_body is not None and self.r.abort_body(i):
+                    self.r.aborted += 1
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "replica gone mid-decision")
                 headers = [(DESTINATION_HEADER, self.r.target), ("x-extproc-request-id", "req-1")]
                 if self.r.observe:
                     headers.append((OBSERVE_HEADER, "1"))
@@ -306,8 +315,8 @@ class _Servicer(ep_grpc.ExternalProcessorServicer):
 async def responder() -> AsyncIterator[Callable[..., Awaitable[tuple[Responder, int]]]]:
     servers: list[grpc.aio.Server] = []
 
-    async def make(target: str, observe: bool = True) -> tuple[Responder, int]:
-        r = Responder(target=target, observe=observe)
+    async def make(target: str, observe: bool = True, abort_body: Callable[[int], bool] | None = None) -> tuple[Responder, int]:
+        r = Responder(target=target, observe=observe, abort_body=abort_body)
         server = grpc.aio.server()
         ep_grpc.add_ExternalProcessorServicer_to_server(_Servicer(r), server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -368,6 +377,55 @@ async def test_unsampled_pick_skips_the_observation_filter(upstreams, envoy, htt
     assert len(r.streams) == 3
     assert all("request_body" in s for s in r.streams)
     assert all("x-extproc-request-id" not in h for h in r.request_headers)
+
+
+# ---------------------------------------------------------------- decision retry (docs/active-active.md)
+
+
+async def test_decision_retry_decides_again_when_the_first_decision_fails(upstreams, envoy, http, responder) -> None:
+    """fail-close with the decision retry: the scheduler answers the headers and then fails the body (a replica
+    killed mid-decision); the internal listener decides again and the request is served by that pick. Without
+    the retry the same failure is a 5xx."""
+    picked, spoofed = await upstreams(), await upstreams()
+    r, port = await responder(picked.addr, abort_body=lambda i: i % 2 == 0)  # every first decision fails
+    proc = await envoy(_extproc_bootstrap(port, failure_mode="fail-close", decision_retry=True))
+    for _ in range(2):
+        async with http.post(f"{proc.listener_url}/stream", json=CHAT, headers={DESTINATION_HEADER: spoofed.addr}) as resp:
+            body = await resp.read()
+            assert resp.status == 200, body
+            assert resp.headers[SERVED_HEADER] == picked.addr
+            assert body.count(b"data:") == 3
+    assert r.aborted == 2 and picked.hits == 2 and spoofed.hits == 0
+    main = [s for s in r.streams if "request_body" in s]
+    assert len(main) == 4  # each request: the failed first decision, then the retry's
+    # the retry's chain saw neither the client's spoofed header nor a destination from the first pass
+    assert all(DESTINATION_HEADER not in h for h in r.request_headers if "x-extproc-request-id" not in h)
+    assert picked.headers_seen[-1][DESTINATION_HEADER] == picked.addr
+
+    r2, port2 = await responder(picked.addr, abort_body=lambda i: i == 0)
+    proc2 = await envoy(_extproc_bootstrap(port2, failure_mode="fail-close", decision_retry=False))
+    status, headers, body = await _post(http, f"{proc2.listener_url}/v1/chat/completions")
+    assert status == 500 and headers["content-type"] == "application/json", body
+    assert json.loads(body)["error"]["type"] == "internal_error"
+    assert picked.hits == 2
+
+
+@pytest.mark.parametrize("mode", ["fail-close", "fail-open"])
+async def test_decision_retry_keeps_the_failure_mode_when_every_decision_fails(upstreams, envoy, http, responder, mode: str) -> None:
+    """Both passes fail: fail-close answers a JSON 500 and routes nothing; fail-open goes to the fallback (no
+    pick). The first pass failing open never routes a request by itself."""
+    picked, fallback, spoofed = await upstreams(), await upstreams(), await upstreams()
+    r, port = await responder(picked.addr, abort_body=lambda i: True)
+    proc = await envoy(_extproc_bootstrap(port, failure_mode=mode, decision_retry=True, fallback_endpoints=[fallback.addr]))
+    status, headers, body = await _post(http, f"{proc.listener_url}/v1/chat/completions", headers={DESTINATION_HEADER: spoofed.addr})
+    assert r.aborted == 2  # the first pass and the retry
+    assert picked.hits == 0 and spoofed.hits == 0
+    if mode == "fail-close":
+        assert status == 500 and headers["content-type"] == "application/json", body
+        assert fallback.hits == 0
+    else:
+        assert status == 200 and int(headers[PORT_HEADER]) == fallback.port
+        assert SERVED_HEADER not in {k.lower() for k in headers}
 
 
 # ---------------------------------------------------------------- the runner itself

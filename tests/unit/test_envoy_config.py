@@ -407,3 +407,83 @@ def test_reference_include_validates_inside_a_bootstrap() -> None:
         }
     }
     ec.validate_bootstrap(boot)
+
+
+# ---------------------------------------------------------------- decision retry (active-active)
+
+
+def _listener(boot: dict[str, Any], name: str) -> dict[str, Any]:
+    (lst,) = [x for x in boot["static_resources"]["listeners"] if x["name"] == name]
+    return lst
+
+
+@pytest.mark.parametrize("mode", ["fail-close", "fail-open"])
+def test_decision_retry_with_replicas(mode: str) -> None:
+    """Replicated: the public listener's ext_proc fails open onto the retry route (never onto a pod); the internal
+    listener runs the same chain with the configured failure mode and routes A/B."""
+    boot = _render(extproc="127.0.0.1:9002,127.0.0.1:9003", failure_mode=mode,
+                   **({"fallback_endpoints": "127.0.0.1:8000"} if mode == "fail-open" else {}))  # fmt: skip
+    assert [x["name"] for x in boot["static_resources"]["listeners"]] == [ec.LISTENER_NAME, ec.DECISION_RETRY_LISTENER]
+    assert _filters(boot)["extproc"]["failure_mode_allow"] is True
+    routes = _routes(boot)
+    assert [r["name"] for r in routes] == ["extproc_destination_observed", "extproc_destination", "extproc_decision_retry"]
+    retry = routes[-1]
+    assert retry["match"] == {"prefix": "/"} and retry["route"]["cluster"] == ec.DECISION_RETRY_CLUSTER
+    assert "extproc-observe" in retry["typed_per_filter_config"]  # observed by the internal chain, not twice
+    inner = _listener(boot, ec.DECISION_RETRY_LISTENER)
+    assert "internal_listener" in inner and "address" not in inner  # reachable only through the cluster
+    ihcm = inner["filter_chains"][0]["filters"][0]["typed_config"]
+    ifilters = {f["name"]: f["typed_config"] for f in ihcm["http_filters"]}
+    assert ifilters["extproc"].get("failure_mode_allow", False) is (mode == "fail-open")
+    assert ihcm["early_header_mutation_extensions"]  # the first pass's partial mutations and spoofs stripped again
+    assert ihcm["access_log"] and ihcm["local_reply_config"]
+    inames = [r["name"] for r in ihcm["route_config"]["virtual_hosts"][0]["routes"]]
+    assert inames == ["extproc_destination_observed", "extproc_destination",
+                      "extproc_fallback" if mode == "fail-open" else "extproc_no_destination"]  # fmt: skip
+    cl = _clusters(boot)[ec.DECISION_RETRY_CLUSTER]
+    addr = cl["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert addr == {"envoy_internal_address": {"server_listener_name": ec.DECISION_RETRY_LISTENER}}
+    assert [e["name"] for e in boot["bootstrap_extensions"]] == ["envoy.bootstrap.internal_listener"]
+
+
+def test_decision_retry_off_by_default_with_one_scheduler_and_on_demand() -> None:
+    one = _render()
+    assert len(one["static_resources"]["listeners"]) == 1 and "bootstrap_extensions" not in one
+    assert ec.DECISION_RETRY_CLUSTER not in _clusters(one)
+    off = _render(extproc="127.0.0.1:9002,127.0.0.1:9003", decision_retry=False)
+    assert len(off["static_resources"]["listeners"]) == 1
+    assert _filters(off)["extproc"].get("failure_mode_allow", False) is False
+    on = _render(decision_retry=True)  # one replica, retried on itself (e.g. a restarted process behind a Service)
+    assert len(on["static_resources"]["listeners"]) == 2
+    with pytest.raises(ValueError, match="decision retry"):
+        ec.EnvoyConfigOptions(listen=HostPort("127.0.0.1", 1), endpoints=(HostPort("127.0.0.1", 2),), decision_retry=True)
+
+
+@pytest.mark.envoy
+def test_decision_retry_bootstrap_and_include_validate() -> None:
+    ec.validate_bootstrap(_render(extproc="127.0.0.1:9002,127.0.0.1:9003"))
+    ec.validate_bootstrap(_render(extproc="127.0.0.1:9002,127.0.0.1:9003", failure_mode="fail-open", fallback_endpoints="127.0.0.1:8000"))
+    inc = ec.render_include(extproc="127.0.0.1:9002,127.0.0.1:9003")
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "mine",
+        "early_header_mutation_extensions": inc["early_header_mutation_extensions"],
+        "http_filters": inc["http_filters"],
+        "route_config": {"virtual_hosts": [{"name": "mine", "domains": ["*"], "routes": inc["routes"]}]},
+        "access_log": inc["access_log"],
+    }
+    boot = {
+        "bootstrap_extensions": inc["bootstrap_extensions"],
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "mine",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+                },
+                *inc["listeners"],
+            ],
+            "clusters": inc["clusters"],
+        },
+    }
+    ec.validate_bootstrap(boot)
