@@ -12,6 +12,9 @@ Request path (see docs/envoy.md)::
     ext_proc "extproc-observe"  observability_mode: response headers/body/trailers, send-and-go
     router                 route A (header present) -> ORIGINAL_DST; route B -> fallback / JSON 503
 
+With scheduler replicas (the decision retry, docs/active-active.md) the ext_proc filter above fails open and route
+B is a route to an internal listener that runs the same chain again in the configured failure mode.
+
 The ``extproc envoy-config`` subcommand lives here too (``add_arguments`` / ``run``).
 """
 

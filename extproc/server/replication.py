@@ -75,6 +75,9 @@ class ReplicationSettings:
     token_refresh_s: float = 0.025  # in-flight token counters (prefill → decode) are re-read at least this often
     peer_ttl_s: float = 0.75
     buffer_limit: int = 100_000  # prefix inserts / forwarded ends kept while Redis is away
+    # a forwarded flight end that no subscriber received (PUBLISH counted 0: the owner has not re-subscribed yet
+    # after a Redis outage, or is gone) is re-sent for this long, then dropped (the owner's TTL sweep ends it)
+    finish_retry_s: float = 10.0
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 1.0
 
@@ -127,6 +130,9 @@ class SharedState:
         self._prefix_out: deque[tuple[str, list[int]]] = deque(maxlen=settings.buffer_limit)
         self._kv_out: deque[list[Any]] = deque(maxlen=settings.buffer_limit)
         self._finish_out: dict[str, deque[list[Any]]] = {}
+        self._finish_undelivered: dict[str, float] = {}  # owner -> monotonic time of the first unreceived end
+        self.finish_redelivered = 0
+        self.finish_dropped = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: Any = None
         self.connected = False
@@ -214,6 +220,9 @@ class SharedState:
             "buffered_prefix": len(self._prefix_out),
             "buffered_kv": len(self._kv_out),
             "buffered_finish": sum(len(q) for q in self._finish_out.values()),
+            "finish_undelivered_owners": sorted(self._finish_undelivered),
+            "finish_redelivered": self.finish_redelivered,
+            "finish_dropped": self.finish_dropped,
             "last_error": self.last_error,
         }
 
@@ -339,17 +348,19 @@ class SharedState:
             if taken_kv:
                 msgs.append((ch, self._pack({"t": _KV, "r": self.replica_id, "e": taken_kv})))
             taken_finish: dict[str, list[list[Any]]] = {}
+            finish_at: dict[int, str] = {}  # index in msgs -> owner
             for owner, q in self._finish_out.items():
                 if q:
                     batch = [q.popleft() for _ in range(min(len(q), 1024))]
                     taken_finish[owner] = batch
+                    finish_at[len(msgs)] = owner
                     msgs.append((f"{s.namespace}:r:{owner}", self._pack({"t": _FINISH, "r": self.replica_id, "e": batch})))
             if msgs:
                 try:
                     pipe = r.pipeline(transaction=False)
                     for c, data in msgs:
                         pipe.publish(c, data)
-                    await pipe.execute()
+                    received = await pipe.execute()
                     self.sent += len(msgs)
                 except Exception:
                     # keep what others still need; load state is re-sent in full after reconnecting
@@ -358,7 +369,28 @@ class SharedState:
                     for owner, batch in taken_finish.items():
                         self._finish_out[owner].extendleft(reversed(batch))
                     raise
+                if finish_at:
+                    self._after_finish_publish(finish_at, received, taken_finish, now)
             await asyncio.sleep(s.interval_s)
+
+    def _after_finish_publish(self, finish_at: dict[int, str], received: list[Any], taken: dict[str, list[list[Any]]], now: float) -> None:
+        """Pub/sub delivers only to clients subscribed at that instant: a flight end published while its owner is
+        not subscribed (it reconnects after a Redis outage a moment later than we do) would be lost and the flight
+        stay counted. PUBLISH returns the number of receivers, so an end nobody received is queued again, for
+        ``finish_retry_s`` at most (an owner that never comes back is dead; its flights went with it)."""
+        for i, owner in finish_at.items():
+            if int(received[i] or 0) > 0:
+                if self._finish_undelivered.pop(owner, None) is not None:
+                    self.finish_redelivered += 1
+                continue
+            since = self._finish_undelivered.setdefault(owner, now)
+            if now - since <= self.settings.finish_retry_s:
+                self._finish_out[owner].extendleft(reversed(taken[owner]))
+            else:
+                self.finish_dropped += len(taken[owner]) + len(self._finish_out[owner])
+                self._finish_out[owner].clear()
+                del self._finish_undelivered[owner]
+                log.warning("replication dropped flight ends for an absent owner", extra={"replica": self.replica_id, "owner": owner})
 
     # ---------------------------------------------------------------- inbound
     async def _read_loop(self, pubsub: Any) -> None:

@@ -146,6 +146,55 @@ def test_two_replicas_over_real_redis(redis_url: str) -> None:
     asyncio.run(run())
 
 
+def test_flight_end_for_an_owner_not_yet_subscribed_is_redelivered(redis_url: str) -> None:
+    """After a Redis outage the replicas reconnect one by one: an end forwarded before its owner has subscribed
+    again is not received by anyone (PUBLISH counts 0) and must be sent again, not lost (the flight would stay
+    counted). An owner that never comes back: the ends are dropped after ``finish_retry_s``."""
+
+    async def run() -> None:
+        redis = await RedisProcess.start()
+        b = _state("rb", url=redis.url, finish_retry_s=5.0)
+        a = _state("ra", url=redis.url)
+        got: list[tuple[str, int]] = []
+
+        class _AL:
+            ever_connected = False
+
+            def finish_forwarded(self, key: str, status: int, outcome: str, end_wall: float, upstream_failure: bool) -> None:
+                got.append((key, status))
+
+        a.access_log = _AL()
+
+        async def until(pred: object, timeout: float = 10.0) -> None:
+            t0 = time.monotonic()
+            while not pred():  # type: ignore[operator]
+                assert time.monotonic() - t0 < timeout, (a.status(), b.status())
+                await asyncio.sleep(0.01)
+
+        try:
+            await b.start()
+            await until(lambda: b.connected)
+            assert b.forward_finish("ra.k1", 200, "ok", time.time(), False)
+            await until(lambda: b.status()["finish_undelivered_owners"] == ["ra"])
+            await asyncio.sleep(0.2)  # re-sent every tick meanwhile, received by nobody
+            assert got == [] and b.status()["buffered_finish"] == 1
+            await a.start()  # the owner subscribes
+            await until(lambda: got == [("ra.k1", 200)])
+            await until(lambda: b.status()["finish_undelivered_owners"] == [])
+            assert b.finish_redelivered == 1 and b.finish_dropped == 0 and b.status()["buffered_finish"] == 0
+            # an owner that is gone for good
+            b.settings = ReplicationSettings(url=redis.url, replica_id="rb", finish_retry_s=0.2)
+            assert b.forward_finish("rz.k2", 200, "ok", time.time(), False)
+            await until(lambda: b.finish_dropped == 1)
+            assert b.status()["buffered_finish"] == 0 and got == [("ra.k1", 200)]
+        finally:
+            await a.stop()
+            await b.stop()
+            await redis.stop()
+
+    asyncio.run(run())
+
+
 def test_precise_prefix_holds_and_speculative_entries_are_shared() -> None:
     from extproc.datalayer.kvindex import KVBlockIndex
 
