@@ -29,6 +29,7 @@ load, and every request is observed while traffic stays below that (the real-tim
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +39,7 @@ import grpc
 
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from extproc.server import codec
-from extproc.server.tracker import FlightTracker
+from extproc.server.tracker import Flight, FlightTracker, observed_outcome
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ def _outcome(status: int, flags: Any) -> str:
     return "ok" if status < 400 else f"status_{status}"
 
 
+# With replicas a sampled flight's observation stream may be open on another replica, whose view of the response
+# (TTFT, tokens) comes to the owner through Redis about as fast as the access-log entry does: the entry waits this
+# long for it before it ends the flight without a latency sample.
+OBSERVATION_GRACE_S = 0.5
+
+
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
     """Serves ``StreamAccessLogs``: finishes the flights the access log reports (unless their observation stream
     owns them)."""
@@ -96,6 +103,8 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         self.forwarded = 0
         # several scheduler replicas: (key, status, outcome, end_wall, upstream_failure) -> handed to the owner?
         self.forward: Callable[[str, int, str, float, bool], bool] | None = None
+        self.observations = 0  # foreign observations applied to our flights (replicas)
+        self.deferred = 0  # access-log ends that waited for a foreign observation
 
     @property
     def active(self) -> bool:
@@ -152,6 +161,9 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
                 if forward(key, status, outcome, end_wall, upstream_failure):
                     self.forwarded += 1
                 continue
+            if f.sampled and forward is not None:
+                self._defer(f, status, outcome, end_wall, upstream_failure)
+                continue
             self._finish(f, status, outcome, end_wall, upstream_failure, now_mono, now_wall)
 
     def finish_forwarded(self, key: str, status: int, outcome: str, end_wall: float, upstream_failure: bool) -> None:
@@ -160,7 +172,44 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
         f = self.tracker.get(key)
         if f is None or f.finished or f.observed:
             return
+        if f.sampled:
+            self._defer(f, status, outcome, end_wall, upstream_failure)
+            return
         self._finish(f, status, outcome, end_wall, upstream_failure, time.monotonic(), time.time())
+
+    def _defer(self, f: Flight, status: int, outcome: str, end_wall: float, upstream_failure: bool) -> None:
+        """A sampled flight of ours whose observation stream is on another replica: give that replica's view
+        (``finish_forwarded_observation``) :data:`OBSERVATION_GRACE_S` to arrive, then end it from this entry."""
+        self.deferred += 1
+
+        def late() -> None:
+            if not f.finished:
+                self._finish(f, status, outcome, end_wall, upstream_failure, time.monotonic(), time.time())
+
+        asyncio.get_running_loop().call_later(OBSERVATION_GRACE_S, late)
+
+    def finish_forwarded_observation(
+        self, key: str, status: int, outcome: str, end_wall: float, upstream_failure: bool,
+        first_wall: float, prefill_ms: float, chunks: int, tail: bytes,
+    ) -> None:  # fmt: skip
+        """Another replica's observation stream saw one of our flights' response to its end: apply its TTFT, token
+        count and status, and end the flight as our own observation stream would (the predictor gets the sample).
+        Wall times become our monotonic clock by the offset now (replicas share NTP time)."""
+        f = self.tracker.get(key)
+        if f is None or f.finished:
+            return
+        now_mono, now_wall = time.monotonic(), time.time()
+        first_ts = None
+        if first_wall:
+            first_ts = max(min(now_mono, now_mono - (now_wall - first_wall)), f.obs.dispatch_ts)
+        f.apply_remote(status, prefill_ms, first_ts, chunks, tail)
+        if upstream_failure and status:
+            f.endpoint.note_upstream_failure()
+        complete_ts = None
+        if end_wall:
+            complete_ts = max(min(now_mono, now_mono - (now_wall - end_wall)), f.obs.dispatch_ts)
+        self.tracker.finish(f, outcome or observed_outcome(f), complete_ts=complete_ts)
+        self.observations += 1
 
     def _finish(self, f: Any, status: int, outcome: str, end_wall: float, upstream_failure: bool, now_mono: float, now_wall: float) -> None:
         if status and not f.response_started:

@@ -226,6 +226,7 @@ class SchedulerServer:
             self.metrics.registry.register(ReplicationCollector(self.shared))
             self.tracker.key_prefix = self.shared.replica_id + KEY_SEPARATOR
             self.access_log.forward = self.shared.forward_finish
+            self.handler.forward_observation = self.shared.forward_observation
             self.handler.release_orphans = False
             self.handler.close_after_route = self.opts.response_observe == "observability"
             await self.shared.start()
@@ -378,7 +379,10 @@ class SchedulerServer:
         if shared is not None:
             body.update(shared.status())
         if self.access_log is not None:
-            body["access_log"] = {"entries": self.access_log.entries, "finished": self.access_log.finished, "forwarded": self.access_log.forwarded}
+            body["access_log"] = {"entries": self.access_log.entries, "finished": self.access_log.finished, "forwarded": self.access_log.forwarded,
+                                  "deferred": self.access_log.deferred}  # fmt: skip
+            body["observations"] = {"forwarded": self.handler.foreign_observations if self.handler is not None else 0,
+                                    "applied": self.access_log.observations}  # fmt: skip
         return web.json_response(body)
 
     async def _healthz(self, request: web.Request) -> web.Response:

@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,8 @@ from extproc.scheduling.framework import Observation, Scheduler, SchedulingError
 from extproc.server import codec
 from extproc.server.decide import model_error, schedule_and_dispatch, shed_error
 from extproc.server.accesslog import AccessLogReceiver, ObservationSampler
-from extproc.server.tracker import Flight, FlightTracker
+from extproc.predictor.features import observe_chunk
+from extproc.server.tracker import Flight, FlightTracker, observed_outcome
 from extproc.services import Services
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,28 @@ def parse_endpoint_selection(value: str) -> frozenset[str]:
     return frozenset(out)
 
 
+class _Foreign:
+    """An observation stream for a flight another scheduler replica owns (active-active): what the owner needs of
+    the response, sent to it at the end (server/replication.py)."""
+
+    __slots__ = ("key", "endpoint", "status", "prefill_ms", "first_wall", "chunks", "tail", "sent")
+
+    def __init__(self, key: str, endpoint: Any) -> None:
+        self.key = key
+        self.endpoint = endpoint  # our own record of the picked pod (step-interval EWMA), or None
+        self.status = 0
+        self.prefill_ms = 0.0
+        self.first_wall = 0.0
+        self.chunks = 0
+        self.tail = b""
+        self.sent = False
+
+
+_FOREIGN_TAIL_BYTES = 512  # enough for the usage block and [DONE]
+
+
 class _Stream:
-    __slots__ = ("headers", "path", "method", "body", "body_len", "flight", "messages", "observe", "served", "request_id", "sampled")
+    __slots__ = ("headers", "path", "method", "body", "body_len", "flight", "messages", "observe", "served", "request_id", "sampled", "foreign")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -123,6 +144,7 @@ class _Stream:
         self.served: str | None = None
         self.request_id = ""
         self.sampled = True  # observability mode: this request also gets the observation stream
+        self.foreign: _Foreign | None = None
 
 
 class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
@@ -155,6 +177,10 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         # end the routing stream right after the routing answer (observability mode with scheduler replicas; see
         # Process). Off by default: a hand-written Envoy config may still send response headers on this stream.
         self.close_after_route = False
+        # active-active: send what an observation stream saw of another replica's flight to its owner
+        # (SharedState.forward_observation); None: single replica
+        self.forward_observation: Callable[[str, list[Any]], bool] | None = None
+        self.foreign_observations = 0
         scraper = self.services.get(SCRAPER)
         # adaptive scraping: a pod we just sent a request to is scraped at the active rate again
         self._touch = scraper.touch if scraper is not None else None
@@ -352,6 +378,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             # no access log connected yet: observe everything (the only way the flight can finish)
             st.sampled = al is None or not al.active or self.sampler.sample()
             if st.sampled:
+                st.flight.sampled = True
                 headers = {**headers, codec.HDR_OBSERVE: "1"} if headers else _OBSERVE_HEADER
         resp = codec.route_response(targets, st.flight.key, from_body=True, body=new_body, headers=headers)
         self.metrics.decisions.observe(time.perf_counter() - t0)
@@ -381,14 +408,21 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         kind = req.WhichOneof("request")
         try:
             if kind == "request_headers":
+                rid = dest = ""
                 for h in req.request_headers.headers.headers:
                     if h.key == codec.HDR_REQUEST_ID:
                         rid = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-                        st.flight = self.tracker.get(rid)
-                        if st.flight is not None:
-                            st.flight.observed = True
-                        break
+                    elif h.key == codec.HDR_DESTINATION:
+                        dest = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+                if rid:
+                    st.flight = self.tracker.get(rid)
+                    if st.flight is not None:
+                        st.flight.observed = True
+                    elif self.forward_observation is not None:
+                        st.foreign = _Foreign(rid, self.pool.get(dest.split(",", 1)[0]) if dest else None)
             elif st.flight is None:
+                if st.foreign is not None:
+                    self._observe_foreign(st.foreign, kind, req)
                 return
             elif kind == "response_headers":
                 rh = req.response_headers
@@ -414,18 +448,55 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             log.exception("observation stream error", extra={"request_id": st.request_id})
 
     def _finish_observed(self, f: Flight) -> None:
-        status = f.obs.status
-        if 0 < status < 400:
-            if f.request.stream and b"[DONE]" not in f.tail:
-                self.tracker.finish(f, "stream_without_done")
-                return
-            self.tracker.finish(f, "ok")
-        else:
-            self.tracker.finish(f, f"status_{status}")
+        self.tracker.finish(f, observed_outcome(f))
+
+    def _observe_foreign(self, fo: _Foreign, kind: str | None, req: Any) -> None:
+        if fo.sent:
+            return
+        if kind == "response_headers":
+            rh = req.response_headers
+            for h in rh.headers.headers:
+                if h.key == ":status":
+                    v = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+                    fo.status = int(v) if v.isascii() and v.isdigit() else 0
+                elif h.key == HDR_PREFILL_MS:
+                    fo.prefill_ms = _float_header(h)
+            if rh.end_of_stream:
+                self._send_foreign(fo, "")
+        elif kind == "response_body":
+            rb = req.response_body
+            data = rb.body
+            if data:
+                if fo.endpoint is not None:
+                    observe_chunk(fo.endpoint, time.monotonic())  # our own step-interval estimate of that pod
+                if not fo.first_wall:
+                    fo.first_wall = time.time()
+                fo.chunks += data.count(b"data: ")
+                t = fo.tail + data
+                fo.tail = t[-_FOREIGN_TAIL_BYTES:]
+            if rb.end_of_stream:
+                self._send_foreign(fo, "")
+        elif kind == "response_trailers":
+            self._send_foreign(fo, "")
+
+    def _send_foreign(self, fo: _Foreign, outcome: str) -> None:
+        """``[status, outcome, end_wall, upstream_failure, first_wall, prefill_ms, chunks, tail]`` to the owner;
+        an empty outcome: the owner derives it as for its own observation (``observed_outcome``)."""
+        fo.sent = True
+        fwd = self.forward_observation
+        if fwd is None:
+            return
+        failure = fo.status >= 500 or fo.status == 0
+        if fwd(fo.key, [fo.status, outcome, time.time(), failure, fo.first_wall, fo.prefill_ms, fo.chunks, fo.tail]):
+            self.foreign_observations += 1
 
     # ------------------------------------------------------------------ end of a stream
     def _stream_closed(self, st: _Stream) -> None:
         f = st.flight
+        fo = st.foreign
+        if fo is not None and not fo.sent:
+            # the observation stream ended before the end of the response: client gone or upstream reset
+            self._send_foreign(fo, "disconnected" if fo.status else "reset_before_response")
         if f is None or f.finished:
             return
         if st.observe:

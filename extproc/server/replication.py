@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 _LOAD = "s"  # {"t", "r", "c": {addr: [inflight, prefill_tokens, decode_tokens]}, "q": queued, "full": bool}
 _PREFIX = "p"  # {"t", "r", "e": [[addr, [hash, ...]], ...]}
 _FINISH = "f"  # {"t", "r", "e": [[key, status, outcome, end_wall, upstream_failure], ...]}
+# an entry of 9 (same queue and message): a foreign observation stream's view of the response,
+# [key, status, outcome, end_wall, upstream_failure, first_wall, prefill_ms, chunks, tail]
 _BYE = "b"  # {"t", "r"}: a replica stopping cleanly (peers drop it at once)
 _KV = "k"  # {"t", "r", "e": [["h", id, addr, [key...], max_s] | ["u", id] | ["s", addr, [key...], ttl_s], ...]}
 
@@ -171,6 +173,18 @@ class SharedState:
         if q is None:
             q = self._finish_out[owner] = deque(maxlen=self.settings.buffer_limit)
         q.append([key, status, outcome, end_wall, upstream_failure])
+        return True
+
+    def forward_observation(self, key: str, fields: list[Any]) -> bool:
+        """An observation stream saw the response of a flight another replica owns: queue it for the owner (the
+        owner gets the TTFT and token sample its predictor trains on). ``fields`` as in ``_FINISH``'s 9-entry."""
+        owner = owner_of(key)
+        if not owner or owner == self.replica_id:
+            return False
+        q = self._finish_out.get(owner)
+        if q is None:
+            q = self._finish_out[owner] = deque(maxlen=self.settings.buffer_limit)
+        q.append([key, *fields])
         return True
 
     # ---------------------------------------------------------------- lifecycle
@@ -468,8 +482,15 @@ class SharedState:
             al = self.access_log
             if al is None:
                 return
-            for key, status, outcome, end_wall, upstream_failure in m.get("e") or ():
-                al.finish_forwarded(key, int(status), str(outcome), float(end_wall), bool(upstream_failure))
+            for entry in m.get("e") or ():
+                if len(entry) >= 9:
+                    key, status, outcome, end_wall, upstream_failure, first_wall, prefill_ms, chunks, tail = entry[:9]
+                    al.finish_forwarded_observation(
+                        key, int(status), str(outcome), float(end_wall), bool(upstream_failure), float(first_wall), float(prefill_ms), int(chunks), bytes(tail)
+                    )
+                else:
+                    key, status, outcome, end_wall, upstream_failure = entry[:5]
+                    al.finish_forwarded(key, int(status), str(outcome), float(end_wall), bool(upstream_failure))
 
     def _sync_pod(self, addr: str) -> None:
         """Make the pod's counters carry exactly the sum of the live peers' values for it."""

@@ -46,6 +46,7 @@ class Flight:
         "observed",
         "response_started",
         "prefill_endpoint",
+        "sampled",
     )
 
     def __init__(
@@ -66,6 +67,8 @@ class Flight:
         # P/D: the prefill pod of the request's first leg, accounted until the decode pod answers (the sidecar
         # sends the decode leg only once the prefill leg is done)
         self.prefill_endpoint: Endpoint | None = None
+        # observability mode: the routing answer put this request in the observation sample (x-extproc-observe)
+        self.sampled = False
 
     # -- response side -------------------------------------------------------------------------------
     def on_response_headers(self, status: int, prefill_ms: float = 0.0) -> None:
@@ -74,6 +77,20 @@ class Flight:
         if prefill_ms > 0:
             self.obs.prefill_ms = prefill_ms
         self.release_prefill()
+
+    def apply_remote(self, status: int, prefill_ms: float, first_token_ts: float | None, chunks: int, tail: bytes) -> None:
+        """What another scheduler replica's observation stream saw of this flight's response (active-active:
+        Envoy opened the observation stream on a replica that does not own the flight; server/replication.py).
+        ``first_token_ts`` is already on this tracker's clock."""
+        self.observed = True
+        if not self.response_started and status:
+            self.on_response_headers(status, prefill_ms)
+        if first_token_ts is not None and self.in_prefill and self.request.stream:
+            self.obs.first_token_ts = first_token_ts
+            self._leave_prefill()
+        self.chunks = max(self.chunks, chunks)
+        if tail:
+            self.tail = tail[-_TAIL_BYTES:]
 
     def prefill_leg_done(self, now: float) -> None:
         """The prefill leg ended at ``now`` (tracker clock) and the decode leg starts: a driver that sees the leg
@@ -115,6 +132,16 @@ class Flight:
             n = self.chunks - (1 if b"[DONE]" in self.tail else 0)
             return max(n, 0)
         return 0
+
+
+def observed_outcome(f: Flight) -> str:
+    """The outcome of a flight whose response an observation stream saw to its end."""
+    status = f.obs.status
+    if 0 < status < 400:
+        if f.request.stream and b"[DONE]" not in f.tail:
+            return "stream_without_done"
+        return "ok"
+    return f"status_{status}"
 
 
 class FlightTracker:

@@ -123,6 +123,39 @@ async def test_two_replicas_share_inflight_load(fleet: SimFleet) -> None:
         assert sum(r["access_log"]["forwarded"] for r in reps) >= 1, reps
 
 
+async def test_every_sampled_request_gives_its_owner_a_latency_sample(fleet: SimFleet) -> None:
+    """Envoy opens each observation stream on whichever replica its cluster picks, so about half of them reach a
+    replica that does not own the flight. That replica sends what it saw (TTFT, tokens, status) to the owner, and
+    the owner records every sampled request's TTFT, as with one replica (before: ≈ 1/N of them)."""
+    async with Stack(_spec(fleet, scheduler_args=["--observe-budget", "-1"])) as st, aiohttp.ClientSession() as s:
+        assert await wait_until(lambda: _all_connected(s, st, 1), timeout_s=20)
+        n = 40
+        codes = await asyncio.gather(*(_one(s, st.url, _body(i, max_tokens=6)) for i in range(n)))
+        assert codes == [200] * n
+
+        async def ttft_samples() -> float:
+            total = 0.0
+            for u in st.metrics_urls:
+                async with s.get(u + "/metrics") as r:
+                    total += _gauge(await r.text(), 'extproc_request_ttft_seconds_count{model="' + MODEL + '"}')
+            return total
+
+        async def all_sampled() -> bool:
+            return await ttft_samples() == n
+
+        assert await wait_until(all_sampled, timeout_s=10), (await ttft_samples(), await _replication(s, st))
+        reps = await _replication(s, st)
+        # some observation streams reached the other replica and were applied by their owner
+        assert sum(r["observations"]["forwarded"] for r in reps) >= 1, reps
+        assert sum(r["observations"]["applied"] for r in reps) == sum(r["observations"]["forwarded"] for r in reps), reps
+
+        async def drained() -> bool:
+            views = await _views(s, st)
+            return all(e["inflight"] == 0 and e["inflight_peers"] == 0 for v in views for e in v.values())
+
+        assert await wait_until(drained, timeout_s=10), await _views(s, st)
+
+
 @pytest.mark.parametrize("mode", ["fail-close", "fail-open"])
 async def test_kill_one_replica_under_load_loses_nothing(fleet: SimFleet, mode: str) -> None:
     async with Stack(_spec(fleet, failure_mode=mode)) as st, aiohttp.ClientSession() as s:

@@ -71,6 +71,51 @@ def test_access_log_finishes_flights_with_envoys_timing_and_outcomes() -> None:
     assert rx.finished == 3 and rx.entries == 6
 
 
+def test_foreign_observation_gives_the_owner_a_full_sample_and_the_access_log_waits_for_it() -> None:
+    """Replicas: a sampled flight's access-log entry waits OBSERVATION_GRACE_S for the observation another replica
+    forwards; the observation applies TTFT (wall clock → our monotonic clock), tokens and status and ends the
+    flight; an entry whose observation never comes ends the flight after the grace, without a TTFT."""
+    from extproc.server import accesslog as alm
+
+    async def run() -> None:
+        done: list[Any] = []
+        outcomes: list[str] = []
+        tracker = FlightTracker(lambda req, obs: done.append(obs), outcomes.append)
+        ep = Endpoint("10.0.0.1:8000")
+        req = parse_request("/v1/completions", b'{"model":"m","prompt":"hello","max_tokens":4,"stream":true}', {})
+        f1, f2 = tracker.dispatch(req, ep), tracker.dispatch(req, ep)
+        f1.sampled = f2.sampled = True
+        f1.obs.dispatch_ts -= 1.0  # dispatched a second ago
+        rx = AccessLogReceiver(tracker)
+        rx.forward = lambda *a: True  # replicated
+        old = alm.OBSERVATION_GRACE_S
+        alm.OBSERVATION_GRACE_S = 0.2
+        try:
+            msg = als_pb2.StreamAccessLogsMessage()
+            msg.http_logs.log_entry.extend([_entry(f1.key, 200), _entry(f2.key, 200)])
+            rx.on_message(msg)
+            assert rx.deferred == 2 and not f1.finished and not f2.finished and outcomes == []
+            now = time.time()
+            tail = b'data: {"choices":[{"text":"a"}],"usage":{"completion_tokens":4}}\n\ndata: [DONE]\n\n'
+            rx.finish_forwarded_observation(f1.key, 200, "", now, False, now - 0.05, 0.0, 6, tail)
+            assert f1.finished and outcomes == ["ok"] and rx.observations == 1
+            o = done[0]
+            # TTFT from the forwarded wall time: first chunk 50 ms before the end, ~0.95 s after the dispatch
+            assert 0.03 < o.complete_ts - o.first_token_ts < 0.2 and 0.8 < o.ttft_ms / 1000 < 1.0
+            assert o.output_tokens == 4 and o.status == 200
+            assert ep.inflight == 1
+            await asyncio.sleep(0.35)  # f2: no observation came; the access log ends it after the grace
+            assert f2.finished and outcomes == ["ok", "ok"] and not done[1].first_token_ts
+            assert ep.inflight == 0
+            # a late observation for a finished flight is ignored
+            rx.finish_forwarded_observation(f2.key, 200, "", now, False, now, 0.0, 1, b"")
+            assert rx.observations == 1 and len(done) == 2
+        finally:
+            alm.OBSERVATION_GRACE_S = old
+
+    asyncio.run(run())
+
+
 def test_sampler_budget() -> None:
     s = ObservationSampler(100.0)
     n = sum(s.sample() for _ in range(10_000))  # a burst far above the budget: about the burst size passes
