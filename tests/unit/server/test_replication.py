@@ -177,7 +177,8 @@ def test_flight_end_for_an_owner_not_yet_subscribed_is_redelivered(redis_url: st
             assert b.forward_finish("ra.k1", 200, "ok", time.time(), False)
             await until(lambda: b.status()["finish_undelivered_owners"] == ["ra"])
             await asyncio.sleep(0.2)  # re-sent every tick meanwhile, received by nobody
-            assert got == [] and b.status()["buffered_finish"] == 1
+            # (the end is out of the queue while a publish is in flight: judge by the undelivered owner, not the queue)
+            assert got == [] and b.status()["finish_undelivered_owners"] == ["ra"]
             await a.start()  # the owner subscribes
             await until(lambda: got == [("ra.k1", 200)])
             await until(lambda: b.status()["finish_undelivered_owners"] == [])
