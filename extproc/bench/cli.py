@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="N pods of llama3-8b-h100, or profile:N,profile:M (default: the workload's fleet, else 8)")
     p.add_argument("--setups", default=None,
                    help="comma list of setups, or 'all' (default: envoy-rr,envoy-lr,extproc-random,extproc-default,extproc-prefix-load)")
+    p.add_argument("--allow-skipped", action="store_true",
+                   help="exit 0 even when a setup named in --setups could not run (its binary or package is missing); "
+                   "without it such a run exits 1 (setups from 'all' or the default list may always be skipped)")
     p.add_argument("--out", default="bench-out", help="output directory for report.json, report.md and plots")
     p.add_argument("--seed", type=int, default=0, help="trace and simulator seed (same seed → same trace)")
     p.add_argument("--stages", default=None, help="RATE:SECONDS,... Poisson stages (default: the workload's)")
@@ -206,4 +209,17 @@ def run_bench(args: argparse.Namespace) -> int:
     if problems:
         print("report problems: " + "; ".join(problems), file=sys.stderr)
         return 1
+    named = explicitly_named(args.setups)
+    missing = [r for r in runs if r.status == "skipped" and r.name.split("@", 1)[0] in named]
+    if missing and not getattr(args, "allow_skipped", False):
+        for r in missing:
+            print(f"setup {r.name} was asked for but did not run: {r.reason} (--allow-skipped to accept)", file=sys.stderr)
+        return 1
     return 0 if any(r.status == "ok" for r in runs) else 1
+
+
+def explicitly_named(setups_arg: str | None) -> set[str]:
+    """The setups a user named in ``--setups`` (not those that ``all`` or the default list bring)."""
+    if not setups_arg:
+        return set()
+    return {x.strip() for x in setups_arg.split(",") if x.strip() and x.strip() != "all"}

@@ -73,3 +73,17 @@ def test_real_time_through_envoy(tmp_path: Path) -> None:
     assert rc == 0
     assert report["virtual"] is False
     assert report["setups"]["extproc-default"]["config"]["proxy"] == "envoy+extproc"
+
+
+def test_a_named_setup_that_cannot_run_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A setup named in --setups that is skipped (here a peer router in virtual time, where no peer can run) makes
+    the run exit 1 with the reason, unless --allow-skipped; 'all' may skip peers and still pass (test above)."""
+    args = _args(tmp_path, workload="shared-prefix", virtual=True, setups="extproc-default,vllm-router-cache", stages="8:2", fleet="2")
+    assert cli.run(args) == 1
+    err = capsys.readouterr().err
+    assert "vllm-router-cache was asked for but did not run" in err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["setups"]["extproc-default"]["status"] == "ok" and report["setups"]["vllm-router-cache"]["status"] == "skipped"
+    args = _args(tmp_path, workload="shared-prefix", virtual=True, setups="extproc-default,vllm-router-cache", stages="8:2", fleet="2",
+                 allow_skipped=True)  # fmt: skip
+    assert cli.run(args) == 0
