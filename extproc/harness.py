@@ -144,6 +144,9 @@ class Stack:
             "--response-observe", s.response_observe,
             "--max-body-bytes", str(s.max_body_bytes),
             "--log-level", os.environ.get("EXTPROC_LOG_LEVEL", "warning"),
+            # a config that binds one KV-event endpoint for every pod (llm-d's zmqEndpoint: tcp://*:5557) binds a
+            # free port here instead: the lab never takes a fixed port (the ready file reports the bound one)
+            "--kv-events-bind", "tcp://127.0.0.1:*",
         ]  # fmt: skip
         for m in s.models:
             argv += ["--model", m]

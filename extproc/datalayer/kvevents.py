@@ -525,6 +525,161 @@ class KVEventSubscriber:
             dealer.close(linger=0)
 
 
+# ------------------------------------------------------------------------------------------------ shared stream
+def pod_of_topic(topic: bytes) -> str | None:
+    """The pod identifier of a vLLM topic ``<prefix>@<pod>@<model>`` (llm-d's convention ``kv@${POD_IP}@model``,
+    llm-d-kv-cache ``pkg/kvevents/engineadapter/vllm_adapter.go`` parseVLLMTopic); None when it has no pod part."""
+    parts = topic.decode("utf-8", "replace").split("@")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    return parts[1]
+
+
+class SharedKVEventStream:
+    """One SUB socket bound at ``endpoint`` that every pod's publisher connects to: llm-d's
+    ``kvEventsConfig.zmqEndpoint`` (e.g. ``tcp://*:5557``; vLLM connects its PUB to a non-wildcard tcp endpoint,
+    vllm/distributed/kv_events.py ``ZmqEventPublisher._is_bind_endpoint``). Messages are told apart by their topic
+    (:func:`pod_of_topic`): the pod part is a pool address (``host:port``) or a pod IP, matched to the one pool
+    endpoint on that host. Each pod keeps its own sequence tracking — a :class:`KVEventSubscriber` without a
+    socket, fed the frames — so a gap or a restart resynchronises that pod alone (no replay: a replay endpoint is
+    per pod). Events from a pod outside the pool are dropped and counted. One asyncio task, off the decision path."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        pool: EndpointPool,
+        sink: EventSink,
+        *,
+        topic_filter: str = "kv@",
+        ctx: zmq.asyncio.Context | None = None,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.pool = pool
+        self.sink = sink
+        self.topic_filter = topic_filter
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.pods: dict[str, KVEventSubscriber] = {}  # pool address -> its sequence tracking
+        self._resolved: dict[str, str | None] = {}  # topic pod id -> pool address (None: not in the pool)
+        self.unknown_pods = 0  # messages from a pod the pool does not have (or an ambiguous pod IP)
+        self.bad_topics = 0
+        self.closed_stats = SubscriberStats()
+        self.bound_endpoint: str | None = None
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+
+    def start(self) -> None:
+        """Binds now (so :attr:`bound_endpoint` is known when the server reports ready; a ``*`` port is resolved)
+        and receives in a task; a failed bind is retried by the task with back-off."""
+        if self._task is None or self._task.done():
+            if self._sock is None:
+                try:
+                    self._sock = self._open()
+                except zmq.ZMQError as e:
+                    log.warning("kv-event shared endpoint: bind failed; retrying", extra={"endpoint": self.endpoint, "error": str(e)})
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events-shared:{self.endpoint}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._close()
+
+    def pool_changed(self, removed: Iterable[str]) -> None:
+        """Pods left (their index entries are dropped by the manager) or joined: forget the topic mapping."""
+        self._resolved.clear()
+        for addr in removed:
+            sub = self.pods.pop(addr, None)
+            if sub is not None:
+                _fold(self.closed_stats, sub.stats)
+
+    def resolve(self, pod_id: str) -> str | None:
+        hit = self._resolved.get(pod_id, "")
+        if hit != "":
+            return hit
+        addr: str | None = pod_id if self.pool.get(pod_id) is not None else None
+        if addr is None:
+            same_host = [ep.address for ep in self.pool.snapshot() if ep.host == pod_id]
+            addr = same_host[0] if len(same_host) == 1 else None
+            if len(same_host) > 1:
+                log.warning("kv-event topic names a host with several pool endpoints; give host:port in the topic",
+                            extra={"pod": pod_id, "endpoints": same_host})  # fmt: skip
+        self._resolved[pod_id] = addr
+        return addr
+
+    def _open(self) -> zmq.asyncio.Socket:
+        s = self._ctx.socket(zmq.SUB)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        s.setsockopt(zmq.SUBSCRIBE, self.topic_filter.encode())
+        s.bind(self.endpoint)
+        self.bound_endpoint = s.getsockopt(zmq.LAST_ENDPOINT).decode()
+        return s
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        self.connected.clear()
+
+    async def _run(self) -> None:
+        delay = self.backoff_initial_s
+        while True:
+            try:
+                if self._sock is None:
+                    self._sock = self._open()
+                self.connected.set()
+                log.info("kv-event shared endpoint bound", extra={"endpoint": self.bound_endpoint})
+                delay = self.backoff_initial_s
+                while True:
+                    frames = await self._sock.recv_multipart()
+                    await self._handle(frames)
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as e:
+                self.closed_stats.reconnects += 1
+                log.warning("kv-event shared endpoint error; rebinding", extra={"endpoint": self.endpoint, "error": str(e), "delay_s": delay})
+            finally:
+                self._close()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(self.backoff_max_s, delay * 2)
+
+    async def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 3:
+            self.closed_stats.decode_errors += 1
+            return
+        pod_id = pod_of_topic(frames[0])
+        if pod_id is None:
+            self.bad_topics += 1
+            return
+        addr = self.resolve(pod_id)
+        if addr is None:
+            self.unknown_pods += 1
+            return
+        sub = self.pods.get(addr)
+        if sub is None:
+            sub = self.pods[addr] = KVEventSubscriber(addr, KVEventSource(self.endpoint, None, self.topic_filter, True), self.sink, ctx=self._ctx)
+        await sub._handle(frames)  # sequence tracking per pod; no replay endpoint, so this never awaits the network
+
+    def stats(self) -> SubscriberStats:
+        acc = SubscriberStats()
+        _fold(acc, self.closed_stats)
+        for sub in self.pods.values():
+            _fold(acc, sub.stats)
+        return acc
+
+
+def _fold(acc: SubscriberStats, s: SubscriberStats) -> None:
+    for k in s.__dataclass_fields__:
+        setattr(acc, k, getattr(acc, k) + getattr(s, k))
+
+
 # ------------------------------------------------------------------------------------------------ manager
 def sources_from_json(obj: Any) -> dict[str, KVEventSource]:
     """Pod address → KVEventSource from config or a simulator's JSON line. Accepts
@@ -593,7 +748,11 @@ class KVEventManager:
     sources: dict[str, KVEventSource] = field(default_factory=dict)
     template: SourceTemplate | None = None
     replay_timeout_s: float = 1.0
+    # one bound endpoint every pod publishes to, pods told apart by topic (llm-d's kvEventsConfig.zmqEndpoint)
+    shared_endpoint: str | None = None
+    shared_topic_filter: str = "kv@"
     subscribers: dict[str, KVEventSubscriber] = field(default_factory=dict)
+    shared: SharedKVEventStream | None = None
     _ctx: zmq.asyncio.Context | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _closed_stats: SubscriberStats = field(default_factory=SubscriberStats)
@@ -626,6 +785,9 @@ class KVEventManager:
             return
         self._loop = asyncio.get_running_loop()
         self._ctx = zmq.asyncio.Context()
+        if self.shared_endpoint:
+            self.shared = SharedKVEventStream(self.shared_endpoint, self.pool, self.sink, topic_filter=self.shared_topic_filter, ctx=self._ctx)
+            self.shared.start()
         for ep in self.pool.snapshot():
             src = self.source_for(ep)
             if src is not None and ep.address not in self.subscribers:
@@ -640,6 +802,10 @@ class KVEventManager:
         self.subscribers.clear()
         for s in subs:
             self._fold_stats(s.stats)
+        shared, self.shared = self.shared, None
+        if shared is not None:
+            self._fold_stats(shared.stats())
+            await shared.stop()
         await asyncio.gather(*(s.stop() for s in subs), *self._stopping, return_exceptions=True)
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
@@ -660,6 +826,8 @@ class KVEventManager:
             return
         for ep in removed:
             self._stop_sub(ep.address, drop=True)
+        if self.shared is not None:
+            self.shared.pool_changed([ep.address for ep in removed])
         for ep in added:
             src = self.source_for(ep)
             if src is not None and ep.address not in self.subscribers:
@@ -683,15 +851,22 @@ class KVEventManager:
             self.sink.drop_pod(address)
 
     def _fold_stats(self, s: SubscriberStats) -> None:
-        acc = self._closed_stats
-        for k in s.__dataclass_fields__:
-            setattr(acc, k, getattr(acc, k) + getattr(s, k))
+        _fold(self._closed_stats, s)
 
     def stats(self) -> dict[str, int]:
-        """Counters summed over current and past subscribers, plus the number of live subscribers."""
+        """Counters summed over current and past subscribers, plus the number of live subscribers (with a shared
+        endpoint: also the pods heard on it, and messages from pods outside the pool)."""
         acc = {k: getattr(self._closed_stats, k) for k in self._closed_stats.__dataclass_fields__}
         for sub in self.subscribers.values():
             for k in acc:
                 acc[k] += getattr(sub.stats, k)
         acc["subscribers"] = len(self.subscribers)
+        shared = self.shared
+        if shared is not None:
+            st = shared.stats()
+            for k in st.__dataclass_fields__:
+                acc[k] += getattr(st, k)
+            acc["subscribers"] += len(shared.pods)
+            acc["shared_unknown_pods"] = shared.unknown_pods
+            acc["shared_bad_topics"] = shared.bad_topics
         return acc

@@ -278,17 +278,14 @@ def _precise_params(producer: Mapping[str, Any], pname: str) -> dict[str, Any]:
         port = _int(_mapping(kve.get("podDiscoveryConfig"), "podDiscoveryConfig", pname), "socketPort", 5557, pname, 1)
         ev["endpointTemplate"] = f"tcp://{{host}}:{port}"  # subscribe to each discovered pod's publisher
     elif kve.get("zmqEndpoint"):
-        # The reference binds one endpoint that every pod publishes to (events told apart by topic); extproc runs one
-        # subscriber per pod, so a single shared bind cannot be honoured. Say so loudly; the pods' publishers are
-        # given with --kv-events (or discoverPods), else the scorer matches approximately.
-        log.warning(
-            "kvEventsConfig.zmqEndpoint (one endpoint all pods publish to) is not supported: extproc subscribes to "
-            "each pod's publisher; give them with --kv-events or kvEventsConfig.discoverPods",
-            extra={"plugin": pname, "zmqEndpoint": kve["zmqEndpoint"]},
-        )
-        out["_note"] = (f"kvEventsConfig.zmqEndpoint {kve['zmqEndpoint']} NOT used (shared bind endpoint unsupported): "
-                        "per-pod publishers come from --kv-events or discoverPods, else approximate matching")
-    if topic and ev:
+        # The reference binds one endpoint that every pod's vLLM publisher connects to, events told apart by topic
+        # kv@<pod>@<model> (llm-d-kv-cache pkg/kvevents/zmq_subscriber.go: bind unless remote). So do we.
+        ep = str(kve["zmqEndpoint"])
+        if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+            raise TranslationError(pname, f"kvEventsConfig.zmqEndpoint {ep!r} is not a ZMQ endpoint (tcp://*:5557)")
+        ev["sharedEndpoint"] = ep
+        ev["topicFilter"] = str(topic) if topic else "kv@"
+    if topic and ev and "sharedEndpoint" not in ev:
         ev["topic"] = str(topic)
     if ev:
         out["kvEvents"] = ev

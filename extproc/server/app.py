@@ -69,6 +69,9 @@ class ServeOptions:
     response_observe: ResponseObserve = _HANDLER.response_observe
     observe_budget: float = _HANDLER.observe_budget  # observability mode: observed requests per second (< 0: all)
     kv_events: dict[str, Any] = field(default_factory=dict)  # address → {"endpoint", "replay", "topic"}
+    # one ZMQ endpoint to bind for every pod's KV events (pods told apart by topic); overrides the config's
+    # kvEvents.sharedEndpoint / llm-d's kvEventsConfig.zmqEndpoint
+    kv_events_bind: str | None = None
     tokenizers: dict[str, Any] = field(default_factory=dict)  # model → {"kind": "hf"|"sim", "path": ...}
     predictor_state_dir: str | None = None
     predictor_warm_start: str | None = None  # overrides every config's warmStart; "none" = cold
@@ -139,6 +142,8 @@ class SchedulerServer:
             from extproc.datalayer.kvevents import sources_from_json
 
             kv.set_sources(sources_from_json(self.opts.kv_events))
+        if kv is not None and self.opts.kv_events_bind:
+            kv.shared_endpoint = self.opts.kv_events_bind
         if self.opts.seed is not None:
             # every random choice (framework and each plugin's own generator) becomes reproducible
             import random as _random
@@ -368,7 +373,12 @@ class SchedulerServer:
             await self.tracker.stop()
 
     def ready_info(self) -> dict[str, Any]:
-        return {"grpc_port": self.grpc_port, "health_port": self.health_port, "metrics_port": self.metrics_port, "pid": os.getpid()}
+        info: dict[str, Any] = {"grpc_port": self.grpc_port, "health_port": self.health_port, "metrics_port": self.metrics_port, "pid": os.getpid()}
+        kv = self.services.get(KV_EVENTS)
+        shared = getattr(kv, "shared", None)
+        if shared is not None:
+            info["kv_events_bound"] = shared.bound_endpoint  # where pods' publishers connect (a '*' port resolved)
+        return info
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

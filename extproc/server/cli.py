@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-messages-per-stream", type=int, default=None, help="ext_proc messages one stream may send (default: the handler's)")
     p.add_argument("--response-observe", choices=RESPONSE_OBSERVE_MODES, default=DEFAULT_RESPONSE_OBSERVE, help="how the Envoy config sends response data (must match envoy-config)")
     p.add_argument("--observe-budget", type=float, default=None, help="observability mode: requests per second that also get the observation stream (TTFT, tokens); the access log finishes the rest; -1 = every request (default: the handler's)")
+    p.add_argument("--kv-events-bind", default=None, metavar="ENDPOINT",
+                   help="bind this ZMQ endpoint (e.g. tcp://*:5557) for every pod's KV events: each vLLM publishes to it "
+                   "with topic kv@<pod>@<model> (llm-d's kvEventsConfig.zmqEndpoint); overrides the config's")
     p.add_argument("--kv-events", default=None, help="JSON file or inline JSON: {address: {endpoint, replay, topic}} (the simulator's ready line works too)")
     p.add_argument("--tokenizer", action="append", default=[], help="MODEL=hf:DIR or MODEL=sim (scheduler-side tokenization for precise prefix routing)")
     p.add_argument("--predictor-state", default=None, help="directory where the latency predictor saves/loads its live model")
@@ -142,6 +145,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         max_body_bytes=args.max_body_bytes,
         response_observe=args.response_observe,
         kv_events=kv,
+        kv_events_bind=args.kv_events_bind,
         tokenizers=tokenizers,
         predictor_state_dir=args.predictor_state,
         grpc_server=args.grpc_server,

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", default="", help="comma-separated LoRA adapter names served by every pod")
     parser.add_argument("--kv-events", action="store_true", help="publish vLLM KV events over ZMQ")
     parser.add_argument("--kv-events-array", action="store_true", help="older array encoding of KV events")
+    parser.add_argument("--kv-events-connect", default=None, metavar="ENDPOINT",
+                        help="publish KV events to this endpoint (a scheduler bound there: extproc serve --kv-events-bind, "
+                        "llm-d's zmqEndpoint) instead of binding one per pod; implies --kv-events")
     parser.add_argument("--kv-blocks", type=int, default=None, help="override num_gpu_blocks of every profile")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every simulated duration")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
             fleet=args.fleet,
             model=args.model,
             loras=tuple(x.strip() for x in args.lora.split(",") if x.strip()),
-            kv_events=args.kv_events or args.kv_events_array,
+            kv_events=args.kv_events or args.kv_events_array or bool(args.kv_events_connect),
+            kv_events_connect=args.kv_events_connect,
             kv_blocks=args.kv_blocks,
             base_port=args.base_port,
             seed=args.seed,

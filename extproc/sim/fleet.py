@@ -40,6 +40,7 @@ class FleetSpec:
     seed: int = 0
     time_scale: float = 1.0
     kv_events_array_encoding: bool = False
+    kv_events_connect: str | None = None  # every pod publishes to this endpoint (a scheduler's shared bind)
     prefill_pods: int = 0  # > 0: a P/D fleet (that many prefill-role pods first, the rest decode-role)
     link: str = "rdma-400g"
     kv_failure_rate: float = 0.0
@@ -89,6 +90,7 @@ class SimFleet:
                 time_scale=spec.time_scale,
                 kv_events=spec.kv_events,
                 kv_events_array_encoding=spec.kv_events_array_encoding,
+                kv_events_connect=spec.kv_events_connect,
                 role=roles[i],
                 kv_connector=spec.prefill_pods > 0,
                 link=spec.link,
@@ -120,7 +122,7 @@ class SimFleet:
         return {
             p.address: {"endpoint": p.kv_events_endpoint, "replay": p.replay_endpoint, "topic": p.topic}
             for p in self.pods
-            if p.kv_events_endpoint
+            if p.kv_events_endpoint and not p.kv_events_connect  # connect mode: nothing of its own to subscribe to
         }
 
     def pod(self, address: str) -> SimPod:

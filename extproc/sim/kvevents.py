@@ -78,7 +78,9 @@ def encode_batch(events: Sequence[KVEvent], ts: float, *, dp_rank: int = 0, arra
 
 
 class KVEventPublisher:
-    """Binds PUB (and optionally ROUTER for replay) on 127.0.0.1 free ports; ``publish`` is non-blocking."""
+    """Binds PUB (and optionally ROUTER for replay) on 127.0.0.1 free ports; ``publish`` is non-blocking.
+    ``connect``: publish to that endpoint instead (a subscriber bound there, e.g. llm-d's shared
+    ``zmqEndpoint``), as vLLM does for a non-wildcard tcp endpoint (vllm/distributed/kv_events.py)."""
 
     def __init__(
         self,
@@ -89,6 +91,7 @@ class KVEventPublisher:
         buffer_steps: int = 10_000,
         array_encoding: bool = False,
         ctx: zmq.asyncio.Context | None = None,
+        connect: str | None = None,
     ) -> None:
         self.topic = topic
         self._topic_b = topic.encode("utf-8")
@@ -97,8 +100,12 @@ class KVEventPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100_000)
-        port = self._pub.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = f"tcp://{host}:{port}"
+        if connect:
+            self._pub.connect(connect)
+            self.endpoint = connect
+        else:
+            port = self._pub.bind_to_random_port(f"tcp://{host}")
+            self.endpoint = f"tcp://{host}:{port}"
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0
         self._router: zmq.asyncio.Socket | None = None

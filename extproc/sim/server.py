@@ -125,6 +125,7 @@ class SimPod:
         time_scale: float = 1.0,
         kv_events: bool = False,
         kv_events_array_encoding: bool = False,
+        kv_events_connect: str | None = None,
         role: str = "both",
         kv_connector: bool = False,
         link: str = "rdma-400g",
@@ -153,6 +154,7 @@ class SimPod:
         self.time_scale = time_scale
         self.kv_events_enabled = kv_events
         self.kv_events_array_encoding = kv_events_array_encoding
+        self.kv_events_connect = kv_events_connect  # publish to this (bound) endpoint instead of binding our own
         self.faults = Faults()
         self.engine = self._new_engine()
         self.metrics = PodMetrics(
@@ -250,7 +252,7 @@ class SimPod:
         sock = self._bind()
         if self.kv_events_enabled and self.publisher is None:
             self.publisher = KVEventPublisher(
-                self.topic, host=self.host, array_encoding=self.kv_events_array_encoding
+                self.topic, host=self.host, array_encoding=self.kv_events_array_encoding, connect=self.kv_events_connect
             )
         self._runner = web.AppRunner(
             self._build_app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.1

@@ -91,7 +91,7 @@ class _State:
 
 
 def _manager_from_params(ctx: PluginContext, index: KVBlockIndex, params: Mapping[str, Any]) -> KVEventManager:
-    check_keys(params, ("sources", "endpointTemplate", "replayEndpointTemplate", "topic", "bind", "replayTimeoutSeconds"))
+    check_keys(params, ("sources", "endpointTemplate", "replayEndpointTemplate", "topic", "bind", "replayTimeoutSeconds", "sharedEndpoint", "topicFilter"))
     sources = sources_from_json(params.get("sources") or {})
     template = None
     if params.get("endpointTemplate"):
@@ -102,7 +102,14 @@ def _manager_from_params(ctx: PluginContext, index: KVBlockIndex, params: Mappin
             bool(params.get("bind", False)),
         )
     timeout = get_float(params, "replayTimeoutSeconds", 1.0, minimum=0.01)
-    return KVEventManager(ctx.pool, index, sources, template, timeout)
+    # one endpoint we bind and every pod's publisher connects to, pods told apart by topic kv@<pod>@<model>
+    shared = params.get("sharedEndpoint")
+    if shared is not None and (not isinstance(shared, str) or not shared.startswith(("tcp://", "ipc://", "inproc://"))):
+        raise ValueError(f"parameter 'sharedEndpoint' must be a ZMQ endpoint such as tcp://*:5557, not {shared!r}")
+    topic_filter = params.get("topicFilter", "kv@")
+    if not isinstance(topic_filter, str):
+        raise TypeError("parameter 'topicFilter' must be a string")
+    return KVEventManager(ctx.pool, index, sources, template, timeout, shared_endpoint=shared or None, shared_topic_filter=topic_filter)
 
 
 def _hold_id(request: InferenceRequest) -> str:

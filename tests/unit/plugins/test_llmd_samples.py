@@ -174,7 +174,9 @@ def test_precise_producer_event_sources() -> None:
     kv = SAMPLES[0].parent.parent / "deploy" / "sim-epp-kvcache-config.yaml"
     cfg = load_config(str(kv), _pool(), {})
     o = cfg.origins["prefix-cache-scorer"]
-    assert o.extproc_type == "precise-prefix-cache" and "zmqEndpoint tcp://0.0.0.0:5557 NOT used" in o.note
+    assert o.extproc_type == "precise-prefix-cache"
+    # the shared endpoint every pod publishes to is bound (tests/unit/kv/test_kv_shared_endpoint.py)
+    assert cfg.plugins["prefix-cache-scorer"].events.shared_endpoint == "tcp://0.0.0.0:5557"
     assert cfg.plugins["prefix-cache-scorer"].block_size == 16
     perf = SAMPLES[0].parent.parent / "perf" / "precise-prefix.yaml"
     services: dict = {}
@@ -195,7 +197,8 @@ async def test_sample_server_becomes_ready(path: Path) -> None:
     registry.load_builtin_plugins()
     mode = "streamed" if "reporter" in path.name else "observability"
     s = SchedulerServer(ServeOptions(endpoints=["127.0.0.1:9"], models=["m"], host="127.0.0.1", grpc_port=0, health_port=0,
-                                     metrics_port=0, scrape_interval_s=3600, config=str(path), response_observe=mode))
+                                     metrics_port=0, scrape_interval_s=3600, config=str(path), response_observe=mode,
+                                     kv_events_bind="tcp://127.0.0.1:*"))  # a sample's zmqEndpoint binds a free port here
     try:
         await s.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{s.health_port}") as ch:
