@@ -203,6 +203,7 @@ class _Gateway:
 
     def __init__(self, setup: SetupSpec, pool: EndpointPool, endpoints: list[Endpoint], seed: int,
                  clock: Callable[[], float], warm_start: str | None) -> None:
+        from extproc.admission.reservation import BATCH_RESERVATION
         from extproc.admission.saturation import SaturationDetector
         from extproc.predictor.service import RUNTIME_KEY, SERVICE_KEY, WARM_START_KEY, PredictorRuntime
         from extproc.server.tracker import FlightTracker
@@ -211,6 +212,7 @@ class _Gateway:
         self.envoy: _EnvoyLB | None = None
         self.plugins: dict[str, Any] = {}
         self.saturation = SaturationDetector()
+        self.reservation: Any = None  # batch-reserve-filter's pods kept free of batch work
         self.predictor: Any = None
         self.objectives: dict[str, int] = {}  # x-gateway-inference-objective -> priority, as the server maps it
         if setup.kind == "envoy":
@@ -231,6 +233,7 @@ class _Gateway:
             self.saturation = SaturationDetector.from_config(cfg.saturation)
             self.objectives = dict(cfg.objectives)
             self.predictor = services.get(SERVICE_KEY)
+            self.reservation = services.get(BATCH_RESERVATION)
             if self.predictor is not None:
                 self.predictor.start_sync()
         else:
@@ -247,7 +250,7 @@ class _Gateway:
         A P/D split leaves the prefill pod in ``flight.prefill_endpoint`` (accounted until its leg ends)."""
         if self.envoy is not None:
             return self.tracker.dispatch(req, self.envoy.pick())
-        err = model_error(self.pool, req) or shed_error(self.pool, self.saturation, req)
+        err = model_error(self.pool, req) or shed_error(self.pool, self.saturation, req, reservation=self.reservation)
         if err is not None:
             raise err
         flight, _, _ = schedule_and_dispatch(self.scheduler, self.tracker, self.pool, req)

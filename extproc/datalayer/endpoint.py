@@ -15,7 +15,7 @@ fields                                                 owner                    
                                                                                                  response side (handler, access log) only
                                                                                                  adds evidence: ``note_upstream_failure``
 ``inflight``, ``inflight_prefill_tokens``,             the flight tracker (``server.tracker``)   ``add_inflight``, ``prefill_done``,
-``inflight_decode_tokens``                                                                       ``release_inflight``
+``inflight_decode_tokens``, ``inflight_batch``                                                   ``release_inflight``
 ``last_chunk_ts``, ``chunk_interval_s``                ``predictor.features.observe_chunk``      ``set_chunk_timing``
 ``labels``, ``pod_class``, ``removed``                 ``EndpointPool`` (membership)             ``EndpointPool.set_endpoints``
 =====================================================  ========================================  ==========================================
@@ -75,6 +75,7 @@ class Endpoint:
         "inflight",
         "inflight_prefill_tokens",
         "inflight_decode_tokens",
+        "inflight_batch",
         "removed",
         "last_chunk_ts",
         "chunk_interval_s",
@@ -98,6 +99,8 @@ class Endpoint:
         self.inflight = 0  # requests we dispatched and have not seen finish
         self.inflight_prefill_tokens = 0  # prompt tokens of in-flight requests not yet past first token
         self.inflight_decode_tokens = 0  # max_tokens of in-flight requests in decode
+        # of ``inflight``, the batch band's (sheddable, priority < 0): admission.reservation keeps pods free of them
+        self.inflight_batch = 0
         self.removed = False
         # time.monotonic() of the last response body chunk seen from this pod (observation stream): a proxy for
         # where the pod is in its current engine step, which the latency predictor uses
@@ -139,20 +142,24 @@ class Endpoint:
         health logic's failure count like a failed scrape (the next successful scrape clears it)."""
         self.scrape_failures += 1
 
-    def add_inflight(self, prompt_tokens: int) -> None:
-        """The flight tracker: a request was dispatched here and is in prefill."""
+    def add_inflight(self, prompt_tokens: int, batch: bool = False) -> None:
+        """The flight tracker: a request was dispatched here and is in prefill (``batch``: a sheddable one)."""
         self.inflight += 1
         self.inflight_prefill_tokens += prompt_tokens
+        if batch:
+            self.inflight_batch += 1
 
     def prefill_done(self, prompt_tokens: int, decode_tokens: int) -> None:
         """The flight tracker: a request here produced its first token (prefill → decode)."""
         self.inflight_prefill_tokens -= prompt_tokens
         self.inflight_decode_tokens += decode_tokens
 
-    def release_inflight(self, prefill_tokens: int = 0, decode_tokens: int = 0) -> None:
+    def release_inflight(self, prefill_tokens: int = 0, decode_tokens: int = 0, batch: bool = False) -> None:
         """The flight tracker: a request here ended (or its prefill leg did), with the tokens it still held in
-        the prefill or the decode phase."""
+        the prefill or the decode phase (``batch``: it was counted by ``add_inflight(..., batch=True)``)."""
         self.inflight -= 1
+        if batch:
+            self.inflight_batch -= 1
         self.inflight_prefill_tokens -= prefill_tokens
         self.inflight_decode_tokens -= decode_tokens
 

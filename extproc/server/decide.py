@@ -16,10 +16,11 @@ OpenAI error ``type`` — the one mapping from status to error type.
 
 from __future__ import annotations
 
+from extproc.admission.reservation import BatchReservation
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import InferenceRequest
 from extproc.contract import PREFILLER_HEADER
-from extproc.datalayer.endpoint import EndpointPool
+from extproc.datalayer.endpoint import Endpoint, EndpointPool
 from extproc.scheduling.framework import (
     PREDICTOR_FEATURES,
     PREDICTOR_PREFILL_FEATURES,
@@ -41,15 +42,25 @@ def model_error(pool: EndpointPool, request: InferenceRequest) -> SchedulingErro
     return SchedulingError(404, f"The model `{model}` does not exist.", "model_not_found")
 
 
+def batch_candidates(pool: EndpointPool, model: str, reservation: BatchReservation | None) -> list[Endpoint]:
+    """The pods of ``model`` the batch band may use: all of them, or without the reserved ones
+    (``batch-reserve-filter``, :mod:`extproc.admission.reservation`)."""
+    pods = [e for e in pool.snapshot() if model in e.models]
+    return reservation.batch_pods(pods) if reservation is not None else pods
+
+
 def shed_error(
-    pool: EndpointPool, saturation: SaturationDetector, request: InferenceRequest, queued: bool = False
+    pool: EndpointPool,
+    saturation: SaturationDetector,
+    request: InferenceRequest,
+    queued: bool = False,
+    reservation: BatchReservation | None = None,
 ) -> SchedulingError | None:
     """A 429 for a sheddable request while ``queued`` (flow control holds waiting work: a freed slot belongs to
-    it) or while the pods serving its model are saturated."""
+    it) or while the pods serving its model that the batch band may use (``reservation``) are saturated."""
     if not request.sheddable:
         return None
-    model = request.target_model
-    if queued or saturation.saturated([e for e in pool.snapshot() if model in e.models]):
+    if queued or saturation.saturated(batch_candidates(pool, request.target_model, reservation)):
         return SchedulingError(429, SHED_MESSAGE, "saturated")
     return None
 

@@ -27,6 +27,7 @@ import grpc
 
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FlowController
+from extproc.admission.reservation import BATCH_RESERVATION
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, check_body_size, error_body, parse_request
 from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, ResponseObserve
@@ -36,7 +37,7 @@ from extproc.datalayer.tokenize import TOKENIZERS
 from extproc.observe.metrics import SchedulerMetrics
 from extproc.scheduling.framework import Observation, Scheduler, SchedulingError
 from extproc.server import codec
-from extproc.server.decide import model_error, schedule_and_dispatch, shed_error
+from extproc.server.decide import batch_candidates, model_error, schedule_and_dispatch, shed_error
 from extproc.server.accesslog import AccessLogReceiver, ObservationSampler
 from extproc.predictor.features import observe_chunk
 from extproc.server.tracker import Flight, FlightTracker, observed_outcome
@@ -169,6 +170,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         self.services = services if services is not None else Services()
         self._req_counters: dict[tuple[str, int], Any] = {}
         self.tokenizers = self.services.get(TOKENIZERS)
+        # pods kept free of batch work (set by batch-reserve-filter when the config was loaded), or None
+        self.reservation = self.services.get(BATCH_RESERVATION)
         self.sampler = ObservationSampler(self.settings.observe_budget)
         self.access_log: AccessLogReceiver | None = None  # set by the server when it serves the access-log service
         # observability mode: release a sampled flight whose observation stream never came (False with replicas:
@@ -331,7 +334,7 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             return self._reject(st, err.status, err.message, err.error_type, err.code)
         if self.tokenizers:
             request.prompt_token_ids = self.tokenizers.tokenize(request)
-        err = shed_error(self.pool, self.saturation, request, self.flow is not None and self.flow.waiting() > 0)
+        err = shed_error(self.pool, self.saturation, request, self.flow is not None and self.flow.waiting() > 0, self.reservation)
         if err is not None:
             return self._reject(st, err.status, err.message, err.error_type, err.code, model=request.target_model)
         if self.flow is not None and self.flow.must_wait(request):
@@ -369,8 +372,9 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         headers = result.headers
         if request.sheddable:
             # the batch band's free slots after this admission (the tracker has counted this request): the batch
-            # dispatcher sizes its concurrency from it instead of probing into 429s
-            free = self.saturation.headroom([e for e in self.pool.snapshot() if model in e.models])
+            # dispatcher sizes its concurrency from it instead of probing into 429s; pods kept free of batch
+            # (batch-reserve-filter) have no batch slots
+            free = self.saturation.headroom(batch_candidates(self.pool, model, self.reservation))
             if free is not None:
                 headers = {**headers, codec.HDR_BATCH_HEADROOM: str(free)} if headers else {codec.HDR_BATCH_HEADROOM: str(free)}
         if self.settings.response_observe == "observability":

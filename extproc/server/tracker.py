@@ -191,7 +191,7 @@ class FlightTracker:
             f.key = prefix + secrets.token_hex(12)
         self._flights[f.key] = f
         self.changes += 1
-        endpoint.add_inflight(prompt_tokens)
+        endpoint.add_inflight(prompt_tokens, request.sheddable)
         if prefill is not None and prefill is not endpoint:
             f.prefill_endpoint = prefill
             obs.prefill_endpoint = prefill.address
@@ -217,9 +217,9 @@ class FlightTracker:
         self.changes += 1
         f.release_prefill()
         if f.in_prefill:
-            f.endpoint.release_inflight(prefill_tokens=f.prefill_tokens)
+            f.endpoint.release_inflight(prefill_tokens=f.prefill_tokens, batch=f.request.sheddable)
         else:
-            f.endpoint.release_inflight(decode_tokens=f.decode_tokens)
+            f.endpoint.release_inflight(decode_tokens=f.decode_tokens, batch=f.request.sheddable)
         f.obs.complete_ts = complete_ts if complete_ts is not None else self.clock()
         f.obs.output_tokens = f.output_tokens()
         if outcome != "ok":

@@ -25,10 +25,10 @@ async def _post(s: aiohttp.ClientSession, url: str, objective: str) -> tuple[int
 async def test_headroom_header_on_batch_answers_only_and_the_dispatcher_uses_it() -> None:
     async with gateway(pods=2, start_batch=False) as gw:
         async with aiohttp.ClientSession() as s:
-            # batch-interactive: batch may fill a pod up to 6 in flight; an idle fleet of 2 pods, this request
-            # admitted → 2 × 6 − 1 free
+            # batch-interactive: batch may fill a pod up to 6 in flight, and 1 pod is kept free of batch
+            # (batch-reserve-filter); an idle fleet of 2 pods, this request admitted → 1 × 6 − 1 free
             status, h = await _post(s, gw.url, "batch")
-            assert status == 200 and h == "11"
+            assert status == 200 and h == "5"
             status, h = await _post(s, gw.url, "interactive")
             assert status == 200 and h is None  # not the batch band: no header, and the client's copy is gone
         gw.batch = await gw.start_batch("--lease", "2")

@@ -34,6 +34,8 @@ _BUILTIN_MODULES = (
     "token_load",
     "session_affinity",
     "inflight_limit",
+    "batch_reserve",
+    "batch_free",
     "precise_prefix",
     "latency",
     "slo",
