@@ -47,6 +47,7 @@ class Flight:
         "response_started",
         "prefill_endpoint",
         "sampled",
+        "local_prefill_tokens",
     )
 
     def __init__(
@@ -57,6 +58,9 @@ class Flight:
         self.endpoint = endpoint
         self.obs = obs
         self.prefill_tokens = obs.prompt_tokens
+        # prompt tokens charged to ``endpoint`` until the first token: all of them when it prefills itself, none
+        # for a P/D split (the decode pod only READs the KV the prefill pod computed; ``dispatch`` sets 0)
+        self.local_prefill_tokens = obs.prompt_tokens
         self.decode_tokens = decode_tokens
         self.in_prefill = True
         self.finished = False
@@ -119,7 +123,7 @@ class Flight:
     def _leave_prefill(self) -> None:
         if self.in_prefill:
             self.in_prefill = False
-            self.endpoint.prefill_done(self.prefill_tokens, self.decode_tokens)
+            self.endpoint.prefill_done(self.local_prefill_tokens, self.decode_tokens)
 
     def output_tokens(self) -> int:
         m = None
@@ -191,8 +195,11 @@ class FlightTracker:
             f.key = prefix + secrets.token_hex(12)
         self._flights[f.key] = f
         self.changes += 1
-        endpoint.add_inflight(prompt_tokens, request.sheddable)
-        if prefill is not None and prefill is not endpoint:
+        split = prefill is not None and prefill is not endpoint
+        if split:
+            f.local_prefill_tokens = 0
+        endpoint.add_inflight(f.local_prefill_tokens, request.sheddable)
+        if prefill is not None and split:
             f.prefill_endpoint = prefill
             obs.prefill_endpoint = prefill.address
             obs.prefill_features = prefill_features
@@ -217,7 +224,7 @@ class FlightTracker:
         self.changes += 1
         f.release_prefill()
         if f.in_prefill:
-            f.endpoint.release_inflight(prefill_tokens=f.prefill_tokens, batch=f.request.sheddable)
+            f.endpoint.release_inflight(prefill_tokens=f.local_prefill_tokens, batch=f.request.sheddable)
         else:
             f.endpoint.release_inflight(decode_tokens=f.decode_tokens, batch=f.request.sheddable)
         f.obs.complete_ts = complete_ts if complete_ts is not None else self.clock()

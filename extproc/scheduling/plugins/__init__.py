@@ -9,6 +9,7 @@ _BUILTIN_MODULES = (
     "profile_handlers",
     "role_filters",
     "pd_deciders",
+    "prefill_backlog",
     "disagg",
     "no_hit_lru",
     "utilization_filter",

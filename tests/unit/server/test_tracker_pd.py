@@ -32,3 +32,18 @@ def test_prefill_leg_released_when_request_fails_early() -> None:
     f = tr.dispatch(_req(), d, None, p)  # type: ignore[arg-type]
     tr.finish(f, "reset_before_response")
     assert (d.inflight, p.inflight, p.inflight_prefill_tokens) == (0, 0, 0)
+
+
+def test_split_request_charges_no_prefill_tokens_to_the_decode_pod() -> None:
+    """The decode pod of a split only READs the KV: its prompt tokens in flight are local prefill work only (what
+    queue-aware-pd-decider and the predictor read); it still counts the request in flight throughout."""
+    tr = FlightTracker(lambda req, obs: None)
+    d, p = Endpoint("10.0.0.2:8000"), Endpoint("10.0.0.1:8000")
+    f = tr.dispatch(_req(), d, None, p)  # type: ignore[arg-type]
+    local = tr.dispatch(_req(), d)  # type: ignore[arg-type]
+    assert (d.inflight, d.inflight_prefill_tokens, p.inflight_prefill_tokens) == (2, 100, 100)
+    f.on_response_headers(200, prefill_ms=10.0)
+    assert (d.inflight_prefill_tokens, p.inflight, p.inflight_prefill_tokens) == (100, 0, 0)
+    tr.finish(f, "ok")
+    tr.finish(local, "ok")
+    assert (d.inflight, d.inflight_prefill_tokens, d.inflight_decode_tokens, p.inflight) == (0, 0, 0, 0)
