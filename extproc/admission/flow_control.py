@@ -220,8 +220,11 @@ class FlowController:
         self._ensure_ticker()
         self.notify()
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.cfg.queue_ttl_s)
-        except asyncio.TimeoutError:
+            # not wait_for: on Python 3.11 it can swallow a cancel that races the release (the request would then be
+            # dispatched for a stream that is gone)
+            async with asyncio.timeout(self.cfg.queue_ttl_s):
+                await asyncio.shield(fut)
+        except TimeoutError:
             if band.remove(w):
                 self.expired += 1
                 self._drop_if_empty(request.priority, band)

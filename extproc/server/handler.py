@@ -131,7 +131,8 @@ _FOREIGN_TAIL_BYTES = 512  # enough for the usage block and [DONE]
 
 
 class _Stream:
-    __slots__ = ("headers", "path", "method", "body", "body_len", "flight", "messages", "observe", "served", "request_id", "sampled", "foreign")
+    __slots__ = ("headers", "path", "method", "body", "body_len", "flight", "messages", "observe", "served", "request_id", "sampled", "foreign",
+                 "answered")
 
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
@@ -146,6 +147,7 @@ class _Stream:
         self.request_id = ""
         self.sampled = True  # observability mode: this request also gets the observation stream
         self.foreign: _Foreign | None = None
+        self.answered = False  # the routing answer (destination) was written to Envoy
 
 
 class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
@@ -219,6 +221,8 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                     resp = self._reject(st, 500, f"internal scheduler error: {type(e).__name__}", "internal_error", "internal_error")
                 if resp is not None:
                     await write(resp)
+                    if st.flight is not None:
+                        st.answered = True
                     if resp.HasField("immediate_response"):
                         return  # Envoy ends the request on an ImmediateResponse: nothing else belongs on this stream
                     if st.flight is not None and self.close_after_route:
@@ -502,6 +506,12 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             # the observation stream ended before the end of the response: client gone or upstream reset
             self._send_foreign(fo, "disconnected" if fo.status else "reset_before_response")
         if f is None or f.finished:
+            return
+        if not st.observe and not st.answered:
+            # dispatched but the routing answer never reached Envoy (the stream was cancelled — client gone — while
+            # the request waited in flow control, or the write failed): Envoy will not route it, and no access-log
+            # entry will carry its key, so nothing else would ever end this flight
+            self.tracker.finish(f, "reset_before_response")
             return
         if st.observe:
             # the observation stream ended before the end of the response: client gone or upstream reset

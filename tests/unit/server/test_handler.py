@@ -474,3 +474,35 @@ def test_usage_from_sse_tail():
     assert usage_from_tail(sse) == {"prompt_tokens": 4, "completion_tokens": 2}
     assert usage_from_tail(b"data: [DONE]") is None
     assert usage_from_tail(b'{"usage": null, "x": {"usage": {"prompt_tokens": 1}}}') == {"prompt_tokens": 1}
+
+
+async def test_flight_whose_routing_answer_never_reaches_envoy_is_released():
+    """A request dispatched while its stream is already gone (the client left while it waited in flow control; the
+    write of the routing answer fails): with the access log active and the request outside the observation sample,
+    nothing else would end the flight — the pod's in-flight count would leak."""
+    import asyncio
+
+    s = SchedulerServer(ServeOptions(endpoints=PODS, models=["m"], host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0, scrape_interval_s=3600))
+    await s.start()
+    try:
+        h = s.handler
+        h.access_log.ever_connected = True  # the access log ends unsampled requests …
+        h.sampler.rate = 0.0  # … and this one is not sampled
+        msgs = [headers_msg("/v1/completions"), body_msg(json.dumps({"model": "m", "prompt": "hello"}).encode())]
+
+        class Ctx:
+            def __init__(self):
+                self.q = list(msgs)
+
+            async def read(self):
+                return self.q.pop(0) if self.q else grpc.aio.EOF
+
+            async def write(self, resp):
+                if resp.HasField("request_body"):
+                    raise asyncio.CancelledError()  # the stream was cancelled under us
+
+        with pytest.raises(asyncio.CancelledError):
+            await h.Process(None, Ctx())
+        assert sum(ep.inflight for ep in s.pool.snapshot()) == 0 and len(s.tracker) == 0
+    finally:
+        await s.stop()
