@@ -54,7 +54,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from extproc.admission.reservation import DEFAULT_RESERVED_PODS
+from extproc.scheduling.reservation import DEFAULT_RESERVED_PODS
 from extproc.bench.report import percentile
 from extproc.bench.workloads import MODEL
 

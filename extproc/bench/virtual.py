@@ -203,7 +203,7 @@ class _Gateway:
 
     def __init__(self, setup: SetupSpec, pool: EndpointPool, endpoints: list[Endpoint], seed: int,
                  clock: Callable[[], float], warm_start: str | None) -> None:
-        from extproc.admission.reservation import BATCH_RESERVATION
+        from extproc.scheduling.reservation import BATCH_RESERVATION
         from extproc.admission.saturation import SaturationDetector
         from extproc.predictor.service import RUNTIME_KEY, SERVICE_KEY, WARM_START_KEY, PredictorRuntime
         from extproc.server.tracker import FlightTracker

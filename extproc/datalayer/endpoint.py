@@ -99,7 +99,7 @@ class Endpoint:
         self.inflight = 0  # requests we dispatched and have not seen finish
         self.inflight_prefill_tokens = 0  # prompt tokens of in-flight requests not yet past first token
         self.inflight_decode_tokens = 0  # max_tokens of in-flight requests in decode
-        # of ``inflight``, the batch band's (sheddable, priority < 0): admission.reservation keeps pods free of them
+        # of ``inflight``, the batch band's (sheddable, priority < 0): scheduling.reservation keeps pods free of them
         self.inflight_batch = 0
         self.removed = False
         # time.monotonic() of the last response body chunk seen from this pod (observation stream): a proxy for

@@ -16,7 +16,7 @@ OpenAI error ``type`` — the one mapping from status to error type.
 
 from __future__ import annotations
 
-from extproc.admission.reservation import BatchReservation
+from extproc.scheduling.reservation import BatchReservation
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import InferenceRequest
 from extproc.contract import PREFILLER_HEADER
@@ -44,7 +44,7 @@ def model_error(pool: EndpointPool, request: InferenceRequest) -> SchedulingErro
 
 def batch_candidates(pool: EndpointPool, model: str, reservation: BatchReservation | None) -> list[Endpoint]:
     """The pods of ``model`` the batch band may use: all of them, or without the reserved ones
-    (``batch-reserve-filter``, :mod:`extproc.admission.reservation`)."""
+    (``batch-reserve-filter``, :mod:`extproc.scheduling.reservation`)."""
     pods = [e for e in pool.snapshot() if model in e.models]
     return reservation.batch_pods(pods) if reservation is not None else pods
 

@@ -27,7 +27,7 @@ import grpc
 
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from extproc.admission.flow_control import FlowController
-from extproc.admission.reservation import BATCH_RESERVATION
+from extproc.scheduling.reservation import BATCH_RESERVATION
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, check_body_size, error_body, parse_request
 from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, ResponseObserve

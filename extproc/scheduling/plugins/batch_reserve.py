@@ -1,8 +1,8 @@
 """``batch-reserve-filter``: a batch-band request (sheddable, priority < 0) never goes to a reserved pod.
 
-The reserved pods are ``reservedPods`` (default :data:`extproc.admission.reservation.DEFAULT_RESERVED_PODS`)
+The reserved pods are ``reservedPods`` (default :data:`extproc.scheduling.reservation.DEFAULT_RESERVED_PODS`)
 healthy pods of the request's model with the fewest batch requests in flight, ties by address (the rule and why:
-:mod:`extproc.admission.reservation`). Other requests pass unchanged; ``batch-free-scorer`` sends interactive
+:mod:`extproc.scheduling.reservation`). Other requests pass unchanged; ``batch-free-scorer`` sends interactive
 requests to the pods this filter keeps free.
 
 Building the filter registers its :class:`BatchReservation` as the ``batch_reservation`` service, so the shed
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from extproc.admission.reservation import BATCH_RESERVATION, DEFAULT_RESERVED_PODS, BatchReservation
+from extproc.scheduling.reservation import BATCH_RESERVATION, DEFAULT_RESERVED_PODS, BatchReservation
 from extproc.plugin import CycleState, Endpoint, InferenceRequest, PluginContext, check_keys, get_int, register
 
 

@@ -1,11 +1,11 @@
-"""admission.reservation: the pods kept free of batch work, and how the shed check, the headroom count and the
+"""scheduling.reservation: the pods kept free of batch work, and how the shed check, the headroom count and the
 flight tracker use it."""
 
 import time
 
 import pytest
 
-from extproc.admission.reservation import DEFAULT_RESERVED_PODS, BatchReservation
+from extproc.scheduling.reservation import DEFAULT_RESERVED_PODS, BatchReservation
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import parse_request
 from extproc.datalayer.endpoint import EndpointPool

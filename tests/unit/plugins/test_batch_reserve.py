@@ -3,7 +3,7 @@
 
 import pytest
 
-from extproc.admission.reservation import BATCH_RESERVATION, BatchReservation
+from extproc.scheduling.reservation import BATCH_RESERVATION, BatchReservation
 from extproc.api import parse_request
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.scheduling.config import ConfigError, build_config, load_config
