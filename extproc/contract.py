@@ -33,6 +33,14 @@ BUFFER_HEADROOM_BYTES = 1024 * 1024
 # Seconds between /metrics scrapes per pod.
 DEFAULT_SCRAPE_INTERVAL_S = 0.05
 
+# ext_proc timers (must match between ``extproc serve`` and ``extproc envoy-config``). Envoy fails a request whose
+# ext_proc message is unanswered after ``message_timeout`` (a hung or dead scheduler: detected in 2 s). A request
+# held in the flow-control queue answers later on purpose: before waiting, the scheduler sends Envoy
+# ``override_message_timeout`` (the queue TTL + 1 s, at most this cap), which Envoy honours only up to the filter's
+# ``max_message_timeout``. A queue TTL above the cap is cut to it (a warning at config load).
+DEFAULT_MESSAGE_TIMEOUT_S = 2.0
+MAX_MESSAGE_TIMEOUT_S = 60.0
+
 # How response data reaches the scheduler (must match between ``extproc serve`` and ``extproc envoy-config``).
 ResponseObserve = Literal["observability", "streamed", "none"]
 RESPONSE_OBSERVE_MODES: tuple[str, ...] = get_args(ResponseObserve)

@@ -38,10 +38,12 @@ from extproc.contract import (  # the Envoy contract, defined once (re-exported 
     BUFFER_HEADROOM_BYTES,
     BATCH_HEADROOM_HEADER,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MESSAGE_TIMEOUT_S,
     DEFAULT_RESPONSE_OBSERVE,
     DESTINATION_HEADER,
     ENCODER_HEADER,
     LB_METADATA_NAMESPACE,
+    MAX_MESSAGE_TIMEOUT_S,
     OBSERVE_HEADER,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
@@ -154,7 +156,9 @@ class EnvoyConfigOptions:
     lb_policy: LbPolicyName = "ROUND_ROBIN"
     response_observe: ResponseObserve = DEFAULT_RESPONSE_OBSERVE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    message_timeout_s: float = 2.0
+    message_timeout_s: float = DEFAULT_MESSAGE_TIMEOUT_S
+    # upper bound of the scheduler's override_message_timeout (flow-control waits); 0 disables the override
+    max_message_timeout_s: float = MAX_MESSAGE_TIMEOUT_S
     admin: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 0))
     route_timeout_s: float = 0.0
     stream_idle_timeout_s: float = 300.0
@@ -207,6 +211,8 @@ class EnvoyConfigOptions:
             raise ValueError("max_body_bytes must be positive")
         if self.message_timeout_s <= 0:
             raise ValueError("message_timeout_s must be positive")
+        if self.max_message_timeout_s and self.max_message_timeout_s < self.message_timeout_s:
+            raise ValueError("max_message_timeout_s must be 0 (off) or at least message_timeout_s")
         if self.route_timeout_s < 0 or self.stream_idle_timeout_s < 0 or self.connect_timeout_s <= 0:
             raise ValueError("timeouts must be >= 0 (connect timeout > 0)")
         if self.retries < 0:
@@ -693,6 +699,8 @@ def _extproc_filters(opts: EnvoyConfigOptions, *, first_pass: bool = False) -> l
             response_trailer_mode=Hdr.SEND if streamed else Hdr.SKIP,
         ),
         message_timeout=_td(opts.message_timeout_s),
+        # the scheduler extends the timer of a request it holds in flow control (contract.MAX_MESSAGE_TIMEOUT_S)
+        max_message_timeout=_td(opts.max_message_timeout_s) if opts.max_message_timeout_s else None,
         stat_prefix="extproc",
         # Clearing the route cache on the request-headers answer makes the router pick the route
         # again when it runs, i.e. after the body answer has set the destination header.
@@ -1338,7 +1346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "main filter streams response bodies synchronously; none: response headers only",
     )
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--message-timeout", type=float, default=2.0, help="ext_proc message timeout, seconds")
+    parser.add_argument("--message-timeout", type=float, default=DEFAULT_MESSAGE_TIMEOUT_S, help="ext_proc message timeout, seconds")
+    parser.add_argument("--max-message-timeout", type=float, default=MAX_MESSAGE_TIMEOUT_S,
+                        help="the most a request held in the scheduler's flow-control queue may extend its ext_proc message timeout to, seconds (0: no extension)")
     parser.add_argument("--route-timeout", type=float, default=0.0, help="upstream request timeout, 0 = none")
     parser.add_argument("--stream-idle-timeout", type=float, default=300.0, help="seconds")
     parser.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
@@ -1398,6 +1408,7 @@ def run(args: argparse.Namespace) -> int:
         "response_observe": args.response_observe,
         "max_body_bytes": args.max_body_bytes,
         "message_timeout_s": args.message_timeout,
+        "max_message_timeout_s": args.max_message_timeout,
         "route_timeout_s": args.route_timeout,
         "stream_idle_timeout_s": args.stream_idle_timeout,
         "connect_timeout_s": args.connect_timeout,

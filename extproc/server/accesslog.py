@@ -84,6 +84,10 @@ def _outcome(status: int, flags: Any) -> str:
     return "ok" if status < 400 else f"status_{status}"
 
 
+# outcomes of a request that ended without its response: the client left, or it was reset before any response
+_CUT = frozenset(("disconnected", "reset_before_response"))
+
+
 # With replicas a sampled flight's observation stream may be open on another replica, whose view of the response
 # (TTFT, tokens) comes to the owner through Redis about as fast as the access-log entry does: the entry waits this
 # long for it before it ends the flight without a latency sample.
@@ -146,22 +150,27 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
             f = tracker.get(key)
             if f is None and forward is None:
                 continue  # unknown (already finished, or not ours)
-            if f is not None and (f.finished or f.observed):
-                continue  # done, or its observation stream finishes it (TTFT, tokens)
+            if f is not None and f.finished:
+                continue
             status = e.response.response_code.value if e.response.HasField("response_code") else 0
             cp = e.common_properties
+            outcome = _outcome(status, cp.response_flags)
+            if f is not None and f.observed and outcome not in _CUT:
+                continue  # its observation stream finishes it (TTFT, tokens)
+            # (an observed request that was cut ends here too: its observation stream has nothing left to report,
+            # and Envoy closes it only after the filter's deferred_close_timeout, 5 s in which the pod's slot
+            # would still count as taken)
             end_wall = 0.0
             if cp.HasField("start_time") and cp.HasField("time_to_last_downstream_tx_byte"):
                 end_wall = cp.start_time.ToNanoseconds() / 1e9 + cp.time_to_last_downstream_tx_byte.ToNanoseconds() / 1e9
             upstream_failure = status >= 500 or cp.response_flags.upstream_connection_failure
-            outcome = _outcome(status, cp.response_flags)
             if f is None:
                 assert forward is not None
                 # several scheduler replicas: another one routed this request (server/replication.py)
                 if forward(key, status, outcome, end_wall, upstream_failure):
                     self.forwarded += 1
                 continue
-            if f.sampled and forward is not None:
+            if f.sampled and forward is not None and not f.observed:
                 self._defer(f, status, outcome, end_wall, upstream_failure)
                 continue
             self._finish(f, status, outcome, end_wall, upstream_failure, now_mono, now_wall)

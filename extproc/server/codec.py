@@ -140,6 +140,14 @@ def response_body_continue(metadata: list[tuple[str, str, object]] | None = None
     return r
 
 
+def extend_message_timeout(seconds: float) -> pb.ProcessingResponse:
+    """``override_message_timeout`` only: Envoy restarts the current message's timer with ``seconds`` (honoured up
+    to the filter's ``max_message_timeout``; once per message; ignored when that is unset)."""
+    r = pb.ProcessingResponse()
+    r.override_message_timeout.FromMilliseconds(max(1, int(seconds * 1000)))
+    return r
+
+
 def request_trailers_continue() -> pb.ProcessingResponse:
     r = pb.ProcessingResponse()
     r.request_trailers.SetInParent()
@@ -158,6 +166,7 @@ __all__ = [
     "headers_to_dict",
     "route_response",
     "immediate",
+    "extend_message_timeout",
     "struct_pb2",
     "http_status_pb2",
 ]

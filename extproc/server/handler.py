@@ -30,7 +30,7 @@ from extproc.admission.flow_control import FlowController
 from extproc.scheduling.reservation import BATCH_RESERVATION
 from extproc.admission.saturation import SaturationDetector
 from extproc.api import RequestError, api_for_path, check_body_size, error_body, parse_request
-from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, ResponseObserve
+from extproc.contract import DEFAULT_MAX_BODY_BYTES, DEFAULT_RESPONSE_OBSERVE, MAX_MESSAGE_TIMEOUT_S, ResponseObserve
 from extproc.datalayer.endpoint import EndpointPool
 from extproc.datalayer.scrape import SCRAPER
 from extproc.datalayer.tokenize import TOKENIZERS
@@ -163,6 +163,12 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
         flow: FlowController | None = None,
     ) -> None:
         self.flow = flow
+        # override_message_timeout sent before a flow-control wait: the queue TTL (after which the request gets our
+        # 503 queue_timeout) plus a second, within the cap Envoy is configured with (contract.MAX_MESSAGE_TIMEOUT_S)
+        self.wait_extension_s = min(flow.cfg.queue_ttl_s + 1.0, MAX_MESSAGE_TIMEOUT_S) if flow is not None else 0.0
+        if flow is not None and flow.cfg.enabled and flow.cfg.queue_ttl_s + 1.0 > MAX_MESSAGE_TIMEOUT_S:
+            log.warning("flow-control queue TTL exceeds what Envoy lets a held request wait: Envoy ends the wait first",
+                        extra={"queue_ttl_s": flow.cfg.queue_ttl_s, "max_message_timeout_s": MAX_MESSAGE_TIMEOUT_S})
         self.pool = pool
         self.scheduler = scheduler
         self.metrics = metrics
@@ -215,6 +221,11 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
                 try:
                     resp = self._route_message(st, req)
                     if asyncio.iscoroutine(resp):  # only when the request must wait in flow control
+                        if self.wait_extension_s > 0:
+                            # the wait outlasts Envoy's message timeout (2 s, for a hung scheduler) on purpose:
+                            # without this Envoy would answer 504 (fail-close) or route around flow control
+                            # (fail-open) while the request still holds its place in the queue
+                            await write(codec.extend_message_timeout(self.wait_extension_s))
                         resp = await resp
                 except Exception as e:  # never crash the stream
                     log.exception("ext_proc handler error", extra={"request_id": st.request_id})
@@ -520,8 +531,11 @@ class ExtProcHandler(pb_grpc.ExternalProcessorServicer):
             # The routing stream may end right after the routing answer (Envoy sends it no response messages in
             # this mode); the observation stream finishes the flight. If it never attaches (the request was
             # reset before it reached the observation filter), release the flight after a grace period. A request
-            # outside the observation sample is finished by its access-log entry (server/accesslog.py).
-            if st.sampled and not f.observed and self.release_orphans:
+            # outside the observation sample is finished by its access-log entry (server/accesslog.py) — unless
+            # Envoy ended it before applying our answer (no key header, so no entry: e.g. its message timer fired
+            # as the answer was on its way). With one replica this stream stays open until the request ends, so
+            # its close starts the same grace period for those; with replicas it ends right after the answer.
+            if not f.observed and self.release_orphans and (st.sampled or not self.close_after_route):
                 asyncio.get_running_loop().call_later(ORPHAN_GRACE_S, self._release_orphan, f)
         elif not f.response_started:
             # routing stream ended before any response headers: the request never reached a pod or was reset

@@ -71,6 +71,23 @@ def test_access_log_finishes_flights_with_envoys_timing_and_outcomes() -> None:
     assert rx.finished == 3 and rx.entries == 6
 
 
+def test_an_observed_request_that_was_cut_ends_with_its_access_log_entry() -> None:
+    """The client left (or the request was reset before any response): the access-log entry ends the flight even
+    though an observation stream is attached — Envoy closes that stream only after its deferred_close_timeout
+    (5 s), and the pod's slot is free now. A normal end stays the observation stream's (TTFT, tokens)."""
+    outcomes: list[str] = []
+    tracker = FlightTracker(lambda req, obs: None, outcomes.append)
+    ep = Endpoint("10.0.0.1:8000")
+    f_dc, f_reset, f_ok = (_flight(tracker, ep) for _ in range(3))
+    for f in (f_dc, f_reset, f_ok):
+        f.observed = True
+    msg = als_pb2.StreamAccessLogsMessage()
+    msg.http_logs.log_entry.extend([_entry(f_dc.key, 200, disconnect=True), _entry(f_reset.key, None), _entry(f_ok.key, 200)])
+    AccessLogReceiver(tracker).on_message(msg)
+    assert outcomes == ["disconnected", "reset_before_response"]
+    assert f_dc.finished and f_reset.finished and not f_ok.finished and ep.inflight == 1
+
+
 def test_foreign_observation_gives_the_owner_a_full_sample_and_the_access_log_waits_for_it() -> None:
     """Replicas: a sampled flight's access-log entry waits OBSERVATION_GRACE_S for the observation another replica
     forwards; the observation applies TTFT (wall clock → our monotonic clock), tokens and status and ends the

@@ -65,7 +65,9 @@ async def server():
     await s.stop()
 
 
-async def exchange(server, msgs):
+async def exchange(server, msgs, extensions=None):
+    """Write ``msgs``, read each answer; ``extensions`` collects the override_message_timeout values (ms) seen."""
+    extensions = extensions if extensions is not None else []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
         stub = pb_grpc.ExternalProcessorStub(ch)
         call = stub.Process()
@@ -73,7 +75,11 @@ async def exchange(server, msgs):
         for m in msgs:
             await call.write(m)
             if not m.observability_mode:
-                out.append(await call.read())
+                r = await call.read()
+                while r.WhichOneof("response") is None and r.HasField("override_message_timeout"):
+                    extensions.append(r.override_message_timeout.ToMilliseconds())  # like Envoy: restart the timer
+                    r = await call.read()
+                out.append(r)
         await call.done_writing()
         await call.code()  # wait until the server has seen the end of the stream
         return out
@@ -290,12 +296,19 @@ async def test_flow_control_queues_until_capacity(flow_server):
 
     s = flow_server
     b = json.dumps({"model": "m", "prompt": "x"}).encode()
-    task = asyncio.create_task(exchange(s, [headers_msg("/v1/completions"), body_msg(b)]))
+    ext: list[int] = []
+    task = asyncio.create_task(exchange(s, [headers_msg("/v1/completions"), body_msg(b)], ext))
     await asyncio.sleep(0.3)
     assert not task.done() and s.flow.queued() == 1  # waiting, not rejected
+    # before waiting, Envoy's message timer was extended to the queue TTL (5 s) + 1 s
+    assert ext == [6000]
     s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=0, kv_usage=0.1, updated_at=time.monotonic())
     out = await asyncio.wait_for(task, 5)
     assert header_map(out[-1].request_body.response.header_mutation)["x-gateway-destination-endpoint"] == "127.0.0.1:3"
+    # a request that does not wait gets no extension
+    s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=0, kv_usage=0.1, updated_at=time.monotonic())
+    out = await exchange(s, [headers_msg("/v1/completions"), body_msg(b)], ext)
+    assert ext == [6000] and out[-1].WhichOneof("response") == "request_body"
     # sheddable traffic is never queued: 429 at once while saturated
     s.pool.get("127.0.0.1:3").metrics = PodMetrics(waiting=50, kv_usage=0.95, updated_at=time.monotonic())
     out = await exchange(s, [headers_msg("/v1/completions", extra={"x-gateway-inference-priority": "-1"}), body_msg(b)])
