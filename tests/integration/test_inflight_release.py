@@ -26,7 +26,7 @@ async def _scheduler_state(s: aiohttp.ClientSession, metrics_url: str) -> tuple[
         text = await r.text()
     inflight = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("extproc_pod_inflight_requests{"))
     outcomes = {m[1]: float(m[2]) for m in re.finditer(r'extproc_request_completions_total\{outcome="([^"]+)"\} (\S+)', text)}
-    flow = {m[1]: float(m[2]) for m in re.finditer(r"extproc_flow_control_(\w+) (\S+)", text)}
+    flow = {m[1]: float(m[2]) for m in re.finditer(r"^extproc_flow_control_(\w+) (\S+)$", text, re.M)}
     return inflight, outcomes, flow
 
 
