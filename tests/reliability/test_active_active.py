@@ -228,7 +228,9 @@ async def test_redis_killed_routing_continues_and_recovers(fleet: SimFleet) -> N
                 views = await _views(s, st)
                 return all(e["inflight"] == 0 and e["inflight_peers"] == 0 for v in views for e in v.values())
 
-            assert await wait_until(converged, timeout_s=10), await _views(s, st)
+            # 30 s, not 10: in one full-suite run on 2 busy cores a flight stayed counted past 10 s (not reproduced
+            # here in 7 runs, 4 of them beside 3 busy loops); a flight that leaked for good still fails here
+            assert await wait_until(converged, timeout_s=30), (await _views(s, st), await _replication(s, st))
             reps = await _replication(s, st)
             print(f"redis down→up: {len(results)} requests, reconnected {reconnect_s * 1000:.0f} ms after redis came back; connects {[r['connects'] for r in reps]}")
             assert all(r["connects"] >= 2 for r in reps)
