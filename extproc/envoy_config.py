@@ -1348,7 +1348,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--message-timeout", type=float, default=DEFAULT_MESSAGE_TIMEOUT_S, help="ext_proc message timeout, seconds")
     parser.add_argument("--max-message-timeout", type=float, default=MAX_MESSAGE_TIMEOUT_S,
-                        help="the most a request held in the scheduler's flow-control queue may extend its ext_proc message timeout to, seconds (0: no extension)")
+                        help="the most a request held in the scheduler's flow-control queue may extend its ext_proc message timeout to, seconds "
+                        "(0: no extension). Keep it at least the queue TTL + 1 s (31 s by default): Envoy ignores a longer override "
+                        "(stat ext_proc.override_message_timeout_ignored) and the wait is cut at --message-timeout")
     parser.add_argument("--route-timeout", type=float, default=0.0, help="upstream request timeout, 0 = none")
     parser.add_argument("--stream-idle-timeout", type=float, default=300.0, help="seconds")
     parser.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
